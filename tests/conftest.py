@@ -1,0 +1,40 @@
+"""Shared test fixtures: golden fixture folders, real photos, tiny models and text encoders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(os.environ.get("VAREDIT_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+FIXTURE_NAMES = ("tiny-2b", "tiny-8b")
+
+
+def fixture_dir(name: str) -> Path:
+    path = FIXTURES / name
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"golden fixture {path} is missing; set VAREDIT_FIXTURES to the shared/fixtures folder")
+    return path
+
+
+@pytest.fixture(params=FIXTURE_NAMES)
+def golden(request) -> Path:
+    return fixture_dir(request.param)
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, np.ndarray]:
+    """Real photos shipped inside wheels: square (astronaut) and non-square (coffee, chelsea)."""
+    from skimage import data
+
+    return {"astronaut": data.astronaut(), "coffee": data.coffee(), "chelsea": data.chelsea()}
+
+
+@pytest.fixture(scope="session")
+def tiny_text_dir(tmp_path_factory) -> Path:
+    from varedit_deploy.model.tiny_text import write_tiny_text_encoder
+
+    return write_tiny_text_encoder(tmp_path_factory.mktemp("t5"), d_model=256)

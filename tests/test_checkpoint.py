@@ -1,0 +1,139 @@
+import dataclasses
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from varedit_deploy.config import ModelConfig, TransformerConfig, from_name
+from varedit_deploy.errors import CheckpointError
+from varedit_deploy.model.checkpoint import ReleaseFiles, ours_to_official_transformer
+from varedit_deploy.model.loaded import VAREditModel
+
+
+def _release_like(depth: int, chunks: int) -> ModelConfig:
+    """A tiny model with the 2B release's file names and `chunks` block chunks."""
+    tiny = from_name("tiny-2b")
+    tr = dataclasses.replace(tiny.transformer, depth=depth, block_chunks=chunks)
+    return dataclasses.replace(tiny, name="tiny-release", transformer=tr, transformer_file="2B-512.pth",
+                               vae_file="infinity_vae_d32reg.pth", text_encoder_dir="flan-t5-xl")
+
+
+def _official_vae_state(model: VAREditModel, wrapped: bool) -> dict[str, torch.Tensor]:
+    """Our VAE state dict in the official wrapper (`.conv.`/`.norm.`) or plain spelling, with masks."""
+    out = {}
+    for k, v in model.vae.state_dict().items():
+        if wrapped:
+            leaf = k.rsplit(".", 2)
+            kind = "norm" if "norm" in leaf[-2] else "conv"
+            k = f"{leaf[0]}.{leaf[1]}.{kind}.{leaf[2]}"
+        out[k] = v.clone()
+    mask = 2 ** torch.arange(model.config.vae.codebook_dim - 1, -1, -1)
+    out["quantizer.lfq.mask"] = out["quantize.lfq.mask"] = mask
+    return out
+
+
+def _write_release(folder, model: VAREditModel, chunks: int, nest: str | None, wrapped_vae: bool, text_dir):
+    state = ours_to_official_transformer(model.transformer.state_dict(), chunks)
+    state = {f"module.{k}": v for k, v in state.items()} if nest == "module" else state
+    payload = {"trainer": {"gpt_fsdp": state}} if nest == "trainer" else state
+    torch.save(payload, folder / "2B-512.pth")
+    torch.save({"vae": _official_vae_state(model, wrapped_vae)}, folder / "infinity_vae_d32reg.pth")
+    (folder / "flan-t5-xl").symlink_to(text_dir)
+
+
+@pytest.mark.parametrize("depth, chunks, nest, wrapped", [(16, 8, None, True), (6, 3, "module", False),
+                                                          (4, 1, "trainer", True)])
+def test_release_folder_round_trip(tmp_path, tiny_text_dir, depth, chunks, nest, wrapped):
+    config = _release_like(depth, chunks)
+    model = VAREditModel.random(config, seed=3)
+    _write_release(tmp_path, model, chunks, nest, wrapped, tiny_text_dir)
+    loaded = VAREditModel.from_release(tmp_path, config, text_precision="fp32")
+    for ours, theirs in ((model.transformer, loaded.transformer), (model.vae, loaded.vae)):
+        a, b = ours.state_dict(), theirs.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert loaded.text_encoder is not None and loaded.text_encoder.width == 256
+
+
+def test_official_layout_has_chunk_names_and_buffers():
+    model = VAREditModel.random(_release_like(16, 8))
+    keys = ours_to_official_transformer(model.transformer.state_dict(), 8)
+    assert "block_chunks.7.module.1.sa.mat_qkv.weight" in keys
+    assert "block_chunks.3.module.0.ca.zero_k_bias" in keys and "text_proj_for_sos.ca.zero_k_bias" in keys
+    assert not any(k.startswith("blocks.") for k in keys)
+
+
+@pytest.fixture
+def release(tmp_path, tiny_text_dir):
+    config = _release_like(4, 2)
+    model = VAREditModel.random(config)
+    _write_release(tmp_path, model, 2, None, True, tiny_text_dir)
+    return tmp_path, config, model
+
+
+def _rewrite(path, edit):
+    state = torch.load(path, weights_only=True)
+    edit(state["vae"] if "vae" in state else state)
+    torch.save(state, path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.pop("block_chunks.1.module.1.ffn.fc2.weight"), "missing: blocks.3.ffn.fc2.weight"),
+    (lambda s: s.__setitem__("block_chunks.0.module.0.sa.extra", torch.zeros(1)), "unknown: blocks.0.sa.extra"),
+    (lambda s: s.__setitem__("head.weight", torch.zeros(5, 64)), r"misshaped: head.weight: file \(5, 64\)"),
+])
+def test_transformer_mismatches_are_named(release, edit, message):
+    folder, config, _ = release
+    _rewrite(folder / "2B-512.pth", edit)
+    with pytest.raises(CheckpointError, match=message):
+        VAREditModel.from_release(folder, config, with_text_encoder=False)
+
+
+def test_vae_missing_tensor_is_named(release):
+    folder, config, _ = release
+    _rewrite(folder / "infinity_vae_d32reg.pth", lambda s: s.pop("decoder.conv_out.conv.weight"))
+    with pytest.raises(CheckpointError, match="missing: decoder.conv_out.weight"):
+        VAREditModel.from_release(folder, config, with_text_encoder=False)
+
+
+def test_cfg_uncond_is_padded_to_text_maxlen(release):
+    folder, config, model = release
+    _rewrite(folder / "2B-512.pth", lambda s: s.__setitem__("cfg_uncond", s["cfg_uncond"][:100].clone()))
+    loaded = VAREditModel.from_release(folder, config, with_text_encoder=False)
+    assert torch.equal(loaded.transformer.cfg_uncond[:100], model.transformer.cfg_uncond[:100])
+    assert torch.all(loaded.transformer.cfg_uncond[100:] == 0)
+
+
+def test_missing_and_corrupt_files(release, tmp_path_factory):
+    folder, config, _ = release
+    (folder / "infinity_vae_d32reg.pth").unlink()
+    with pytest.raises(CheckpointError, match=r"lacks files for tiny-release: vae"):
+        ReleaseFiles.locate(folder, config)
+    (folder / "infinity_vae_d32reg.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        VAREditModel.from_release(folder, config, with_text_encoder=False)
+    with pytest.raises(CheckpointError, match="no such folder"):
+        ReleaseFiles.locate(tmp_path_factory.mktemp("x") / "nope", config)
+
+
+def test_safetensors_fixture_layout_loads(golden):
+    model = VAREditModel.from_fixture(golden)
+    assert model.transformer.blocks[0].sa.mat_qkv.weight.abs().sum() > 0
+
+
+def test_text_encoder_width_mismatch(tmp_path, tiny_text_dir):
+    config = dataclasses.replace(from_name("tiny-2b"),
+                                 transformer=TransformerConfig(depth=1, dim=64, heads=2, codebook_dim=16,
+                                                               patchify=False, text_channels=512, block_chunks=1))
+    model = VAREditModel.random(config)
+    with pytest.raises(CheckpointError, match="width 256"):
+        model.attach_text_encoder(tiny_text_dir, "fp32")
+
+
+def test_safetensors_transformer_file(tmp_path):
+    model = VAREditModel.random(from_name("tiny-8b"))
+    save_file(ours_to_official_transformer(model.transformer.state_dict(), 2), str(tmp_path / "t.safetensors"))
+    from varedit_deploy.model.checkpoint import load_transformer_weights, read_state_file
+
+    other = VAREditModel.empty(from_name("tiny-8b"))
+    load_transformer_weights(other.transformer, read_state_file(tmp_path / "t.safetensors"), 512, "t")
+    assert torch.equal(other.transformer.head.weight, model.transformer.head.weight)

@@ -1,0 +1,61 @@
+"""The torch-reference `edit` command: a tiny random model end to end, and its error messages."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from varedit_deploy.cli import main
+
+
+@pytest.fixture(scope="module")
+def coffee_png(tmp_path_factory, photos):
+    path = tmp_path_factory.mktemp("img") / "coffee.png"
+    Image.fromarray(photos["coffee"]).save(path)
+    return path
+
+
+def test_edit_with_random_tiny_model_writes_an_image_of_the_source_size(coffee_png, tmp_path, capsys):
+    out = tmp_path / "edited.png"
+    code = main(["edit", "--random-weights", "--model", "tiny-8b", "--image", str(coffee_png),
+                 "--instruction", "make the cup red", "--out", str(out), "--seed", "3", "--cfg", "2", "--tau", "0.7"])
+    assert code == 0
+    img = Image.open(out)
+    assert img.size == Image.open(coffee_png).size and img.mode == "RGB"
+    assert np.asarray(img).std() > 1  # not a blank image
+    assert "transformer" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--image", "{missing}"], "no such file"),
+    (["--image", "{text}"], "not a readable image"),
+    (["--instruction", "  "], "instruction is empty"),
+    (["--model", "9b-512"], "unknown model"),
+    (["--tau", "0"], "--tau must be positive"),
+    (["--out", "{tmp}/x.xyz"], "unknown image extension"),
+])
+def test_edit_errors_are_specific_and_write_nothing(coffee_png, tmp_path, capsys, argv, message):
+    (tmp_path / "text.png").write_text("hello")
+    base = {"--image": str(coffee_png), "--instruction": "make it red", "--model": "tiny-2b",
+            "--out": str(tmp_path / "out.png")}
+    for flag, value in zip(argv[::2], argv[1::2]):
+        base[flag] = value.format(missing=tmp_path / "nope.png", text=tmp_path / "text.png", tmp=tmp_path)
+    args = ["edit", "--random-weights"] + [x for kv in base.items() for x in kv]
+    assert main(args) == 1
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.glob("out*")) and not list(tmp_path.glob("x*"))
+
+
+def test_checkpoint_dir_without_files_names_them(coffee_png, tmp_path, capsys):
+    code = main(["edit", "--checkpoint-dir", str(tmp_path), "--model", "8b-1024", "--image", str(coffee_png),
+                 "--instruction", "x", "--out", str(tmp_path / "o.png")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "8B-1024.pth" in err and "infinity_vae_d56_f8_14_patchify.pth" in err and "flan-t5-xl" in err
+
+
+def test_console_script_help_runs_without_traceback():
+    out = subprocess.run([sys.executable, "-m", "varedit_deploy.cli", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "parity" in out.stdout

@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from varedit_deploy.errors import InputError
+from varedit_deploy.imaging import as_rgb, load_image, postprocess, preprocess, save_image
+
+
+def _official_transform(pil: Image.Image, size: int) -> torch.Tensor:
+    """infer.py's transform, with torchvision's to_tensor written out in torch."""
+    w, h = pil.size
+    canvas = Image.new("RGB", (max(w, h), max(w, h)), (255, 255, 255))
+    canvas.paste(pil, (0, 0))
+    arr = np.array(canvas.resize((size, size), resample=Image.LANCZOS))
+    x = torch.from_numpy(arr).permute(2, 0, 1).contiguous().to(torch.float32).div(255)
+    return x.add(x).add(-1)
+
+
+def _official_post(decoded: torch.Tensor, size) -> Image.Image:
+    img = (decoded + 1) / 2
+    img = img.permute(0, 2, 3, 1).mul_(255).to(torch.uint8).flip(dims=(3,))  # BGR, as returned
+    rgb = Image.fromarray(img[0].numpy()[..., ::-1])
+    w, h = size
+    return rgb.resize((max(w, h), max(w, h)), resample=Image.LANCZOS).crop((0, 0, w, h))
+
+
+@pytest.mark.parametrize("name", ["astronaut", "coffee", "chelsea"])
+@pytest.mark.parametrize("size", [256, 512])
+def test_pre_and_post_processing_equal_the_official_path(photos, name, size):
+    pil = Image.fromarray(photos[name])
+    ours = preprocess(pil, size)
+    assert np.array_equal(ours[0], _official_transform(pil, size).numpy())
+    decoded = torch.from_numpy(ours).clamp(-1, 1) * 0.9  # any [-1, 1] image
+    got = postprocess(decoded.numpy(), pil.size)
+    assert got.size == pil.size
+    assert np.array_equal(np.asarray(got), np.asarray(_official_post(decoded, pil.size)))
+
+
+def test_fixture_source_is_reproduced_exactly(golden):
+    from safetensors.numpy import load_file
+
+    expected = load_file(str(golden / "inputs.safetensors"))["source_tensor"]
+    assert np.array_equal(preprocess(load_image(golden / "source.png"), expected.shape[-1])[0], expected)
+
+
+def test_bad_images(tmp_path, photos):
+    (tmp_path / "x.png").write_text("not an image")
+    with pytest.raises(InputError, match="not a readable image"):
+        load_image(tmp_path / "x.png")
+    with pytest.raises(InputError, match="no such file"):
+        load_image(tmp_path / "missing.png")
+    gray = Image.fromarray(photos["coffee"][..., 0])
+    gray.save(tmp_path / "gray.png")
+    assert load_image(tmp_path / "gray.png").mode == "RGB"
+    rgba = np.dstack([photos["coffee"], np.zeros(photos["coffee"].shape[:2], np.uint8)])
+    assert np.asarray(as_rgb(rgba)).min() == 255  # transparent pixels become white, not black
+    with pytest.raises(InputError, match="uint8"):
+        as_rgb(np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(InputError, match="extension"):
+        save_image(gray.convert("RGB"), tmp_path / "out.tiff2")
+    assert not list(tmp_path.glob("out*"))

@@ -1,0 +1,43 @@
+import pytest
+import sentencepiece as spm
+import torch
+
+from varedit_deploy.errors import InputError
+from varedit_deploy.model.text import T5TextEncoder
+
+SENTENCES = ["make the sky purple", "  Add a hat   to the cat ", "replace dog\twith lion", "Ünïcode café", ""]
+
+
+def test_tokenizer_ids_equal_sentencepiece_plus_eos(tiny_text_dir):
+    enc = T5TextEncoder(tiny_text_dir, "fp32")
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_text_dir / "spiece.model"))
+    for text in SENTENCES[:-1]:
+        assert enc.tokenize(text) == sp.encode(text) + [1]
+
+
+def test_unpadded_features_equal_padded_official_ones(tiny_text_dir):
+    enc = T5TextEncoder(tiny_text_dir, "fp32")
+    ids = enc.tokenize(SENTENCES[0])
+    ours = enc.encode_ids(ids)
+    padded = torch.zeros(1, 512, dtype=torch.int64)
+    padded[0, : len(ids)] = torch.tensor(ids)
+    mask = (torch.arange(512) < len(ids)).long()[None]
+    with torch.inference_mode():
+        official = enc.model(input_ids=padded, attention_mask=mask).last_hidden_state.float()[:, : len(ids)]
+    assert ours.shape == (1, len(ids), 256)
+    assert torch.allclose(ours, official, atol=2e-6, rtol=0)
+
+
+def test_fp16_keeps_wo_in_fp32(tiny_text_dir):
+    enc = T5TextEncoder(tiny_text_dir, "fp16")
+    ffn = enc.model.encoder.block[0].layer[1].DenseReluDense
+    assert ffn.wo.weight.dtype == torch.float32 and ffn.wi_0.weight.dtype == torch.float16
+    assert enc.encode("make it red").dtype == torch.float32
+
+
+def test_bad_instructions(tiny_text_dir):
+    enc = T5TextEncoder(tiny_text_dir, "fp32")
+    with pytest.raises(InputError, match="empty"):
+        enc.tokenize("   ")
+    with pytest.raises(InputError, match="at most 512"):
+        enc.tokenize("sky " * 600)

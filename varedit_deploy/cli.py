@@ -1,0 +1,141 @@
+"""`varedit-deploy`: a thin CLI over the library; each subcommand fills arguments and calls one function.
+
+Heavy modules (torch, onnx, onnxruntime) are imported inside the handlers, so `--help` and
+the torch-free commands start fast. A `VareditError` becomes a one-line message and exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import VareditError
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (defaults: the model's own)")
+    g.add_argument("--cfg", type=float, help="classifier-free guidance weight")
+    g.add_argument("--tau", type=float, help="temperature (> 0)")
+    g.add_argument("--seed", type=int, help="noise seed")
+    g.add_argument("--top-p", type=float, dest="top_p", help="drop a bit value whose probability is <= 1 - top_p")
+    g.add_argument("--noise", choices=["torch-cpu", "numpy"], default=None,
+                   help="noise source (torch-cpu replays the official CPU draws)")
+
+
+def _sampling_from(args: argparse.Namespace, base):
+    import dataclasses
+
+    from .errors import InputError
+
+    updates = {k: getattr(args, k) for k in ("cfg", "tau", "seed", "top_p") if getattr(args, k) is not None}
+    if updates.get("tau", 1.0) <= 0:
+        raise InputError(f"--tau must be positive, got {updates['tau']}")
+    if not 0.0 < updates.get("top_p", 0.5) <= 1.0:
+        raise InputError(f"--top-p must be in (0, 1], got {updates['top_p']}")
+    return dataclasses.replace(base, **updates)
+
+
+def _cmd_parity(args: argparse.Namespace) -> int:
+    from .parity import check_fixture
+
+    report = check_fixture(args.fixture, args.backend)
+    print(report.table())
+    return 0 if report.ok else 1
+
+
+def _cmd_edit(args: argparse.Namespace) -> int:
+    from .errors import InputError
+    from .imaging import load_image, save_image
+
+    if not args.instruction.strip():
+        raise InputError("the instruction is empty; say what to change, e.g. 'make the sky purple'")
+    image = load_image(args.image)
+    if args.artifacts is not None:
+        from .runtime.pipeline import EditPipeline
+
+        pipe = EditPipeline.from_artifacts(args.artifacts, backend=args.backend)
+        sampling = _sampling_from(args, pipe.config.sampling)
+        result = pipe.edit(image, args.instruction, sampling=sampling, noise=args.noise or "numpy")
+    else:
+        result = _edit_reference(args, image)
+    save_image(result.image, args.out)
+    print(f"wrote {args.out}")
+    _print_timings(result.timings)
+    return 0
+
+
+def _edit_reference(args: argparse.Namespace, image):
+    from .config import from_name
+    from .errors import InputError
+    from .model.edit import edit
+    from .model.loaded import VAREditModel
+    from .sampling import make_noise
+
+    if args.backend != "torch":
+        raise InputError("--checkpoint-dir/--random-weights run the torch reference; use --artifacts for "
+                         f"the {args.backend} backend")
+    config = from_name(args.model)
+    if args.random_weights:
+        from .model.tiny_text import write_tiny_text_encoder
+
+        model = VAREditModel.random(config, seed=0)
+        with tempfile.TemporaryDirectory() as tmp:
+            model.attach_text_encoder(write_tiny_text_encoder(tmp, config.transformer.text_channels), "fp32")
+    elif args.checkpoint_dir is not None:
+        model = VAREditModel.from_release(args.checkpoint_dir, config, text_precision=args.text_precision)
+    else:
+        raise InputError("say where the model comes from: --checkpoint-dir DIR, --artifacts DIR or --random-weights")
+    sampling = _sampling_from(args, config.sampling)
+    noise = make_noise(args.noise or "torch-cpu", sampling.seed)
+    return edit(model, image, args.instruction, sampling, noise)
+
+
+def _print_timings(timings: dict[str, float]) -> None:
+    print(f"{'stage':<16} {'ms':>10}")
+    for name, sec in timings.items():
+        print(f"{name:<16} {sec * 1e3:>10.1f}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="varedit-deploy", description="Deploy VAREdit: reference, export, runtime.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("parity", help="reproduce a golden fixture of the official code and report the differences")
+    p.add_argument("--fixture", required=True, type=Path, help="fixture folder (config.json, *.safetensors)")
+    p.add_argument("--backend", default="torch", help="torch (reference) or onnxruntime")
+    p.set_defaults(func=_cmd_parity)
+
+    p = sub.add_parser("edit", help="edit a photo with an instruction")
+    src = p.add_argument_group("model source (one of)")
+    src.add_argument("--checkpoint-dir", type=Path, help="release folder with the official .pth files and flan-t5-xl/")
+    src.add_argument("--artifacts", type=Path, help="exported artifact folder (see `export`)")
+    src.add_argument("--random-weights", action="store_true", help="random weights (tiny models; smoke runs)")
+    p.add_argument("--model", default="2b-512", help="model preset: 2b-512, 8b-512, 8b-1024, tiny-2b, tiny-8b")
+    p.add_argument("--backend", default="torch", help="torch (reference) or onnxruntime (with --artifacts)")
+    p.add_argument("--text-precision", default="fp16", choices=["fp16", "bf16", "fp32"],
+                   help="T5 precision (fp16 with fp32 FFN output, as official)")
+    p.add_argument("--image", required=True, type=Path)
+    p.add_argument("--instruction", required=True)
+    p.add_argument("--out", required=True, type=Path)
+    _sampling_args(p)
+    p.set_defaults(func=_cmd_edit)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except VareditError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

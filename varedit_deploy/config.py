@@ -1,0 +1,328 @@
+"""Model presets, scale schedules and the strict loader for fixture/manifest configs.
+
+Every hyper-parameter of a VAREdit release is written down here once (spec/transformer.md
+section 1, spec/vae-text.md section 1); everything else derives from these dataclasses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+# Side lengths of the h/w = 1.0 schedule (infinity/utils/dynamic_resolution.py); a `pn`
+# takes a prefix of them. VAREdit sets every t to 1, so a scale is just (1, side, side).
+SQUARE_SIDES: tuple[int, ...] = (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64)
+SCALES_PER_PN: dict[str, int] = {"0.06M": 7, "0.25M": 10, "0.60M": 12, "1M": 13}
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The token grid of every scale, and the VAE latent grid it maps to."""
+
+    sides: tuple[int, ...]
+    vae_factor: int = 1  # 2 for spatially patchified (8B) models: VAE grid = 2x token grid
+
+    @classmethod
+    def from_pn(cls, pn: str, vae_factor: int = 1) -> "Schedule":
+        if pn not in SCALES_PER_PN:
+            raise ConfigError(f"unknown pn {pn!r}; expected one of {sorted(SCALES_PER_PN)}")
+        return cls(SQUARE_SIDES[: SCALES_PER_PN[pn]], vae_factor)
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.sides)
+
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        """n_s: tokens of each scale."""
+        return tuple(s * s for s in self.sides)
+
+    @property
+    def starts(self) -> tuple[int, ...]:
+        """cum_{s-1}: target tokens before scale s."""
+        out, acc = [], 0
+        for n in self.tokens:
+            out.append(acc)
+            acc += n
+        return tuple(out)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.tokens)
+
+    @property
+    def source_side(self) -> int:
+        return self.sides[-1]
+
+    @property
+    def source_tokens(self) -> int:
+        """L_src: the source prefix has the finest token grid."""
+        return self.sides[-1] ** 2
+
+    def vae_side(self, scale: int) -> int:
+        return self.sides[scale] * self.vae_factor
+
+    @property
+    def latent_side(self) -> int:
+        return self.vae_side(self.num_scales - 1)
+
+    def as_triples(self) -> list[list[int]]:
+        return [[1, s, s] for s in self.sides]
+
+    def vae_triples(self) -> list[list[int]]:
+        return [[1, s * self.vae_factor, s * self.vae_factor] for s in self.sides]
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """The Infinity-style transformer (spec/transformer.md 1.1)."""
+
+    depth: int
+    dim: int
+    heads: int
+    codebook_dim: int
+    patchify: bool
+    text_channels: int = 2048
+    text_maxlen: int = 512
+    block_chunks: int = 8
+    norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.dim % self.heads:
+            raise ConfigError(f"dim {self.dim} is not divisible by heads {self.heads}")
+        if self.text_channels % 128:
+            raise ConfigError(f"text_channels {self.text_channels} must be a multiple of 128")
+        if self.dim % self.pool_heads:
+            raise ConfigError(f"dim {self.dim} is not divisible by the {self.pool_heads} text-pool heads "
+                              f"(text_channels {self.text_channels} / 128)")
+        if (self.head_dim // 2) % 2:
+            raise ConfigError(f"head dim {self.head_dim} must be a multiple of 4 for 2-D RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    @property
+    def d_tok(self) -> int:
+        """Bits per transformer token (4x the VAE code dim under 2x2 spatial patchify)."""
+        return self.codebook_dim * (4 if self.patchify else 1)
+
+    @property
+    def num_logits(self) -> int:
+        return 2 * self.d_tok
+
+    @property
+    def mlp_hidden(self) -> int:
+        return round(self.dim * 4 / 256) * 256
+
+    @property
+    def pool_heads(self) -> int:
+        """Heads of the text attention pool (TextAttentivePool)."""
+        return self.text_channels // (128 if self.dim <= 4096 else 64)
+
+    @property
+    def pool_head_dim(self) -> int:
+        return self.dim // self.pool_heads
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """The BSQ-VAE (spec/vae-text.md 1.1-1.4)."""
+
+    codebook_dim: int
+    base_ch: int = 128
+    num_res_blocks: int = 2
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4, 4)
+    patch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if 2 ** (len(self.ch_mult) - 1) != self.patch_size:
+            raise ConfigError(
+                f"VAE ch_mult {self.ch_mult} gives stride {2 ** (len(self.ch_mult) - 1)}, "
+                f"not patch size {self.patch_size}"
+            )
+        if any((self.base_ch * m) % 32 for m in self.ch_mult):
+            raise ConfigError("every VAE channel count must be divisible by 32 (GroupNorm)")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Per-edit generation options (the official loop uses the same cfg and tau at every scale)."""
+
+    cfg: float = 4.0
+    tau: float = 0.5
+    top_k: int = 900
+    top_p: float = 0.97
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One VAREdit model at one resolution: transformer, VAE, schedule and release file names."""
+
+    name: str
+    transformer: TransformerConfig
+    vae: VAEConfig
+    pn: str
+    transformer_file: str | None = None
+    vae_file: str | None = None
+    text_encoder_dir: str | None = "flan-t5-xl"
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def __post_init__(self) -> None:
+        if self.transformer.codebook_dim != self.vae.codebook_dim:
+            raise ConfigError("transformer and VAE disagree on codebook_dim")
+
+    @property
+    def schedule(self) -> Schedule:
+        return Schedule.from_pn(self.pn, 2 if self.transformer.patchify else 1)
+
+    @property
+    def image_size(self) -> int:
+        return self.schedule.latent_side * self.vae.patch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        """Inverse of `to_dict`, strict about unknown and missing keys."""
+        data = dict(data)
+        try:
+            tcfg = _strict(TransformerConfig, data.pop("transformer"), "transformer")
+            vdata = dict(data.pop("vae"))
+            vdata["ch_mult"] = tuple(vdata.get("ch_mult", ()))
+            vcfg = _strict(VAEConfig, vdata, "vae")
+            scfg = _strict(SamplingConfig, data.pop("sampling", {}), "sampling")
+        except KeyError as e:
+            raise ConfigError(f"model config lacks the section {e}") from None
+        return _strict(cls, {**data, "transformer": tcfg, "vae": vcfg, "sampling": scfg}, "model")
+
+
+def _strict(kind: type, data: dict[str, Any], where: str) -> Any:
+    names = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown}")
+    try:
+        return kind(**data)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _release(
+    name: str, *, depth: int, dim: int, heads: int, pn: str, big: bool, transformer_file: str
+) -> ModelConfig:
+    code = 14 if big else 32
+    return ModelConfig(
+        name=name,
+        transformer=TransformerConfig(depth=depth, dim=dim, heads=heads, codebook_dim=code, patchify=big),
+        vae=VAEConfig(
+            codebook_dim=code,
+            ch_mult=(1, 2, 4, 4) if big else (1, 2, 4, 4, 4),
+            patch_size=8 if big else 16,
+        ),
+        pn=pn,
+        transformer_file=transformer_file,
+        vae_file="infinity_vae_d56_f8_14_patchify.pth" if big else "infinity_vae_d32reg.pth",
+    )
+
+
+def _tiny(name: str, *, big: bool, depth: int, dim: int = 64, heads: int = 2) -> ModelConfig:
+    """Small random-weight models shaped like the releases (fixture sizes), for tests and demos."""
+    code = 14 if big else 16
+    return ModelConfig(
+        name=name,
+        transformer=TransformerConfig(
+            depth=depth, dim=dim, heads=heads, codebook_dim=code, patchify=big,
+            text_channels=256, block_chunks=depth,
+        ),
+        vae=VAEConfig(
+            codebook_dim=code, base_ch=32, num_res_blocks=1,
+            ch_mult=(1, 2, 4, 4) if big else (1, 2, 4, 4, 4), patch_size=8 if big else 16,
+        ),
+        pn="0.06M",
+        text_encoder_dir=None,
+        sampling=SamplingConfig(cfg=3.0, tau=1.0, seed=0),
+    )
+
+
+PRESETS: dict[str, ModelConfig] = {
+    c.name: c
+    for c in (
+        _release("2b-512", depth=32, dim=2048, heads=16, pn="0.25M", big=False, transformer_file="2B-512.pth"),
+        _release("8b-512", depth=40, dim=3584, heads=28, pn="0.25M", big=True, transformer_file="8B-512.pth"),
+        _release("8b-1024", depth=40, dim=3584, heads=28, pn="1M", big=True, transformer_file="8B-1024.pth"),
+        _tiny("tiny-2b", big=False, depth=3),
+        _tiny("tiny-8b", big=True, depth=2),
+    )
+}
+
+
+def from_name(name: str) -> ModelConfig:
+    key = name.lower()
+    if key not in PRESETS:
+        raise ConfigError(f"unknown model {name!r}; known models: {', '.join(PRESETS)}")
+    return PRESETS[key]
+
+
+# Keys of a fixture config.json that only describe the run or are derived from the others.
+_FIXTURE_DERIVED = {"scale_schedule", "vae_scale_schedule", "resolution", "vae_patch_size",
+                    "transformer_params", "vae_params", "torch_version", "text_len", "name"}
+_FIXTURE_KEYS = {"pn", "codebook_dim", "patchify", "vae_base_ch", "vae_res_blocks", "depth", "dim",
+                 "heads", "text_channels", "cfg", "tau", "top_k", "top_p", "seed", "vae_ch_mult",
+                 "block_chunks", "text_maxlen"}
+
+
+def load_fixture_config(path: str | Path) -> ModelConfig:
+    """Read a fixture folder's config.json (format of shared/fixtures/README.md) strictly."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not a readable JSON file ({e})") from None
+    unknown = sorted(set(data) - _FIXTURE_KEYS - _FIXTURE_DERIVED)
+    missing = sorted(_FIXTURE_KEYS - set(data))
+    if unknown or missing:
+        raise ConfigError(f"{path}: unknown keys {unknown}, missing keys {missing}")
+    big = bool(data["patchify"])
+    config = ModelConfig(
+        name=str(data.get("name", path.parent.name)),
+        transformer=TransformerConfig(
+            depth=data["depth"], dim=data["dim"], heads=data["heads"], codebook_dim=data["codebook_dim"],
+            patchify=big, text_channels=data["text_channels"], text_maxlen=data["text_maxlen"],
+            block_chunks=data["block_chunks"],
+        ),
+        vae=VAEConfig(
+            codebook_dim=data["codebook_dim"], base_ch=data["vae_base_ch"],
+            num_res_blocks=data["vae_res_blocks"], ch_mult=tuple(data["vae_ch_mult"]),
+            patch_size=2 ** (len(data["vae_ch_mult"]) - 1),
+        ),
+        pn=data["pn"],
+        text_encoder_dir=None,
+        sampling=SamplingConfig(cfg=data["cfg"], tau=data["tau"], top_k=data["top_k"],
+                                top_p=data["top_p"], seed=data["seed"]),
+    )
+    _check_derived(config, data, path)
+    return config
+
+
+def _check_derived(config: ModelConfig, data: dict[str, Any], path: Path) -> None:
+    """A fixture's redundant fields must agree with what we derive, or our schedule is wrong."""
+    sched = config.schedule
+    checks = {
+        "scale_schedule": sched.as_triples(),
+        "vae_scale_schedule": sched.vae_triples(),
+        "resolution": config.image_size,
+        "vae_patch_size": config.vae.patch_size,
+    }
+    for key, derived in checks.items():
+        if key in data and data[key] != derived:
+            raise ConfigError(f"{path}: {key} is {data[key]}, but the config implies {derived}")

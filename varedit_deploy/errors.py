@@ -1,0 +1,33 @@
+"""User-facing errors: what was found, what was expected, and what fixes it.
+
+`VareditError` is for problems with the user's input, files or environment; the CLI prints
+its message and exits 1 without a traceback. Bugs in our own code stay plain exceptions.
+"""
+
+
+class VareditError(Exception):
+    """A problem the user can fix (bad input, missing files, incompatible artifacts)."""
+
+
+class CheckpointError(VareditError):
+    """A checkpoint is missing, unreadable, or does not match the model configuration."""
+
+
+class ConfigError(VareditError):
+    """An unknown model name, a malformed config file, or an inconsistent setting."""
+
+
+class InputError(VareditError):
+    """A bad image or instruction."""
+
+
+class ArtifactError(VareditError):
+    """An exported artifact folder is missing files, altered, or of an unknown schema."""
+
+
+def missing_dependency(module: str, extra: str) -> VareditError:
+    """The error to raise when an optional dependency is not installed."""
+    return VareditError(
+        f"this needs the Python package '{module}', which is not installed; "
+        f'install it with: pip install "varedit-deploy[{extra}]"'
+    )

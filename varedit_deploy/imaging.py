@@ -1,0 +1,95 @@
+"""The official pre- and post-processing of photos (spec/vae-text.md 2.1, 3.1); numpy + Pillow only.
+
+Pre: paste top-left on a white square of side max(w, h), LANCZOS to the model size, [-1, 1].
+Post: (x + 1) / 2 * 255 truncated to uint8, LANCZOS back to the square side, crop to (w, h).
+Lanczos has no ONNX form, so this always runs on the host, for every backend.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .errors import InputError
+from .fileio import atomic_path
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open a photo as RGB, with a clear error for missing, unreadable or non-image files."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"image {path}: no such file")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return _to_rgb(img, str(path))
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise InputError(f"image {path}: not a readable image ({e})") from None
+
+
+def _to_rgb(img: Image.Image, name: str) -> Image.Image:
+    if img.width < 1 or img.height < 1:
+        raise InputError(f"image {name}: empty ({img.width}x{img.height})")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Composite on white, like the white padding canvas, instead of dropping alpha to black.
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def as_rgb(image: Image.Image | np.ndarray) -> Image.Image:
+    """Accept a PIL image or an HxWx3 / HxW uint8 array from API callers."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+            raise InputError(f"image array must be uint8 HxW, HxWx3 or HxWx4, got {image.dtype} {image.shape}")
+        image = Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise InputError(f"expected a PIL image or a numpy array, got {type(image).__name__}")
+    return _to_rgb(image, "<array>")
+
+
+def pad_to_square(img: Image.Image) -> Image.Image:
+    side = max(img.size)
+    canvas = Image.new("RGB", (side, side), (255, 255, 255))
+    canvas.paste(img, (0, 0))
+    return canvas
+
+
+def preprocess(img: Image.Image, size: int) -> np.ndarray:
+    """RGB photo -> [1, 3, size, size] float32 in [-1, 1], as infer.py's transform."""
+    square = pad_to_square(img).resize((size, size), resample=Image.LANCZOS)
+    x = np.asarray(square, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / np.float32(255.0)
+    return np.ascontiguousarray((x + x - np.float32(1.0))[None])
+
+
+def to_uint8(decoded: np.ndarray) -> np.ndarray:
+    """Decoder output [1, 3, S, S] in [-1, 1] -> [S, S, 3] uint8 RGB (truncation, as official)."""
+    x = (decoded[0].astype(np.float32) + np.float32(1.0)) / np.float32(2.0)
+    return (x.transpose(1, 2, 0) * np.float32(255.0)).astype(np.uint8)
+
+
+def postprocess(decoded: np.ndarray, original_size: tuple[int, int]) -> Image.Image:
+    """Decoder output -> RGB image of the source photo's size (resize back, crop the padding)."""
+    w, h = original_size
+    side = max(w, h)
+    img = Image.fromarray(to_uint8(decoded)).resize((side, side), resample=Image.LANCZOS)
+    return img.crop((0, 0, w, h))
+
+
+def save_image(img: Image.Image, path: str | Path) -> Path:
+    """Write atomically: a reader never sees a half-written file."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format=_format_for(path))
+    return path
+
+
+def _format_for(path: Path) -> str:
+    ext = path.suffix.lower()
+    formats = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP"}
+    if ext not in formats:
+        raise InputError(f"output {path}: unknown image extension {ext!r}; use one of {sorted(formats)}")
+    return formats[ext]

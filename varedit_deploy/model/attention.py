@@ -1,0 +1,39 @@
+"""The two attention flavours of VAREdit, in the precision the official code runs them.
+
+Self-attention is cosine attention (scale 1); cross-attention and the text pool go through
+flash-attn in the official code, which receives bfloat16 q/k/v even in a float32 run and
+returns bfloat16. `bf16_flash_attention` reproduces that rounding (fixtures need it: without
+it logits move by about 2e-3).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# exp(scale_mul) is clamped at 100; the official constant is the float32 log(100).
+MAX_SCALE_MUL = float(torch.log(torch.tensor(100.0)))
+
+
+def _round_bf16(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.bfloat16).to(x.dtype)
+
+
+def bf16_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention over [B, H, L, c] with bf16 inputs/output and fp32 softmax/accumulation."""
+    q, k, v = _round_bf16(q), _round_bf16(k), _round_bf16(v)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+    return _round_bf16(torch.matmul(torch.softmax(scores, dim=-1), v))
+
+
+def cosine_qk(q: torch.Tensor, k: torch.Tensor, scale_mul: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalise q and k per head and apply the learned per-head temperature to q."""
+    temperature = scale_mul.clamp_max(MAX_SCALE_MUL).exp()
+    return F.normalize(q, dim=-1) * temperature, F.normalize(k, dim=-1)
+
+
+def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Unmasked attention with softmax scale 1 ([B, H, Lq, c] x [B, H, Lk, c])."""
+    return F.scaled_dot_product_attention(q, k, v, scale=1.0)

@@ -1,0 +1,94 @@
+"""A loaded VAREdit model: transformer, VAE and (optionally) text encoder, from any source.
+
+Sources: a release folder (official `.pth` files + `flan-t5-xl/`), a fixture folder
+(safetensors in the official layout + config.json, no T5), or random weights of any config
+(tiny presets for tests and demos).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig, load_fixture_config
+from ..errors import CheckpointError
+from .checkpoint import ReleaseFiles, load_transformer_weights, load_vae_weights, read_state_file
+from .text import T5TextEncoder
+from .transformer import VAREditTransformer
+from .vae import BSQVAE
+
+
+@dataclass
+class VAREditModel:
+    config: ModelConfig
+    transformer: VAREditTransformer
+    vae: BSQVAE
+    text_encoder: T5TextEncoder | None = None
+
+    @classmethod
+    def from_release(
+        cls, folder: str | Path, config: ModelConfig, text_precision: str = "fp16", with_text_encoder: bool = True
+    ) -> "VAREditModel":
+        files = ReleaseFiles.locate(folder, config, need_text_encoder=with_text_encoder)
+        model = cls.empty(config)
+        load_transformer_weights(model.transformer, read_state_file(files.transformer),
+                                 config.transformer.text_maxlen, str(files.transformer))
+        load_vae_weights(model.vae, read_state_file(files.vae), str(files.vae))
+        if files.text_encoder is not None:
+            model.attach_text_encoder(files.text_encoder, text_precision)
+        return model
+
+    @classmethod
+    def from_fixture(cls, folder: str | Path) -> "VAREditModel":
+        folder = Path(folder)
+        config = load_fixture_config(folder / "config.json")
+        model = cls.empty(config)
+        for name in ("transformer.safetensors", "vae.safetensors"):
+            if not (folder / name).is_file():
+                raise CheckpointError(f"fixture {folder} lacks {name}")
+        load_transformer_weights(model.transformer, read_state_file(folder / "transformer.safetensors"),
+                                 config.transformer.text_maxlen, str(folder / "transformer.safetensors"))
+        load_vae_weights(model.vae, read_state_file(folder / "vae.safetensors"), str(folder / "vae.safetensors"))
+        return model
+
+    @classmethod
+    def random(cls, config: ModelConfig, seed: int = 0) -> "VAREditModel":
+        model = cls.empty(config)
+        randomize(model.transformer, seed)
+        randomize(model.vae, seed + 1)
+        return model
+
+    @classmethod
+    def empty(cls, config: ModelConfig) -> "VAREditModel":
+        return cls(config, VAREditTransformer(config).eval(), BSQVAE(config.vae).eval())
+
+    def attach_text_encoder(self, folder: str | Path, precision: str = "fp16") -> None:
+        encoder = T5TextEncoder(folder, precision)
+        if encoder.width != self.config.transformer.text_channels:
+            raise CheckpointError(
+                f"text encoder in {folder} has width {encoder.width}, the transformer expects "
+                f"{self.config.transformer.text_channels}"
+            )
+        self.text_encoder = encoder
+
+
+@torch.no_grad()
+def randomize(module: nn.Module, seed: int) -> None:
+    """Random weights that keep activations in a sane range (for tiny test and demo models)."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in module.named_parameters():
+        noise = torch.randn(p.shape, generator=g)
+        owner = name.rsplit(".", 2)[-2] if "." in name else ""
+        if name.endswith("scale_mul_1H11"):
+            p.copy_(math.log(4.0) + 0.1 * noise)
+        elif "norm" in owner and name.endswith("weight"):
+            p.copy_(1.0 + 0.1 * noise)
+        elif p.dim() >= 2 and name not in ("cfg_uncond", "lvl_embed.weight", "pos_start"):
+            fan_in = p[0].numel() if p.dim() > 1 else p.numel()
+            p.copy_(noise / math.sqrt(fan_in))
+        else:
+            p.copy_(0.1 * noise)

@@ -1,0 +1,327 @@
+"""The VAREdit transformer, written to be run eagerly, traced to ONNX and run by backends.
+
+Three entry points split one edit by lifetime (spec/transformer.md 3.2-3.8, section 7):
+
+* `text_condition`: T5 features -> per-layer AdaLN modulation, head modulation, start
+  token and per-layer cross-attention K/V (computed once per edit, not per step).
+* `source_pass`: source prefix -> each layer's source K/V (the start of layers >= 1's
+  caches) and the SAR references of layer 0, area-pooled to every scale.
+* `step`: one scale; takes the past K/V of every layer explicitly and returns logits and
+  this scale's new K/V. It mutates nothing and branches on no tensor value.
+
+KV caches are L-major, [L, 2, H, c] per layer, so that a prefix is a contiguous view and a
+runtime can bind each step's new K/V straight into a preallocated buffer.
+
+Parameter names follow the official checkpoint (blocks are `blocks.{i}` here; the loader
+maps `block_chunks.{k}.module.{j}`).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig, Schedule, TransformerConfig
+from .attention import bf16_flash_attention, cosine_qk, self_attention
+from .resample import area_matrix
+from .rope import apply_rope, rope_table
+
+
+class TextCondition(NamedTuple):
+    """Everything the steps need from the instruction; batch row 0 is cond, row 1 uncond."""
+
+    start_token: torch.Tensor  # [2, 1, C]: pooled text + pos_start + lvl_embed[0]
+    modulation: torch.Tensor  # [depth, 2, 6, C]: ada_gss_i + shared AdaLN of the text
+    head_modulation: torch.Tensor  # [2, 2, C]: (scale, shift) before the head
+    text_k: torch.Tensor  # [depth, 2, H, Lt, c]
+    text_v: torch.Tensor  # [depth, 2, H, Lt, c]
+
+
+class SourceKV(NamedTuple):
+    sar_k: torch.Tensor  # [sum n_s, 2, H, c]: layer-0 source keys pooled to every scale
+    sar_v: torch.Tensor
+    layer_k: list[torch.Tensor]  # layers 1..depth-1: [L_src, 2, H, c]
+    layer_v: list[torch.Tensor]
+
+
+def to_heads(cache: torch.Tensor) -> torch.Tensor:
+    """[L, B, H, c] cache layout -> [B, H, L, c] attention layout."""
+    return cache.permute(1, 2, 0, 3)
+
+
+def to_cache(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, L, c] attention layout -> [L, B, H, c] cache layout."""
+    return x.permute(2, 0, 1, 3)
+
+
+def ada_layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm without affine, then the AdaLN modulation (official fused_ada_layer_norm)."""
+    return F.layer_norm(x, (x.shape[-1],), eps=eps) * (scale + 1) + shift
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        c = cfg.dim
+        self.heads, self.head_dim = cfg.heads, cfg.head_dim
+        self.mat_qkv = nn.Linear(c, 3 * c, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(c))
+        self.v_bias = nn.Parameter(torch.zeros(c))
+        self.scale_mul_1H11 = nn.Parameter(torch.full((1, cfg.heads, 1, 1), 4.0).log())
+        self.proj = nn.Linear(c, c)
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """[B, L, C] -> q, k, v as [B, H, L, c], q/k cosine-normalised and rotated."""
+        b, n, _ = x.shape
+        bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        qkv = F.linear(x, self.mat_qkv.weight, bias).view(b, n, 3, self.heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = cosine_qk(q, k, self.scale_mul_1H11)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, _, n, _ = q.shape
+        return self.proj(self_attention(q, k, v).transpose(1, 2).reshape(b, n, -1))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        c = cfg.dim
+        self.heads, self.head_dim = cfg.heads, cfg.head_dim
+        self.mat_q = nn.Linear(c, c)
+        self.mat_kv = nn.Linear(c, 2 * c, bias=False)
+        self.v_bias = nn.Parameter(torch.zeros(c))
+        self.proj = nn.Linear(c, c)
+
+    def text_kv(self, ca_kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected text [B, Lt, C] -> this block's K, V [B, H, Lt, c] (once per edit)."""
+        b, n, _ = ca_kv.shape
+        bias = torch.cat([torch.zeros_like(self.v_bias), self.v_bias])
+        kv = F.linear(ca_kv, self.mat_kv.weight, bias).view(b, n, 2, self.heads, self.head_dim)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        return k, v
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.mat_q(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        return self.proj(bf16_flash_attention(q, k, v).transpose(1, 2).reshape(b, n, -1))
+
+
+class FFN(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.dim, cfg.mlp_hidden)
+        self.fc2 = nn.Linear(cfg.mlp_hidden, cfg.dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """CrossAttnBlock with shared AdaLN (spec 3.5)."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.eps = cfg.norm_eps
+        self.ada_gss = nn.Parameter(torch.zeros(1, 1, 6, cfg.dim))
+        self.sa = SelfAttention(cfg)
+        self.ca = CrossAttention(cfg)
+        self.ca_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
+        self.ffn = FFN(cfg)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [2, n, C]
+        mod: torch.Tensor,  # [2, 6, C]
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        text_k: torch.Tensor,
+        text_v: torch.Tensor,
+        prefix_k: torch.Tensor | None,  # [2, H, P, c] keys attended before this scale's own
+        prefix_v: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns the new hidden state and this call's own k, v ([2, H, n, c])."""
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = mod.unsqueeze(1).unbind(2)
+        q, k, v = self.sa.qkv(ada_layer_norm(x, scale1, shift1, self.eps), cos, sin)
+        keys = k if prefix_k is None else torch.cat([prefix_k, k], dim=2)
+        values = v if prefix_v is None else torch.cat([prefix_v, v], dim=2)
+        x = x + self.sa.attend(q, keys, values) * gamma1
+        x = x + self.ca(self.ca_norm(x), text_k, text_v)
+        x = x + self.ffn(ada_layer_norm(x, scale2, shift2, self.eps)) * gamma2
+        return x, k, v
+
+    def source_kv(self, x: torch.Tensor, mod: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Only the k, v of this block (the last block's source output is never used)."""
+        _, _, scale1, _, shift1, _ = mod.unsqueeze(1).unbind(2)
+        _, k, v = self.sa.qkv(ada_layer_norm(x, scale1, shift1, self.eps), cos, sin)
+        return k, v
+
+
+class TextAttentivePool(nn.Module):
+    """One learned query per head attends over the normed text: the start token and AdaLN condition."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.heads, self.head_dim = cfg.pool_heads, cfg.pool_head_dim
+        self.mat_q = nn.Parameter(torch.zeros(1, self.heads, self.head_dim))
+        self.mat_kv = nn.Linear(cfg.text_channels, 2 * cfg.dim, bias=False)
+        self.v_bias = nn.Parameter(torch.zeros(cfg.dim))
+        self.proj = nn.Linear(cfg.dim, cfg.dim)
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        b, n, _ = text.shape
+        bias = torch.cat([torch.zeros_like(self.v_bias), self.v_bias])
+        kv = F.linear(text, self.mat_kv.weight, bias).view(b, n, 2, self.heads, self.head_dim)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        q = self.mat_q.unsqueeze(2).expand(b, -1, -1, -1)  # [B, Hp, 1, cp]
+        return self.proj(bf16_flash_attention(q, k, v).reshape(b, -1))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class _PoolContainer(nn.Module):
+    """Keeps the official key prefix `text_proj_for_sos.ca.*`."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.ca = TextAttentivePool(cfg)
+
+
+class AdaLNBeforeHead(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 2 * cfg.dim))
+
+
+class VAREditTransformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        cfg = self.cfg = config.transformer
+        self.schedule: Schedule = config.schedule
+        c = cfg.dim
+        self.cfg_uncond = nn.Parameter(torch.zeros(cfg.text_maxlen, cfg.text_channels))
+        self.text_norm = RMSNorm(cfg.text_channels, cfg.norm_eps)
+        self.text_proj_for_sos = _PoolContainer(cfg)
+        self.text_proj_for_ca = nn.Sequential(
+            nn.Linear(cfg.text_channels, c), nn.GELU(approximate="tanh"), nn.Linear(c, c)
+        )
+        self.pos_start = nn.Parameter(torch.zeros(1, 1, c))
+        self.lvl_embed = nn.Embedding(15, c)
+        self.word_embed = nn.Linear(cfg.d_tok, c)
+        self.shared_ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(c, 6 * c))
+        self.head_nm = AdaLNBeforeHead(cfg)
+        self.head = nn.Linear(c, cfg.num_logits)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+
+        cos, sin = rope_table(cfg.head_dim)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self._register_sar_pooling()
+
+    def _register_sar_pooling(self) -> None:
+        """Separable area-pooling matrices from the source grid to each scale (SAR)."""
+        src = self.schedule.source_side
+        for s, side in enumerate(self.schedule.sides):
+            self.register_buffer(f"sar_pool_{s}", torch.from_numpy(area_matrix(src, side)), persistent=False)
+
+    # ------------------------------------------------------------------ text
+    def text_condition(self, text_features: torch.Tensor) -> TextCondition:
+        """text_features [1, Lt, Ct5] (real tokens only) -> TextCondition."""
+        lt = text_features.shape[1]
+        text = torch.cat([text_features, self.cfg_uncond[:lt].unsqueeze(0)], dim=0)
+        text = self.text_norm(text)
+        pooled = self.text_proj_for_sos.ca(text)  # [2, C]
+        ca_kv = self.text_proj_for_ca(text)  # [2, Lt, C]
+        shared = self.shared_ada_lin(pooled).view(2, 6, -1)
+        modulation = torch.stack([blk.ada_gss.view(6, -1) + shared for blk in self.blocks])
+        head_modulation = self.head_nm.ada_lin(pooled).view(2, 2, -1)
+        start = pooled.unsqueeze(1) + self.pos_start + self.lvl_embed.weight[0]
+        kvs = [blk.ca.text_kv(ca_kv) for blk in self.blocks]
+        text_k = torch.stack([k for k, _ in kvs])
+        text_v = torch.stack([v for _, v in kvs])
+        return TextCondition(start, modulation, head_modulation, text_k, text_v)
+
+    # ---------------------------------------------------------------- source
+    def embed_source(self, source_prefix: torch.Tensor) -> torch.Tensor:
+        """[1, L_src, d_tok] -> [2, L_src, C]; the source takes the finest scale's level embedding."""
+        x = self.word_embed(source_prefix) + self.lvl_embed.weight[self.schedule.num_scales - 1]
+        return x.expand(2, -1, -1)
+
+    def source_pass(self, source_prefix: torch.Tensor, cond: TextCondition) -> SourceKV:
+        n_src = self.schedule.source_tokens
+        cos, sin = self.rope_cos[:n_src], self.rope_sin[:n_src]
+        x = self.embed_source(source_prefix)
+        layer_k, layer_v = [], []
+        last = len(self.blocks) - 1
+        for i, blk in enumerate(self.blocks):
+            if i == last:
+                k, v = blk.source_kv(x, cond.modulation[i], cos, sin)
+            else:
+                x, k, v = blk(x, cond.modulation[i], cos, sin, cond.text_k[i], cond.text_v[i], None, None)
+            if i == 0:
+                sar_k, sar_v = self._pool_to_scales(k), self._pool_to_scales(v)
+            else:
+                layer_k.append(to_cache(k))
+                layer_v.append(to_cache(v))
+        return SourceKV(sar_k, sar_v, layer_k, layer_v)
+
+    def _pool_to_scales(self, x: torch.Tensor) -> torch.Tensor:
+        """[2, H, L_src, c] -> [sum n_s, 2, H, c]: area-pooled to every scale, cache layout."""
+        b, h, _, c = x.shape
+        side = self.schedule.source_side
+        grid = x.reshape(b, h, side, side, c)
+        pooled = []
+        for s in range(self.schedule.num_scales):
+            p = getattr(self, f"sar_pool_{s}")  # [side_s, side]
+            y = torch.matmul(p, grid.transpose(2, 4))  # pool columns -> [b, h, c, cols_s, rows]
+            y = torch.matmul(p, y.transpose(3, 4))  # pool rows -> [b, h, c, rows_s, cols_s]
+            y = y.permute(0, 1, 3, 4, 2).reshape(b, h, -1, c)  # [b, h, n_s, c], row-major
+            pooled.append(to_cache(y))
+        return torch.cat(pooled, dim=0)
+
+    # ------------------------------------------------------------------ step
+    def step(
+        self,
+        x: torch.Tensor,  # [2, n, C]: embedded input of this scale
+        modulation: torch.Tensor,
+        head_modulation: torch.Tensor,
+        text_k: torch.Tensor,
+        text_v: torch.Tensor,
+        sar_k: torch.Tensor,  # [n, 2, H, c]: this scale's pooled source reference
+        sar_v: torch.Tensor,
+        past_k: list[torch.Tensor],  # per layer [P_i, 2, H, c]; P_0 = cum_{s-1}, P_i = L_src + cum_{s-1}
+        past_v: list[torch.Tensor],
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """One scale: logits [2, n, 2*d_tok] and the new K/V of every layer ([n, 2, H, c])."""
+        n = x.shape[1]
+        offset = self.schedule.source_tokens + past_k[0].shape[0]  # flat RoPE offset of this scale
+        cos = self.rope_cos[offset : offset + n]
+        sin = self.rope_sin[offset : offset + n]
+        new_k, new_v = [], []
+        for i, blk in enumerate(self.blocks):
+            prefix_k, prefix_v = to_heads(past_k[i]), to_heads(past_v[i])
+            if i == 0:  # SAR: the pooled source of this scale, then earlier targets
+                prefix_k = torch.cat([to_heads(sar_k), prefix_k], dim=2)
+                prefix_v = torch.cat([to_heads(sar_v), prefix_v], dim=2)
+            x, k, v = blk(x, modulation[i], cos, sin, text_k[i], text_v[i], prefix_k, prefix_v)
+            new_k.append(to_cache(k))
+            new_v.append(to_cache(v))
+        scale, shift = head_modulation.unsqueeze(1).unbind(2)
+        logits = self.head(ada_layer_norm(x, scale, shift, self.cfg.norm_eps))
+        return logits, new_k, new_v
+
+    def embed_tokens(self, tokens: torch.Tensor, scale: int) -> torch.Tensor:
+        """Next-scale input [1, n, d_tok] -> embedded step input [2, n, C] for `scale`."""
+        return (self.word_embed(tokens) + self.lvl_embed.weight[scale]).expand(2, -1, -1)
