@@ -192,7 +192,29 @@ def run_reference(fixture: FixtureData) -> FixtureRun:
     )
 
 
-RUNNERS: dict[str, Callable[[FixtureData], FixtureRun]] = {"torch": run_reference}
+def run_onnxruntime(fixture: FixtureData) -> FixtureRun:
+    """Export the fixture's model to ONNX and replay it on ONNX Runtime under teacher forcing."""
+    import tempfile
+
+    from .export.artifacts import export_artifacts
+    from .model.loaded import VAREditModel
+    from .runtime.pipeline import EditPipeline
+    from .sampling import SamplerInputs, TorchCPUNoise
+
+    cfg = fixture.config
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = export_artifacts(VAREditModel.from_fixture(fixture.folder), Path(tmp) / "artifact",
+                                  source={"fixture": str(fixture.folder)}, progress=lambda _: None)
+        pipe = EditPipeline.from_artifacts(folder)
+        prefix = pipe.encode_image(fixture.inputs["source_tensor"][None])
+        loop = pipe.loop.run(fixture.text_features, prefix, SamplerInputs.from_params(cfg.sampling),
+                             TorchCPUNoise(cfg.sampling.seed), fixture.teacher_bits())
+        decoded = pipe.decode(loop.summed)
+        pipe.close()
+    return FixtureRun(None, prefix, loop.guided_logits, loop.bits, loop.summed, decoded)
+
+
+RUNNERS: dict[str, Callable[[FixtureData], FixtureRun]] = {"torch": run_reference, "onnxruntime": run_onnxruntime}
 
 
 def check_fixture(folder: str | Path, backend: str = "torch") -> ParityReport:

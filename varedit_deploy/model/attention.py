@@ -3,7 +3,9 @@
 Self-attention is cosine attention (scale 1); cross-attention and the text pool go through
 flash-attn in the official code, which receives bfloat16 q/k/v even in a float32 run and
 returns bfloat16. `bf16_flash_attention` reproduces that rounding (fixtures need it: without
-it logits move by about 2e-3).
+it logits move by about 2e-3). The fixtures' flash-attn stand-in ran SDPA in float32 on the
+rounded inputs; using SDPA here too (rather than matmul-softmax-matmul) makes the float32
+result, and so every later bf16 rounding decision, the same as theirs.
 """
 
 from __future__ import annotations
@@ -22,10 +24,9 @@ def _round_bf16(x: torch.Tensor) -> torch.Tensor:
 
 
 def bf16_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Attention over [B, H, L, c] with bf16 inputs/output and fp32 softmax/accumulation."""
+    """Attention over [B, H, L, c] with bf16 inputs/output, fp32 softmax/accumulation, scale 1/sqrt(c)."""
     q, k, v = _round_bf16(q), _round_bf16(k), _round_bf16(v)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
-    return _round_bf16(torch.matmul(torch.softmax(scores, dim=-1), v))
+    return _round_bf16(F.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1])))
 
 
 def cosine_qk(q: torch.Tensor, k: torch.Tensor, scale_mul: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -54,7 +54,7 @@ def generate(
     t0 = time.perf_counter()
     cond = tr.text_condition(text_features)
     t1 = time.perf_counter()
-    src = tr.source_pass(source_prefix, cond)
+    src = tr.source_pass(source_prefix, cond.modulation, cond.text_k, cond.text_v)
     t2 = time.perf_counter()
     timings["text_condition"], timings["source_pass"] = t1 - t0, t2 - t1
 

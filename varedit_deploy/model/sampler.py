@@ -11,8 +11,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import ModelConfig
-from .codes import NextScaleInput
 
 
 def guided_logits(logits: torch.Tensor, cfg_weights: torch.Tensor, inv_tau: torch.Tensor) -> torch.Tensor:
@@ -26,30 +24,22 @@ def sample_bits(pair_logits: torch.Tensor, noise: torch.Tensor, drop_threshold: 
     """[R, 2] logits and Exp(1) noise [R, 2] -> bits [R] (int64), as multinomial would draw them."""
     p = torch.softmax(pair_logits, dim=-1)
     p0, p1 = p[:, 0], p[:, 1]
-    drawn = (p1 / noise[:, 1]) > (p0 / noise[:, 0])  # argmax(p / E); ties go to index 0
+    drawn = ((p1 / noise[:, 1]) > (p0 / noise[:, 0])).to(torch.int64)  # argmax(p / E); ties -> 0
     bit = torch.where(p0 <= drop_threshold, torch.ones_like(drawn), drawn)
-    bit = torch.where(p1 <= drop_threshold, torch.zeros_like(drawn), bit)
-    return bit.to(torch.int64)
+    return torch.where(p1 <= drop_threshold, torch.zeros_like(drawn), bit)
 
 
-class SampleNext(nn.Module):
-    """One scale's tail: guided logits -> bits -> summed codes -> next scale's embedded input."""
+class BitSampler(nn.Module):
+    """Step logits [2, n, 2*d_tok] + noise -> bits [1, n, d_tok] and the guided pair logits.
 
-    def __init__(self, config: ModelConfig, scale: int, word_embed: nn.Linear, lvl_embed: nn.Embedding):
+    One module for every scale; the guided logits come out too (they are what parity checks
+    compare, and cost nothing extra).
+    """
+
+    def __init__(self, d_tok: int):
         super().__init__()
-        self.d_tok = config.transformer.d_tok
-        self.scale = scale
-        self.next_input = NextScaleInput(config, scale)
-        self.word_embed, self.lvl_embed = word_embed, lvl_embed
+        self.d_tok = d_tok
 
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[1, n, d_tok] -> [2, n, C] step input of scale s+1 (same input for both CFG rows)."""
-        return (self.word_embed(tokens) + self.lvl_embed.weight[self.scale + 1]).expand(2, -1, -1)
-
-    def forward(self, logits, noise, summed, cfg_weights, inv_tau, drop_threshold):
-        bits = sample_bits(guided_logits(logits, cfg_weights, inv_tau), noise, drop_threshold)
-        bits = bits.view(1, -1, self.d_tok)
-        summed, tokens = self.next_input(bits, summed)
-        if tokens is None:
-            return bits, summed
-        return bits, summed, self.embed(tokens)
+    def forward(self, logits, noise, cfg_weights, inv_tau, drop_threshold):
+        pair = guided_logits(logits, cfg_weights, inv_tau)
+        return sample_bits(pair, noise, drop_threshold).view(1, -1, self.d_tok), pair

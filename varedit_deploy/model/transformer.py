@@ -57,9 +57,9 @@ def to_cache(x: torch.Tensor) -> torch.Tensor:
     return x.permute(2, 0, 1, 3)
 
 
-def ada_layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float) -> torch.Tensor:
+def ada_layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dim: int, eps: float) -> torch.Tensor:
     """LayerNorm without affine, then the AdaLN modulation (official fused_ada_layer_norm)."""
-    return F.layer_norm(x, (x.shape[-1],), eps=eps) * (scale + 1) + shift
+    return F.layer_norm(x, (dim,), eps=eps) * (scale + 1) + shift
 
 
 class SelfAttention(nn.Module):
@@ -126,7 +126,7 @@ class Block(nn.Module):
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
-        self.eps = cfg.norm_eps
+        self.dim, self.eps = cfg.dim, cfg.norm_eps
         self.ada_gss = nn.Parameter(torch.zeros(1, 1, 6, cfg.dim))
         self.sa = SelfAttention(cfg)
         self.ca = CrossAttention(cfg)
@@ -146,18 +146,18 @@ class Block(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns the new hidden state and this call's own k, v ([2, H, n, c])."""
         gamma1, gamma2, scale1, scale2, shift1, shift2 = mod.unsqueeze(1).unbind(2)
-        q, k, v = self.sa.qkv(ada_layer_norm(x, scale1, shift1, self.eps), cos, sin)
+        q, k, v = self.sa.qkv(ada_layer_norm(x, scale1, shift1, self.dim, self.eps), cos, sin)
         keys = k if prefix_k is None else torch.cat([prefix_k, k], dim=2)
         values = v if prefix_v is None else torch.cat([prefix_v, v], dim=2)
         x = x + self.sa.attend(q, keys, values) * gamma1
         x = x + self.ca(self.ca_norm(x), text_k, text_v)
-        x = x + self.ffn(ada_layer_norm(x, scale2, shift2, self.eps)) * gamma2
+        x = x + self.ffn(ada_layer_norm(x, scale2, shift2, self.dim, self.eps)) * gamma2
         return x, k, v
 
     def source_kv(self, x: torch.Tensor, mod: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Only the k, v of this block (the last block's source output is never used)."""
         _, _, scale1, _, shift1, _ = mod.unsqueeze(1).unbind(2)
-        _, k, v = self.sa.qkv(ada_layer_norm(x, scale1, shift1, self.eps), cos, sin)
+        _, k, v = self.sa.qkv(ada_layer_norm(x, scale1, shift1, self.dim, self.eps), cos, sin)
         return k, v
 
 
@@ -259,7 +259,10 @@ class VAREditTransformer(nn.Module):
         x = self.word_embed(source_prefix) + self.lvl_embed.weight[self.schedule.num_scales - 1]
         return x.expand(2, -1, -1)
 
-    def source_pass(self, source_prefix: torch.Tensor, cond: TextCondition) -> SourceKV:
+    def source_pass(
+        self, source_prefix: torch.Tensor, modulation: torch.Tensor, text_k: torch.Tensor, text_v: torch.Tensor
+    ) -> SourceKV:
+        """Source prefix [1, L_src, d_tok] -> SAR references and the source K/V of layers >= 1."""
         n_src = self.schedule.source_tokens
         cos, sin = self.rope_cos[:n_src], self.rope_sin[:n_src]
         x = self.embed_source(source_prefix)
@@ -267,9 +270,9 @@ class VAREditTransformer(nn.Module):
         last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
             if i == last:
-                k, v = blk.source_kv(x, cond.modulation[i], cos, sin)
+                k, v = blk.source_kv(x, modulation[i], cos, sin)
             else:
-                x, k, v = blk(x, cond.modulation[i], cos, sin, cond.text_k[i], cond.text_v[i], None, None)
+                x, k, v = blk(x, modulation[i], cos, sin, text_k[i], text_v[i], None, None)
             if i == 0:
                 sar_k, sar_v = self._pool_to_scales(k), self._pool_to_scales(v)
             else:
@@ -319,7 +322,7 @@ class VAREditTransformer(nn.Module):
             new_k.append(to_cache(k))
             new_v.append(to_cache(v))
         scale, shift = head_modulation.unsqueeze(1).unbind(2)
-        logits = self.head(ada_layer_norm(x, scale, shift, self.cfg.norm_eps))
+        logits = self.head(ada_layer_norm(x, scale, shift, self.cfg.dim, self.cfg.norm_eps))
         return logits, new_k, new_v
 
     def embed_tokens(self, tokens: torch.Tensor, scale: int) -> torch.Tensor:

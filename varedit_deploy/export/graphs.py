@@ -1,0 +1,174 @@
+"""One declarative spec per exported graph: the module to trace, its I/O names and dynamic axes.
+
+Every module here is a thin adapter over `varedit_deploy.model` (no second copy of the math).
+Graphs and where they run (see DESIGN.md): text_encoder, text_cond, vae_encoder and
+source_pass once per edit; step and sample once per scale (one graph for all scales, symbolic
+lengths); next_input_{s} once per scale (static resampling matrices baked in); vae_decoder once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..model.codes import NextScaleInput, latent_to_tokens
+from ..model.loaded import VAREditModel
+from ..model.sampler import BitSampler
+from ..model.transformer import VAREditTransformer
+
+
+@dataclass
+class GraphSpec:
+    name: str
+    module: nn.Module
+    example: tuple[torch.Tensor, ...]
+    inputs: list[str]
+    outputs: list[str]
+    dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
+
+
+class TextEncoderGraph(nn.Module):
+    def __init__(self, t5: nn.Module):
+        super().__init__()
+        self.t5 = t5
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.t5(input_ids=input_ids).last_hidden_state.float()
+
+
+class TextCondGraph(nn.Module):
+    def __init__(self, tr: VAREditTransformer):
+        super().__init__()
+        self.tr = tr
+
+    def forward(self, text_features: torch.Tensor):
+        return tuple(self.tr.text_condition(text_features))
+
+
+class VAEEncoderGraph(nn.Module):
+    def __init__(self, model: VAREditModel):
+        super().__init__()
+        self.encoder, self.patchify = model.vae.encoder, model.config.transformer.patchify
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return latent_to_tokens(self.encoder(image), self.patchify)
+
+
+class SourcePassGraph(nn.Module):
+    def __init__(self, tr: VAREditTransformer):
+        super().__init__()
+        self.tr = tr
+
+    def forward(self, source_prefix, modulation, text_k, text_v):
+        out = self.tr.source_pass(source_prefix, modulation, text_k, text_v)
+        return (out.sar_k, out.sar_v, *out.layer_k, *out.layer_v)
+
+
+class StepGraph(nn.Module):
+    def __init__(self, tr: VAREditTransformer):
+        super().__init__()
+        self.tr, self.depth = tr, len(tr.blocks)
+
+    def forward(self, x, modulation, head_modulation, text_k, text_v, sar_k, sar_v, *past):
+        past_k, past_v = list(past[: self.depth]), list(past[self.depth :])
+        logits, new_k, new_v = self.tr.step(x, modulation, head_modulation, text_k, text_v, sar_k, sar_v,
+                                            past_k, past_v)
+        return (logits, *new_k, *new_v)
+
+
+class NextInputGraph(nn.Module):
+    """Scale s: bits + summed codes -> new summed codes and scale s+1's embedded input."""
+
+    def __init__(self, model: VAREditModel, scale: int):
+        super().__init__()
+        self.next_input = NextScaleInput(model.config, scale)
+        self.tr, self.scale = model.transformer, scale
+
+    def forward(self, bits: torch.Tensor, summed: torch.Tensor):
+        summed, tokens = self.next_input(bits, summed)
+        if tokens is None:
+            return summed
+        return summed, self.tr.embed_tokens(tokens, self.scale + 1)
+
+
+def step_io_names(depth: int) -> tuple[list[str], list[str]]:
+    past = [f"past_k_{i}" for i in range(depth)] + [f"past_v_{i}" for i in range(depth)]
+    new = [f"new_k_{i}" for i in range(depth)] + [f"new_v_{i}" for i in range(depth)]
+    return (["x", "modulation", "head_modulation", "text_k", "text_v", "sar_k", "sar_v", *past],
+            ["logits", *new])
+
+
+def source_output_names(depth: int) -> list[str]:
+    return ["sar_k", "sar_v", *[f"source_k_{i}" for i in range(1, depth)], *[f"source_v_{i}" for i in range(1, depth)]]
+
+
+def graph_specs(model: VAREditModel, t5: nn.Module | None) -> list[GraphSpec]:
+    """Specs for every graph of `model`; `t5` (fp32 T5 encoder) is None for fixtures without T5."""
+    cfg = model.config
+    tcfg, sched = cfg.transformer, cfg.schedule
+    tr = model.transformer
+    g = torch.Generator().manual_seed(0)
+    depth, h, c, dim = tcfg.depth, tcfg.heads, tcfg.head_dim, tcfg.dim
+    lt = 5  # example text length; the axis is dynamic
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g)
+
+    text = rand(1, lt, tcfg.text_channels)
+    with torch.inference_mode():
+        cond = tr.text_condition(text)
+    cond = [t.clone() for t in cond]
+    text_axes = {3: "text_len"}
+    specs = []
+    if t5 is not None:
+        specs.append(GraphSpec("text_encoder", TextEncoderGraph(t5), (torch.tensor([[5, 9, 7, 1]]),),
+                               ["input_ids"], ["text_features"],
+                               {"input_ids": {1: "text_len"}, "text_features": {1: "text_len"}}))
+    specs.append(GraphSpec(
+        "text_cond", TextCondGraph(tr), (text,), ["text_features"],
+        ["start_token", "modulation", "head_modulation", "text_k", "text_v"],
+        {"text_features": {1: "text_len"}, "text_k": text_axes, "text_v": text_axes},
+    ))
+    size = cfg.image_size
+    specs.append(GraphSpec("vae_encoder", VAEEncoderGraph(model), (rand(1, 3, size, size).clamp(-1, 1),),
+                           ["image"], ["source_prefix"]))
+    latent = sched.latent_side
+    specs.append(GraphSpec("vae_decoder", model.vae.decoder, (rand(1, tcfg.codebook_dim, latent, latent) * 0.3,),
+                           ["summed_codes"], ["image"]))
+    specs.append(GraphSpec(
+        "source_pass", SourcePassGraph(tr), (rand(1, sched.source_tokens, tcfg.d_tok), cond[1], cond[3], cond[4]),
+        ["source_prefix", "modulation", "text_k", "text_v"], source_output_names(depth),
+        {"text_k": text_axes, "text_v": text_axes},
+    ))
+    # Trace the step at scale 1 (non-empty past everywhere); every length axis is symbolic.
+    n, p0 = sched.tokens[1], sched.starts[1]
+    past = [rand(p0 if i == 0 else sched.source_tokens + p0, 2, h, c) for i in range(depth)] * 2
+    step_in, step_out = step_io_names(depth)
+    axes: dict[str, dict[int, str]] = {"x": {1: "tokens"}, "text_k": text_axes, "text_v": text_axes,
+                                       "sar_k": {0: "tokens"}, "sar_v": {0: "tokens"}, "logits": {1: "tokens"}}
+    for name in step_in[7:]:
+        axes[name] = {0: "past_targets" if name.endswith("_0") else "past_len"}
+    for name in step_out[1:]:
+        axes[name] = {0: "tokens"}
+    specs.append(GraphSpec(
+        "step", StepGraph(tr),
+        (rand(2, n, dim), cond[1], cond[2], cond[3], cond[4], rand(n, 2, h, c), rand(n, 2, h, c), *past),
+        step_in, step_out, axes,
+    ))
+    rows = n * tcfg.d_tok
+    specs.append(GraphSpec(
+        "sample", BitSampler(tcfg.d_tok),
+        (rand(2, n, tcfg.num_logits), torch.empty(rows, 2).exponential_(generator=g),
+         torch.tensor([3.0, -2.0]), torch.tensor([1.0]), torch.tensor([0.03])),
+        ["logits", "noise", "cfg_weights", "inv_tau", "drop_threshold"], ["bits", "guided_logits"],
+        {"logits": {1: "tokens"}, "noise": {0: "rows"}, "bits": {1: "tokens"}, "guided_logits": {0: "rows"}},
+    ))
+    summed = torch.zeros(1, tcfg.codebook_dim, latent, latent)
+    for s, n_s in enumerate(sched.tokens):
+        bits = torch.randint(0, 2, (1, n_s, tcfg.d_tok), generator=g)
+        last = s == sched.num_scales - 1
+        specs.append(GraphSpec(f"next_input_{s}", NextInputGraph(model, s), (bits, summed), ["bits", "summed_codes"],
+                               ["summed_codes_out"] if last else ["summed_codes_out", "x_next"]))
+    return specs

@@ -1,0 +1,64 @@
+"""ONNX Runtime backend: one session per graph, IO binding straight onto the caller's arrays."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from ..artifact import Manifest
+from ..errors import ArtifactError, missing_dependency
+from .backend import Backend, GraphRunner
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise missing_dependency("onnxruntime", "ort") from None
+    return onnxruntime
+
+
+class OrtGraph(GraphRunner):
+    def __init__(self, name: str, session):
+        self.name, self.session = name, session
+        self.input_names = {i.name for i in session.get_inputs()}
+        self.output_names = {o.name for o in session.get_outputs()}
+
+    def run(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
+        if set(inputs) != self.input_names or set(outputs) != self.output_names:
+            raise AssertionError(f"{self.name}: bound {sorted(inputs)} -> {sorted(outputs)}, graph has "
+                                 f"{sorted(self.input_names)} -> {sorted(self.output_names)}")
+        binding = self.session.io_binding()
+        for name, arr in inputs.items():
+            binding.bind_input(name, "cpu", 0, arr.dtype.type, arr.shape, _pointer(arr, name))
+        for name, arr in outputs.items():
+            binding.bind_output(name, "cpu", 0, arr.dtype.type, arr.shape, _pointer(arr, name))
+        self.session.run_with_iobinding(binding)
+
+
+def _pointer(arr: np.ndarray, name: str) -> int:
+    if not arr.flags.c_contiguous:
+        raise AssertionError(f"{name}: array is not C-contiguous; it cannot be bound in place")
+    return arr.ctypes.data
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, manifest: Manifest, providers: Sequence[str] | None = None, threads: int = 0):
+        super().__init__(manifest)
+        ort = _ort()
+        self.providers = list(providers or ["CPUExecutionProvider"])
+        self.options = ort.SessionOptions()
+        self.options.intra_op_num_threads = threads
+        self.options.log_severity_level = 3
+
+    def _load(self, name: str) -> GraphRunner:
+        ort = _ort()
+        path = self.manifest.graph_path(name)
+        try:
+            session = ort.InferenceSession(str(path), self.options, providers=self.providers)
+        except Exception as e:
+            raise ArtifactError(f"graph {path} cannot be loaded by ONNX Runtime ({e})") from None
+        return OrtGraph(name, session)

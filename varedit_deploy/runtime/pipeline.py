@@ -1,0 +1,110 @@
+"""The Python API: `EditPipeline.from_artifacts(ART).edit(image, instruction, cfg=, tau=, seed=)`.
+
+Split by lifetime like onnxruntime-genai: the pipeline (graphs, buffers) is loaded once; each
+`edit` takes its own sampling options and noise. Imports only numpy, Pillow and the backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..artifact import Manifest, read_manifest
+from ..config import ModelConfig, SamplingConfig
+from ..errors import ArtifactError, InputError
+from ..imaging import as_rgb, postprocess, preprocess
+from ..sampling import NoiseSource, SamplerInputs, make_noise
+from .backend import Backend, make_backend
+from .loop import LoopOutput, ScaleLoop
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class EditResult:
+    image: Image.Image
+    timings: dict[str, float]
+    loop: LoopOutput
+
+
+class EditPipeline:
+    def __init__(self, manifest: Manifest, backend: Backend):
+        self.manifest, self.backend = manifest, backend
+        self.config: ModelConfig = manifest.config
+        self.loop = ScaleLoop(manifest, backend)
+        token_file = manifest.tokenizer_file
+        self.tokenizer = Tokenizer(token_file) if token_file is not None else None
+
+    @classmethod
+    def from_artifacts(cls, folder: str | Path, backend: str = "onnxruntime", verify: bool = True,
+                       **backend_options) -> "EditPipeline":
+        manifest = read_manifest(folder, verify=verify)
+        return cls(manifest, make_backend(backend, manifest, **backend_options))
+
+    # ------------------------------------------------------------- stages
+    def encode_text(self, instruction: str) -> np.ndarray:
+        if self.tokenizer is None or not self.manifest.has_graph("text_encoder"):
+            raise ArtifactError(f"artifact {self.manifest.folder} has no text encoder (it was exported from a "
+                                "fixture, which has none); export a release or a --random-weights model to edit")
+        ids = self.tokenizer.encode(instruction)
+        features = np.empty((1, ids.shape[1], self.config.transformer.text_channels), np.float32)
+        self.backend.graph("text_encoder").run({"input_ids": ids}, {"text_features": features})
+        return features
+
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        """[1, 3, S, S] in [-1, 1] -> source prefix [1, L_src, d_tok]."""
+        size = self.config.image_size
+        if pixels.shape != (1, 3, size, size):
+            raise InputError(f"image tensor must be [1, 3, {size}, {size}], got {list(pixels.shape)}")
+        t = self.config.transformer
+        prefix = np.empty((1, self.config.schedule.source_tokens, t.d_tok), np.float32)
+        self.backend.graph("vae_encoder").run({"image": np.ascontiguousarray(pixels, np.float32)},
+                                              {"source_prefix": prefix})
+        return prefix
+
+    def decode(self, summed: np.ndarray) -> np.ndarray:
+        size = self.config.image_size
+        image = np.empty((1, 3, size, size), np.float32)
+        self.backend.graph("vae_decoder").run({"summed_codes": summed}, {"image": image})
+        return image
+
+    # --------------------------------------------------------------- edit
+    def edit(
+        self,
+        image: Image.Image | np.ndarray,
+        instruction: str,
+        sampling: SamplingConfig | None = None,
+        noise: str | NoiseSource = "numpy",
+        *,
+        cfg: float | None = None,
+        tau: float | None = None,
+        seed: int | None = None,
+    ) -> EditResult:
+        """Edit `image` by `instruction`; keyword overrides apply on top of `sampling`."""
+        sampling = sampling or self.config.sampling
+        overrides = {k: v for k, v in (("cfg", cfg), ("tau", tau), ("seed", seed)) if v is not None}
+        sampling = dataclasses.replace(sampling, **overrides)
+        if sampling.tau <= 0:
+            raise InputError(f"tau must be positive, got {sampling.tau}")
+        noise_source = make_noise(noise, sampling.seed) if isinstance(noise, str) else noise
+        img = as_rgb(image)
+        t0 = time.perf_counter()
+        features = self.encode_text(instruction)
+        t1 = time.perf_counter()
+        prefix = self.encode_image(preprocess(img, self.config.image_size))
+        t2 = time.perf_counter()
+        loop = self.loop.run(features, prefix, SamplerInputs.from_params(sampling), noise_source)
+        t3 = time.perf_counter()
+        result = postprocess(self.decode(loop.summed), img.size)
+        t4 = time.perf_counter()
+        timings = {"text_encoder": t1 - t0, "vae_encoder": t2 - t1, "transformer": t3 - t2, "vae_decoder": t4 - t3}
+        timings.update(loop.timings)
+        timings["total"] = t4 - t0
+        return EditResult(result, timings, loop)
+
+    def close(self) -> None:
+        self.backend.close()
