@@ -38,3 +38,22 @@ def tiny_text_dir(tmp_path_factory) -> Path:
     from varedit_deploy.model.tiny_text import write_tiny_text_encoder
 
     return write_tiny_text_encoder(tmp_path_factory.mktemp("t5"), d_model=256)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_text_dir):
+    """A random tiny-2b model with a tiny T5 attached."""
+    from varedit_deploy.config import from_name
+    from varedit_deploy.model.loaded import VAREditModel
+
+    model = VAREditModel.random(from_name("tiny-2b"), seed=1)
+    model.attach_text_encoder(tiny_text_dir, "fp32")
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory, tiny_model) -> Path:
+    from varedit_deploy.export.artifacts import export_artifacts
+
+    return export_artifacts(tiny_model, tmp_path_factory.mktemp("art") / "tiny-2b", progress=lambda _: None,
+                            source={"command": "varedit-deploy export --random-weights --model tiny-2b"})

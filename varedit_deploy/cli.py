@@ -93,6 +93,76 @@ def _edit_reference(args: argparse.Namespace, image):
     return edit(model, image, args.instruction, sampling, noise)
 
 
+def _load_model_for(args: argparse.Namespace):
+    """The model named by --checkpoint-dir/--fixture/--random-weights (exactly one)."""
+    from .config import from_name
+    from .errors import InputError
+    from .model.loaded import VAREditModel
+
+    chosen = [x for x in (args.checkpoint_dir, args.fixture, args.random_weights or None) if x is not None]
+    if len(chosen) != 1:
+        raise InputError("give exactly one model source: --checkpoint-dir DIR, --fixture DIR or --random-weights")
+    if args.fixture is not None:
+        return VAREditModel.from_fixture(args.fixture)
+    config = from_name(args.model)
+    if args.checkpoint_dir is not None:
+        return VAREditModel.from_release(args.checkpoint_dir, config, text_precision="fp32")
+    from .model.tiny_text import write_tiny_text_encoder
+
+    model = VAREditModel.random(config, seed=0)
+    text_dir = args.out.parent / f".{args.out.name}.t5"
+    model.attach_text_encoder(write_tiny_text_encoder(text_dir, config.transformer.text_channels), "fp32")
+    return model
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import shlex
+    import shutil
+
+    from .export.artifacts import export_artifacts
+
+    model = _load_model_for(args)
+    command = "varedit-deploy " + " ".join(shlex.quote(a) for a in args.argv)
+    try:
+        export_artifacts(model, args.out, precision=args.precision, source={"command": command})
+    finally:
+        shutil.rmtree(args.out.parent / f".{args.out.name}.t5", ignore_errors=True)
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .artifact import read_manifest
+
+    manifest = read_manifest(args.artifacts, verify=False)
+    data = manifest.data
+    cfg = manifest.config
+    sched = data["schedule"]
+    print(f"artifact {manifest.folder}")
+    print(f"  model {cfg.name}: depth {cfg.transformer.depth}, width {cfg.transformer.dim}, "
+          f"{cfg.transformer.heads} heads, {cfg.transformer.d_tok} bits/token, {sched['image_size']} px, "
+          f"{len(sched['sides'])} scales {sched['sides']}")
+    print(f"  precision {data['precision']}, exported by {data['exporter']}")
+    print(f"  {'graph':<14} {'MB':>9} {'ops':>5}  TensorRT-unsupported")
+    for name, g in manifest.graphs.items():
+        mb = sum(f["bytes"] for f in g["files"]) / 1e6
+        print(f"  {name:<14} {mb:>9.2f} {sum(g['ops'].values()):>5}  {', '.join(g['tensorrt_unsupported_ops']) or '-'}")
+    tok = data.get("tokenizer", {}).get("files", [])
+    print(f"  tokenizer: {', '.join(f['path'] for f in tok) or 'none (fixture export: starts at text_cond)'}")
+    problems = manifest.verify(full=True)
+    if problems:
+        print("DAMAGED: " + "; ".join(problems))
+        return 1
+    print(f"complete and intact ({len(manifest.all_files())} files, sha256 verified)")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, args.model, args.image, args.instruction, args.seed if args.seed is not None else 0)
+    return 0
+
+
 def _print_timings(timings: dict[str, float]) -> None:
     print(f"{'stage':<16} {'ms':>10}")
     for name, sec in timings.items():
@@ -122,11 +192,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     _sampling_args(p)
     p.set_defaults(func=_cmd_edit)
+
+    p = sub.add_parser("export", help="export a model to a folder of ONNX graphs with a manifest")
+    src = p.add_argument_group("model source (one of)")
+    src.add_argument("--checkpoint-dir", type=Path, help="release folder with the official .pth files and flan-t5-xl/")
+    src.add_argument("--fixture", type=Path, help="fixture folder (no T5: the artifact starts at text_cond)")
+    src.add_argument("--random-weights", action="store_true", help="random weights of --model (with a tiny T5)")
+    p.add_argument("--model", default="2b-512", help="model preset: 2b-512, 8b-512, 8b-1024, tiny-2b, tiny-8b")
+    p.add_argument("--out", required=True, type=Path, help="artifact folder to write (replaced atomically)")
+    p.add_argument("--precision", default="fp32", help="graph precision (fp32; engines choose lower ones)")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("inspect", help="show what an artifact holds and verify every file's hash")
+    p.add_argument("artifacts", type=Path)
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("demo", help="build a small model, export it, edit a real photo on ONNX Runtime")
+    p.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (default demo-output)")
+    p.add_argument("--model", default="tiny-2b", help="tiny-2b or tiny-8b")
+    p.add_argument("--image", type=Path, help="photo to edit (default: the bundled VAREdit sample)")
+    p.add_argument("--instruction", default="make the sky purple")
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=_cmd_demo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return int(args.func(args))
     except VareditError as e:

@@ -62,6 +62,7 @@ def export_graph(spec: GraphSpec, folder: Path, external_data_bytes: int = EXTER
                               output_names=spec.outputs, dynamic_axes=spec.dynamic_axes,
                               opset_version=OPSET, dynamo=False, do_constant_folding=True)
         model = onnx.load(str(raw))
+        _pin_static_output_dims(model, spec)
         weight_bytes = sum(int(np.prod(t.dims)) * 4 for t in model.graph.initializer)
         files = [path]
         if weight_bytes > external_data_bytes:
@@ -84,6 +85,19 @@ def export_graph(spec: GraphSpec, folder: Path, external_data_bytes: int = EXTER
         "ops": dict(sorted(ops.items())),
         "tensorrt_unsupported_ops": sorted(set(ops) - TENSORRT_OPS),
     }
+
+
+def _pin_static_output_dims(model, spec: GraphSpec) -> None:
+    """The tracer leaves some static output dims symbolic ('Addlogits_dim_0'); pin them to their sizes."""
+    with torch.inference_mode():
+        ref = spec.module(*spec.example)
+    ref = ref if isinstance(ref, tuple) else (ref,)
+    for out, tensor in zip(model.graph.output, ref):
+        dynamic = spec.dynamic_axes.get(out.name, {})
+        for axis, dim in enumerate(out.type.tensor_type.shape.dim):
+            if axis not in dynamic:
+                dim.Clear()
+                dim.dim_value = tensor.shape[axis]
 
 
 def _io(values, names: list[str]) -> list[dict[str, Any]]:

@@ -53,6 +53,8 @@ class OnnxRuntimeBackend(Backend):
         self.options = ort.SessionOptions()
         self.options.intra_op_num_threads = threads
         self.options.log_severity_level = 3
+        # One session per graph: idle pools must not spin, or they steal the cores of the one running.
+        self.options.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
     def _load(self, name: str) -> GraphRunner:
         ort = _ort()

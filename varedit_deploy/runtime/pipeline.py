@@ -35,6 +35,8 @@ class EditPipeline:
     def __init__(self, manifest: Manifest, backend: Backend):
         self.manifest, self.backend = manifest, backend
         self.config: ModelConfig = manifest.config
+        for name in manifest.graphs:  # load everything now: fail at load time, not mid-edit
+            backend.graph(name)
         self.loop = ScaleLoop(manifest, backend)
         token_file = manifest.tokenizer_file
         self.tokenizer = Tokenizer(token_file) if token_file is not None else None

@@ -1,0 +1,136 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from varedit_deploy.artifact import read_manifest
+from varedit_deploy.cli import main
+from varedit_deploy.errors import ArtifactError, InputError
+from varedit_deploy.model.edit import edit as reference_edit
+from varedit_deploy.parity import check_fixture
+from varedit_deploy.runtime.kv_cache import KVCache
+from varedit_deploy.runtime.pipeline import EditPipeline
+from varedit_deploy.runtime.tokenizer import Tokenizer
+from varedit_deploy.sampling import NumpyNoise
+
+
+def test_onnxruntime_reproduces_the_official_fixtures(golden):
+    report = check_fixture(golden, "onnxruntime")
+    assert report.ok, report.table()
+    assert all(r.bits_differ == 0 for r in report.scales)
+
+
+def test_kv_cache_views_are_contiguous_prefixes_and_slots():
+    cache = KVCache.allocate(depth=3, heads=2, head_dim=8, source_tokens=16, starts=(0, 1, 5), tokens=(1, 4, 16))
+    assert cache.k[0].shape == (21, 2, 2, 8) and cache.k[1].shape == (37, 2, 2, 8)
+    past, _ = cache.past(1, 2)
+    slot, _ = cache.slot(1, 2)
+    assert past.shape[0] == 21 and slot.shape[0] == 16
+    assert past.flags.c_contiguous and slot.flags.c_contiguous
+    assert slot.ctypes.data == past.ctypes.data + past.nbytes  # the slot starts where the past ends
+    assert np.shares_memory(cache.source(2)[0], cache.k[2]) and cache.source(2)[0].shape[0] == 16
+    assert cache.sar(1)[0].shape[0] == 4
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_artifact):
+    return EditPipeline.from_artifacts(tiny_artifact)
+
+
+def test_onnxruntime_edit_equals_the_eager_reference(pipeline, tiny_model, photos):
+    photo = photos["coffee"]
+    ours = pipeline.edit(photo, "make the cup red", seed=3, cfg=2.0, noise=NumpyNoise(3))
+    ref = reference_edit(tiny_model, photo, "make the cup red",
+                         sampling=pipeline.config.sampling.__class__(cfg=2.0, tau=1.0, seed=3), noise=NumpyNoise(3))
+    for ours_bits, rec in zip(ours.loop.bits, ref.generation.scales):
+        assert np.array_equal(ours_bits, rec.bits.numpy())
+    diff = np.abs(np.asarray(ours.image, np.int32) - np.asarray(ref.image, np.int32))
+    assert ours.image.size == (600, 400) and diff.max() <= 2
+    assert {"text_encoder", "vae_encoder", "transformer", "vae_decoder", "step", "scale_6", "total"} <= set(ours.timings)
+
+
+def test_runtime_tokenizer_matches_transformers(tiny_artifact, tiny_model):
+    tok = Tokenizer(read_manifest(tiny_artifact).tokenizer_file)
+    for text in ["make the sky purple", "  Add a hat   to the cat ", "Ünïcode café", "end </s> token", "x <pad>"]:
+        assert tok.encode(text)[0].tolist() == tiny_model.text_encoder.tokenize(text)
+    with pytest.raises(InputError, match="at most 512"):
+        tok.encode("sky " * 600)
+    with pytest.raises(InputError, match="empty"):
+        tok.encode(" ")
+
+
+def test_runtime_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, varedit_deploy.runtime.pipeline; assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def _broken(src, tmp_path, how):
+    dst = tmp_path / "art"
+    shutil.copytree(src, dst)
+    how(dst)
+    return dst
+
+
+@pytest.mark.parametrize("how, message", [
+    (lambda d: (d / "graphs" / "sample.onnx").unlink(), "missing file graphs/sample.onnx"),
+    (lambda d: (d / "graphs" / "next_input_3.onnx").write_bytes(
+        (d / "graphs" / "next_input_3.onnx").read_bytes()[:-1] + b"\0"), "next_input_3.onnx was altered"),
+    (lambda d: (d / "tokenizer" / "tokenizer.json").write_text("{}"), "tokenizer/tokenizer.json has"),
+    (lambda d: (d / "manifest.json").write_text(json.dumps({**json.loads((d / "manifest.json").read_text()),
+                                                             "schema_version": 99})), "schema version 99"),
+    (lambda d: (d / "manifest.json").write_text("{oops"), "not valid JSON"),
+    (lambda d: (d / "manifest.json").unlink(), "not an exported artifact"),
+])
+def test_damaged_artifacts_are_refused_with_the_fix(tiny_artifact, tmp_path, how, message):
+    art = _broken(tiny_artifact, tmp_path, how)
+    with pytest.raises(ArtifactError, match=message):
+        EditPipeline.from_artifacts(art)
+
+
+def test_cli_edit_inspect_and_bad_inputs(tiny_artifact, tmp_path, photos, capsys):
+    gray = tmp_path / "gray.png"
+    Image.fromarray(photos["chelsea"][..., 1]).save(gray)
+    rgba = tmp_path / "rgba.png"
+    Image.fromarray(np.dstack([photos["chelsea"], np.full(photos["chelsea"].shape[:2], 200, np.uint8)])).save(rgba)
+    for src in (gray, rgba):  # grayscale and RGBA photos are converted, any size is fine
+        out = tmp_path / f"out-{src.stem}.png"
+        assert main(["edit", "--artifacts", str(tiny_artifact), "--backend", "onnxruntime", "--image", str(src),
+                     "--instruction", "make it blue", "--out", str(out), "--seed", "1"]) == 0
+        assert Image.open(out).size == (451, 300)
+    assert main(["inspect", str(tiny_artifact)]) == 0
+    assert "complete and intact" in capsys.readouterr().out
+
+    (tmp_path / "fake.png").write_bytes(b"\x89PNG not really")
+    cases = [(["--image", str(tmp_path / "fake.png")], "not a readable image"),
+             (["--instruction", "word " * 700], "at most 512"),
+             (["--artifacts", str(tmp_path)], "not an exported artifact")]
+    for extra, message in cases:
+        args = {"--artifacts": str(tiny_artifact), "--backend": "onnxruntime", "--image": str(gray),
+                "--instruction": "make it blue", "--out": str(tmp_path / "bad.png")}
+        args.update(dict(zip(extra[::2], extra[1::2])))
+        assert main(["edit", *[x for kv in args.items() for x in kv]]) == 1
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "bad.png").exists()
+
+
+def test_inspect_reports_damage(tiny_artifact, tmp_path, capsys):
+    art = _broken(tiny_artifact, tmp_path, lambda d: (d / "graphs" / "step.onnx").write_bytes(b"x"))
+    assert main(["inspect", str(art)]) == 1
+    assert "DAMAGED" in capsys.readouterr().out
+
+
+def test_fixture_artifact_has_no_text_path(golden, tmp_path, capsys):
+    art = tmp_path / "fx"
+    assert main(["export", "--fixture", str(golden), "--out", str(art)]) == 0
+    pipe = EditPipeline.from_artifacts(art)
+    assert not pipe.manifest.has_graph("text_encoder") and pipe.tokenizer is None
+    with pytest.raises(ArtifactError, match="no text encoder"):
+        pipe.edit(np.zeros((64, 64, 3), np.uint8), "make it red")
+    broken = _broken(art, tmp_path / "b", lambda d: (d / "graphs" / "sample.onnx").unlink())
+    with pytest.raises(ArtifactError, match="re-export it: varedit-deploy export --fixture"):
+        EditPipeline.from_artifacts(broken)
