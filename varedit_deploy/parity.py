@@ -210,8 +210,10 @@ def run_onnxruntime(fixture: FixtureData) -> FixtureRun:
         loop = pipe.loop.run(fixture.text_features, prefix, SamplerInputs.from_params(cfg.sampling),
                              TorchCPUNoise(cfg.sampling.seed), fixture.teacher_bits())
         decoded = pipe.decode(loop.summed)
+        read = pipe.backend.read
+        run = FixtureRun(None, read(prefix), loop.guided_logits, loop.bits, read(loop.summed), decoded)
         pipe.close()
-    return FixtureRun(None, prefix, loop.guided_logits, loop.bits, loop.summed, decoded)
+    return run
 
 
 RUNNERS: dict[str, Callable[[FixtureData], FixtureRun]] = {"torch": run_reference, "onnxruntime": run_onnxruntime}

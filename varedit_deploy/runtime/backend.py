@@ -1,8 +1,9 @@
 """The interface every backend implements; the scale loop knows nothing else about them.
 
-A backend loads the graphs of an artifact and runs one graph on host arrays: inputs are
-read in place, outputs are written into arrays the caller preallocated (views into the KV
-cache included), so no backend allocates or copies per step on the caller's behalf.
+A backend allocates the loop's buffers where its graphs run (host memory for ONNX Runtime on
+the CPU, device memory for TensorRT), and runs one graph with inputs read in place and
+outputs written into buffers the caller preallocated (views into the KV cache included), so
+nothing is allocated or copied per step. `write`/`read` are the only host transfers.
 """
 
 from __future__ import annotations
@@ -39,6 +40,18 @@ class Backend(ABC):
 
     @abstractmethod
     def _load(self, name: str) -> GraphRunner: ...
+
+    def empty(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        """A buffer the graphs can read and write in place; axis-0 slices stay contiguous views."""
+        return np.empty(shape, dtype)
+
+    def write(self, dst, src: np.ndarray) -> None:
+        """Copy host data into a buffer (or a view of one)."""
+        np.copyto(dst, src, casting="same_kind")
+
+    def read(self, src) -> np.ndarray:
+        """A host copy of a buffer."""
+        return np.array(src, copy=True)
 
     def close(self) -> None:
         self._graphs.clear()

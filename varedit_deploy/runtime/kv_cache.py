@@ -15,21 +15,22 @@ import numpy as np
 
 @dataclass
 class KVCache:
-    k: list[np.ndarray]  # per layer [L_max, 2, H, c]
-    v: list[np.ndarray]
-    sar_k: np.ndarray  # [sum n_s, 2, H, c]: layer-0 source reference pooled to every scale
-    sar_v: np.ndarray
+    k: list  # per layer [L_max, 2, H, c]; numpy arrays or device arrays with the same slicing
+    v: list
+    sar_k: object  # [sum n_s, 2, H, c]: layer-0 source reference pooled to every scale
+    sar_v: object
     source_tokens: int
     starts: tuple[int, ...]
     tokens: tuple[int, ...]
 
     @classmethod
     def allocate(cls, depth: int, heads: int, head_dim: int, source_tokens: int,
-                 starts: tuple[int, ...], tokens: tuple[int, ...], dtype=np.float32) -> "KVCache":
+                 starts: tuple[int, ...], tokens: tuple[int, ...], dtype=np.float32, empty=np.empty) -> "KVCache":
+        """`empty(shape, dtype)` makes one buffer (host or device); every byte is written before it is read."""
         total = starts[-1] + tokens[-1]
 
-        def buf(n: int) -> np.ndarray:
-            return np.zeros((n, 2, heads, head_dim), dtype=dtype)
+        def buf(n: int):
+            return empty((n, 2, heads, head_dim), dtype)
 
         lengths = [total] + [source_tokens + total] * (depth - 1)
         return cls([buf(n) for n in lengths], [buf(n) for n in lengths], buf(total), buf(total),
@@ -38,20 +39,20 @@ class KVCache:
     def _offset(self, layer: int) -> int:
         return 0 if layer == 0 else self.source_tokens
 
-    def past(self, layer: int, scale: int) -> tuple[np.ndarray, np.ndarray]:
+    def past(self, layer: int, scale: int):
         end = self._offset(layer) + self.starts[scale]
         return self.k[layer][:end], self.v[layer][:end]
 
-    def slot(self, layer: int, scale: int) -> tuple[np.ndarray, np.ndarray]:
+    def slot(self, layer: int, scale: int):
         start = self._offset(layer) + self.starts[scale]
         end = start + self.tokens[scale]
         return self.k[layer][start:end], self.v[layer][start:end]
 
-    def source(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+    def source(self, layer: int):
         """Where the source pass writes layer `layer`'s (>= 1) source K/V."""
         return self.k[layer][: self.source_tokens], self.v[layer][: self.source_tokens]
 
-    def sar(self, scale: int) -> tuple[np.ndarray, np.ndarray]:
+    def sar(self, scale: int):
         start, end = self.starts[scale], self.starts[scale] + self.tokens[scale]
         return self.sar_k[start:end], self.sar_v[start:end]
 

@@ -38,6 +38,7 @@ class EditPipeline:
         for name in manifest.graphs:  # load everything now: fail at load time, not mid-edit
             backend.graph(name)
         self.loop = ScaleLoop(manifest, backend)
+        self._pixels = self._image = None
         token_file = manifest.tokenizer_file
         self.tokenizer = Tokenizer(token_file) if token_file is not None else None
 
@@ -48,31 +49,36 @@ class EditPipeline:
         return cls(manifest, make_backend(backend, manifest, **backend_options))
 
     # ------------------------------------------------------------- stages
-    def encode_text(self, instruction: str) -> np.ndarray:
+    def encode_text(self, instruction: str):
+        """Instruction -> T5 features [1, Lt, Ct5], in the loop's text buffer for that length."""
         if self.tokenizer is None or not self.manifest.has_graph("text_encoder"):
             raise ArtifactError(f"artifact {self.manifest.folder} has no text encoder (it was exported from a "
                                 "fixture, which has none); export a release or a --random-weights model to edit")
         ids = self.tokenizer.encode(instruction)
-        features = np.empty((1, ids.shape[1], self.config.transformer.text_channels), np.float32)
-        self.backend.graph("text_encoder").run({"input_ids": ids}, {"text_features": features})
+        features = self.loop.text_buffers(ids.shape[1])[0]
+        ids_buffer = self.backend.empty(ids.shape, np.int64)
+        self.backend.write(ids_buffer, ids)
+        self.backend.graph("text_encoder").run({"input_ids": ids_buffer}, {"text_features": features})
         return features
 
-    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
-        """[1, 3, S, S] in [-1, 1] -> source prefix [1, L_src, d_tok]."""
+    def encode_image(self, pixels: np.ndarray):
+        """[1, 3, S, S] in [-1, 1] -> the loop's source prefix buffer [1, L_src, d_tok]."""
         size = self.config.image_size
         if pixels.shape != (1, 3, size, size):
             raise InputError(f"image tensor must be [1, 3, {size}, {size}], got {list(pixels.shape)}")
-        t = self.config.transformer
-        prefix = np.empty((1, self.config.schedule.source_tokens, t.d_tok), np.float32)
-        self.backend.graph("vae_encoder").run({"image": np.ascontiguousarray(pixels, np.float32)},
-                                              {"source_prefix": prefix})
-        return prefix
+        if self._pixels is None:
+            self._pixels = self.backend.empty((1, 3, size, size), np.float32)
+        self.backend.write(self._pixels, pixels)
+        self.backend.graph("vae_encoder").run({"image": self._pixels}, {"source_prefix": self.loop.prefix})
+        return self.loop.prefix
 
-    def decode(self, summed: np.ndarray) -> np.ndarray:
+    def decode(self, summed) -> np.ndarray:
+        """Summed codes (a loop buffer) -> image [1, 3, S, S] on the host."""
         size = self.config.image_size
-        image = np.empty((1, 3, size, size), np.float32)
-        self.backend.graph("vae_decoder").run({"summed_codes": summed}, {"image": image})
-        return image
+        if self._image is None:
+            self._image = self.backend.empty((1, 3, size, size), np.float32)
+        self.backend.graph("vae_decoder").run({"summed_codes": summed}, {"image": self._image})
+        return self.backend.read(self._image)
 
     # --------------------------------------------------------------- edit
     def edit(

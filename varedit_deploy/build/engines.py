@@ -1,0 +1,188 @@
+"""`varedit-deploy build`: parse every graph with TensorRT's ONNX parser and build engines.
+
+One builder drives `tensorrt` (on a GPU host, for that GPU) and `tensorrt_rtx` (ahead of
+time, on any host, for a named SM target). Engines, the timing cache and an engine manifest
+go to `ART/engines/<flavour>-<version>-<target>-<precision>/`, written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..artifact import MANIFEST, Manifest, file_record, read_manifest, sha256_file
+from ..errors import ArtifactError, VareditError
+from ..fileio import atomic_dir
+from .precision import to_half
+from .profiles import graph_profiles
+from .tensorrt_api import import_tensorrt, strongly_typed_network
+
+ENGINE_SCHEMA = 1
+PRECISIONS = ("fp32", "fp16", "bf16")
+RTX_TARGETS = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    flavour: str = "tensorrt-rtx"
+    precision: str = "fp16"
+    target: str = "sm89"
+    workspace_gib: float | None = None
+    weight_streaming: bool = False
+    timing_cache: Path | None = None
+
+
+def engine_dir_name(flavour: str, version: str, target: str, precision: str) -> str:
+    return f"{flavour}-{version}-{target}-{precision}"
+
+
+def build_command(artifacts: Path, opts: BuildOptions) -> str:
+    return (f"varedit-deploy build --artifacts {artifacts} --flavour {opts.flavour} --target {opts.target} "
+            f"--precision {opts.precision}")
+
+
+def _target(trt, opts: BuildOptions) -> str:
+    if opts.flavour == "tensorrt-rtx":
+        if opts.target not in RTX_TARGETS:
+            raise VareditError(f"TensorRT-RTX builds for {', '.join(RTX_TARGETS)}; not {opts.target!r} "
+                               "(Jetson Orin is sm87 and Hopper sm90: build those with TensorRT on the device)")
+        return opts.target
+    from ..runtime.gpu import current_compute_capability
+
+    here = current_compute_capability()  # TensorRT builds for the GPU it runs on
+    if opts.target not in ("current", here):
+        raise VareditError(f"TensorRT builds for the GPU of this host ({here}), not {opts.target}")
+    return here
+
+
+def _configure(trt, builder, opts: BuildOptions, target: str, cache_bytes: bytes | None):
+    config = builder.create_builder_config()
+    if opts.flavour == "tensorrt-rtx":
+        config.num_compute_capabilities = 1
+        config.set_compute_capability(getattr(trt.ComputeCapability, target.upper()), 0)
+    if opts.workspace_gib:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(opts.workspace_gib * 2**30))
+    if opts.weight_streaming:
+        config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
+    cache = config.create_timing_cache(cache_bytes or b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    return config
+
+
+def _parse(trt, builder, logger, path: Path, precision: str, name: str):
+    import onnx
+
+    network = strongly_typed_network(trt, builder)
+    parser = trt.OnnxParser(network, logger)
+    model = onnx.load(str(path))
+    ok = parser.parse(to_half(model, precision).SerializeToString(), str(path))
+    errors = [parser.get_error(i).desc() for i in range(parser.num_errors)]
+    if not ok or errors:
+        raise VareditError(f"TensorRT's ONNX parser rejected {name}: " + "; ".join(errors or ["unknown error"]))
+    return network, parser
+
+
+def build_engines(
+    artifacts: str | Path, opts: BuildOptions, progress: Callable[[str], None] = print,
+    graphs: list[str] | None = None,
+) -> Path:
+    if opts.precision not in PRECISIONS:
+        raise VareditError(f"unknown precision {opts.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    manifest = read_manifest(artifacts, verify=True)
+    trt = import_tensorrt(opts.flavour)
+    target = _target(trt, opts)
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    names = graphs or list(manifest.graphs)
+    out = manifest.folder / "engines" / engine_dir_name(opts.flavour, trt.__version__, target, opts.precision)
+    cache_bytes = opts.timing_cache.read_bytes() if opts.timing_cache and opts.timing_cache.is_file() else None
+    records: dict[str, Any] = {}
+    with atomic_dir(out) as tmp:
+        config = None
+        for i, name in enumerate(names, 1):
+            t0 = time.perf_counter()
+            network, _parser = _parse(trt, builder, logger, manifest.graph_path(name), opts.precision, name)
+            config = _configure(trt, builder, opts, target, cache_bytes)
+            profiles = graph_profiles(manifest, name)
+            for prof in profiles:
+                p = builder.create_optimization_profile()
+                for tensor, (lo, opt, hi) in prof.shapes.items():
+                    p.set_shape(tensor, lo, opt, hi)
+                config.add_optimization_profile(p)
+            plan = builder.build_serialized_network(network, config)
+            if plan is None:
+                raise VareditError(f"TensorRT failed to build {name} for {target} {opts.precision}")
+            path = tmp / f"{name}.engine"
+            path.write_bytes(memoryview(plan))
+            cache_bytes = bytes(memoryview(config.get_timing_cache().serialize()))
+            seconds = time.perf_counter() - t0
+            records[name] = {**file_record(tmp, path), "source": manifest.graphs[name]["files"][0]["path"],
+                             "source_sha256": manifest.graphs[name]["files"][0]["sha256"],
+                             "profiles": [p.to_json() for p in profiles], "build_seconds": round(seconds, 2)}
+            progress(f"[{i:>2}/{len(names)}] {name:<14} {path.stat().st_size / 1e6:>8.2f} MB "
+                     f"{len(profiles):>2} profile(s) {seconds:>6.1f} s")
+        (tmp / "timing.cache").write_bytes(cache_bytes or b"")
+        data = {
+            "schema_version": ENGINE_SCHEMA, "flavour": opts.flavour, "tensorrt_version": trt.__version__,
+            "target": target, "precision": opts.precision, "weight_streaming": opts.weight_streaming,
+            "artifact_manifest_sha256": sha256_file(manifest.folder / MANIFEST),
+            "engines": records, "timing_cache": "timing.cache",
+            "builder": {"varedit_deploy": __version__, "python": platform.python_version(), "host": platform.node()},
+            "rebuild": build_command(manifest.folder, opts),
+        }
+        (tmp / "engines.json").write_text(json.dumps(data, indent=1))
+    if opts.timing_cache:
+        opts.timing_cache.write_bytes(cache_bytes or b"")
+    progress(f"wrote {out}")
+    return out
+
+
+def check_engines(engine_dir: str | Path, manifest: Manifest, tensorrt_version: str,
+                  compute_capability: str | None) -> list[str]:
+    """What keeps these engines from running here (empty when they can): artifact, library, GPU."""
+    engine_dir = Path(engine_dir)
+    path = engine_dir / "engines.json"
+    if not path.is_file():
+        raise ArtifactError(f"{engine_dir} has no engines.json; build engines with `varedit-deploy build`")
+    data = json.loads(path.read_text())
+    problems = []
+    if data.get("schema_version") != ENGINE_SCHEMA:
+        problems.append(f"engine manifest schema {data.get('schema_version')!r}, this runtime reads {ENGINE_SCHEMA}")
+    if data.get("artifact_manifest_sha256") != sha256_file(manifest.folder / MANIFEST):
+        problems.append("the engines were built from another export of this artifact (manifest hash differs)")
+    for name in manifest.graphs:
+        rec = data.get("engines", {}).get(name)
+        if rec is None:
+            problems.append(f"no engine for graph {name}")
+        elif rec["source_sha256"] != manifest.graphs[name]["files"][0]["sha256"]:
+            problems.append(f"engine {name} was built from a different {rec['source']}")
+        elif not (engine_dir / rec["path"]).is_file():
+            problems.append(f"engine file {rec['path']} is missing")
+    if data.get("tensorrt_version") != tensorrt_version:
+        problems.append(f"built with {data.get('flavour')} {data.get('tensorrt_version')}, "
+                        f"installed is {tensorrt_version}")
+    if compute_capability is not None and data.get("target") != compute_capability:
+        problems.append(f"built for {data.get('target')}, this GPU is {compute_capability}")
+    return problems
+
+
+def tensorrt_engine_folder(manifest: Manifest, flavour: str, version: str, target: str, precision: str) -> Path:
+    return manifest.folder / "engines" / engine_dir_name(flavour, version, target, precision)
+
+
+def parse_only(artifacts: str | Path, flavour: str = "tensorrt-rtx", precision: str = "fp32") -> dict[str, int]:
+    """Parse every graph (no build): layer count per graph; raises on any parser error."""
+    manifest = read_manifest(artifacts)
+    trt = import_tensorrt(flavour)
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    with tempfile.TemporaryDirectory():
+        return {name: _parse(trt, builder, logger, manifest.graph_path(name), precision, name)[0].num_layers
+                for name in manifest.graphs}
