@@ -163,6 +163,29 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_build(args: argparse.Namespace) -> int:
+    from .build.engines import BuildOptions, build_engines
+
+    for target in args.target:
+        opts = BuildOptions(flavour=args.flavour, precision=args.precision, target=target,
+                            workspace_gib=args.workspace, weight_streaming=args.weight_streaming,
+                            timing_cache=args.timing_cache)
+        print(f"building {args.flavour} engines for {target}, {args.precision}")
+        build_engines(args.artifacts, opts)
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .build.memory_plan import DEVICES, plan_table
+    from .config import from_name
+    from .errors import InputError
+
+    if (args.device is None) == (args.memory_gib is None):
+        raise InputError(f"give --device ({', '.join(DEVICES)}) or --memory-gib N")
+    print(plan_table(from_name(args.model), args.device, args.memory_gib, args.workspace, args.text_len))
+    return 0
+
+
 def _print_timings(timings: dict[str, float]) -> None:
     print(f"{'stage':<16} {'ms':>10}")
     for name, sec in timings.items():
@@ -202,6 +225,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="artifact folder to write (replaced atomically)")
     p.add_argument("--precision", default="fp32", help="graph precision (fp32; engines choose lower ones)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("build", help="build TensorRT / TensorRT-RTX engines from an artifact")
+    p.add_argument("--artifacts", required=True, type=Path)
+    p.add_argument("--flavour", default="tensorrt-rtx", choices=["tensorrt", "tensorrt-rtx"])
+    p.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--target", nargs="+", default=["sm89"],
+                   help="SM targets for tensorrt-rtx (sm75 sm80 sm86 sm89 sm120 sm121); 'current' for tensorrt")
+    p.add_argument("--timing-cache", type=Path, help="timing cache file to read and update")
+    p.add_argument("--workspace", type=float, help="workspace limit in GiB")
+    p.add_argument("--weight-streaming", action="store_true", help="build with weight streaming enabled")
+    p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("plan", help="memory plan per precision for a device (e.g. Jetson) or a memory size")
+    p.add_argument("--model", default="8b-512")
+    p.add_argument("--device", help="orin-agx-64, orin-agx-32, orin-nx-16, orin-nano-8, thor-128, ...")
+    p.add_argument("--memory-gib", type=float, help="memory available to the process")
+    p.add_argument("--workspace", type=float, default=1.0, help="TensorRT workspace in GiB (default 1)")
+    p.add_argument("--text-len", type=int, default=77, help="instruction tokens to plan for (default 77)")
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("inspect", help="show what an artifact holds and verify every file's hash")
     p.add_argument("artifacts", type=Path)

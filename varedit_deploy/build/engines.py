@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import platform
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from ..errors import ArtifactError, VareditError
 from ..fileio import atomic_dir
 from .precision import to_half
 from .profiles import graph_profiles
-from .tensorrt_api import import_tensorrt, strongly_typed_network
+from .tensorrt_api import import_tensorrt, make_logger, strongly_typed_network
 
 ENGINE_SCHEMA = 1
 PRECISIONS = ("fp32", "fp16", "bf16")
@@ -71,8 +70,8 @@ def _configure(trt, builder, opts: BuildOptions, target: str, cache_bytes: bytes
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(opts.workspace_gib * 2**30))
     if opts.weight_streaming:
         config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
-    cache = config.create_timing_cache(cache_bytes or b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if opts.flavour == "tensorrt":  # TensorRT-RTX has no timing cache (its operations are no-ops)
+        config.set_timing_cache(config.create_timing_cache(cache_bytes or b""), ignore_mismatch=False)
     return config
 
 
@@ -98,7 +97,9 @@ def build_engines(
     manifest = read_manifest(artifacts, verify=True)
     trt = import_tensorrt(opts.flavour)
     target = _target(trt, opts)
-    logger = trt.Logger(trt.Logger.ERROR)
+    from ..runtime.gpu import gpu_available
+
+    logger = make_logger(trt, gpu_less=not gpu_available())
     builder = trt.Builder(logger)
     names = graphs or list(manifest.graphs)
     out = manifest.folder / "engines" / engine_dir_name(opts.flavour, trt.__version__, target, opts.precision)
@@ -121,25 +122,27 @@ def build_engines(
                 raise VareditError(f"TensorRT failed to build {name} for {target} {opts.precision}")
             path = tmp / f"{name}.engine"
             path.write_bytes(memoryview(plan))
-            cache_bytes = bytes(memoryview(config.get_timing_cache().serialize()))
+            if opts.flavour == "tensorrt":
+                cache_bytes = bytes(memoryview(config.get_timing_cache().serialize()))
             seconds = time.perf_counter() - t0
             records[name] = {**file_record(tmp, path), "source": manifest.graphs[name]["files"][0]["path"],
                              "source_sha256": manifest.graphs[name]["files"][0]["sha256"],
                              "profiles": [p.to_json() for p in profiles], "build_seconds": round(seconds, 2)}
             progress(f"[{i:>2}/{len(names)}] {name:<14} {path.stat().st_size / 1e6:>8.2f} MB "
                      f"{len(profiles):>2} profile(s) {seconds:>6.1f} s")
-        (tmp / "timing.cache").write_bytes(cache_bytes or b"")
+        if cache_bytes:
+            (tmp / "timing.cache").write_bytes(cache_bytes)
         data = {
             "schema_version": ENGINE_SCHEMA, "flavour": opts.flavour, "tensorrt_version": trt.__version__,
             "target": target, "precision": opts.precision, "weight_streaming": opts.weight_streaming,
             "artifact_manifest_sha256": sha256_file(manifest.folder / MANIFEST),
-            "engines": records, "timing_cache": "timing.cache",
+            "engines": records, "timing_cache": "timing.cache" if cache_bytes else None,
             "builder": {"varedit_deploy": __version__, "python": platform.python_version(), "host": platform.node()},
             "rebuild": build_command(manifest.folder, opts),
         }
         (tmp / "engines.json").write_text(json.dumps(data, indent=1))
-    if opts.timing_cache:
-        opts.timing_cache.write_bytes(cache_bytes or b"")
+    if opts.timing_cache and cache_bytes:
+        opts.timing_cache.write_bytes(cache_bytes)
     progress(f"wrote {out}")
     return out
 
@@ -171,18 +174,3 @@ def check_engines(engine_dir: str | Path, manifest: Manifest, tensorrt_version: 
     if compute_capability is not None and data.get("target") != compute_capability:
         problems.append(f"built for {data.get('target')}, this GPU is {compute_capability}")
     return problems
-
-
-def tensorrt_engine_folder(manifest: Manifest, flavour: str, version: str, target: str, precision: str) -> Path:
-    return manifest.folder / "engines" / engine_dir_name(flavour, version, target, precision)
-
-
-def parse_only(artifacts: str | Path, flavour: str = "tensorrt-rtx", precision: str = "fp32") -> dict[str, int]:
-    """Parse every graph (no build): layer count per graph; raises on any parser error."""
-    manifest = read_manifest(artifacts)
-    trt = import_tensorrt(flavour)
-    logger = trt.Logger(trt.Logger.ERROR)
-    builder = trt.Builder(logger)
-    with tempfile.TemporaryDirectory():
-        return {name: _parse(trt, builder, logger, manifest.graph_path(name), precision, name)[0].num_layers
-                for name in manifest.graphs}

@@ -33,3 +33,25 @@ def import_tensorrt(flavour: str) -> ModuleType:
 def strongly_typed_network(trt: ModuleType, builder):
     """TensorRT 11 and TensorRT-RTX keep only strongly typed networks; TensorRT 10.x has them too."""
     return builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+
+
+def make_logger(trt: ModuleType, gpu_less: bool):
+    """A logger that prints warnings and errors, except the CUDA-driver errors TensorRT-RTX logs
+    (harmlessly) when it builds ahead of time on a machine without a GPU."""
+
+    class Logger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.suppressed = 0
+
+        def log(self, severity, msg):
+            if severity > trt.ILogger.Severity.WARNING:
+                return
+            if gpu_less and ("cudaError 35" in msg or "CUDA driver" in msg):
+                self.suppressed += 1
+                return
+            if "has Int64 binding" in msg:  # bits and token ids are int64 by design; the runtime binds int64
+                return
+            print(f"[{'E' if severity <= trt.ILogger.Severity.ERROR else 'W'}] {msg}")
+
+    return Logger()

@@ -68,4 +68,8 @@ def make_backend(name: str, manifest: Manifest, **options) -> Backend:
         from .onnxruntime_backend import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(manifest, **options)
-    raise ConfigError(f"unknown backend {name!r}; available: onnxruntime")
+    if name in ("tensorrt", "tensorrt-rtx"):
+        from .tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend(manifest, flavour=name, **options)
+    raise ConfigError(f"unknown backend {name!r}; available: onnxruntime, tensorrt, tensorrt-rtx")

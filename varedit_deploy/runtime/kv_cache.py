@@ -36,26 +36,44 @@ class KVCache:
         return cls([buf(n) for n in lengths], [buf(n) for n in lengths], buf(total), buf(total),
                    source_tokens, tuple(starts), tuple(tokens))
 
-    def _offset(self, layer: int) -> int:
-        return 0 if layer == 0 else self.source_tokens
+    def rows(self, kind: str, layer: int, scale: int = 0) -> tuple[int, int]:
+        """Row range [first, end) of a view: 'past', 'slot', 'source' (layers >= 1) or 'sar'."""
+        return cache_rows(kind, layer, scale, self.source_tokens, self.starts, self.tokens)
+
+    def _view(self, kind: str, layer: int, scale: int = 0):
+        first, end = self.rows(kind, layer, scale)
+        k, v = (self.sar_k, self.sar_v) if kind == "sar" else (self.k[layer], self.v[layer])
+        return k[first:end], v[first:end]
 
     def past(self, layer: int, scale: int):
-        end = self._offset(layer) + self.starts[scale]
-        return self.k[layer][:end], self.v[layer][:end]
+        return self._view("past", layer, scale)
 
     def slot(self, layer: int, scale: int):
-        start = self._offset(layer) + self.starts[scale]
-        end = start + self.tokens[scale]
-        return self.k[layer][start:end], self.v[layer][start:end]
+        return self._view("slot", layer, scale)
 
     def source(self, layer: int):
         """Where the source pass writes layer `layer`'s (>= 1) source K/V."""
-        return self.k[layer][: self.source_tokens], self.v[layer][: self.source_tokens]
+        return self._view("source", layer)
 
     def sar(self, scale: int):
-        start, end = self.starts[scale], self.starts[scale] + self.tokens[scale]
-        return self.sar_k[start:end], self.sar_v[start:end]
+        return self._view("sar", 0, scale)
 
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (*self.k, *self.v, self.sar_k, self.sar_v))
+
+
+def cache_rows(kind: str, layer: int, scale: int, source_tokens: int, starts, tokens) -> tuple[int, int]:
+    """The one definition of where everything sits in the caches (used by views and binding plans)."""
+    offset = 0 if layer == 0 else source_tokens  # layer 0 holds targets only
+    if kind == "past":
+        return 0, offset + starts[scale]
+    if kind == "slot":
+        return offset + starts[scale], offset + starts[scale] + tokens[scale]
+    if kind == "source":
+        if layer == 0:
+            raise ValueError("layer 0 keeps no source rows (its source reference is the SAR buffer)")
+        return 0, source_tokens
+    if kind == "sar":
+        return starts[scale], starts[scale] + tokens[scale]
+    raise ValueError(f"unknown cache view {kind!r}")

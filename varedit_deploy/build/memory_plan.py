@@ -1,0 +1,138 @@
+"""`varedit-deploy plan`: what a model needs in memory per precision, and whether it fits a device.
+
+Computed from the model config alone (spec/transformer.md 1.2, 3.7; spec/vae-text.md 4.2, 6).
+Jetson boards share one memory between the OS, CPU and GPU: we reserve 4 GiB (8 GiB boards:
+2.5 GiB) for the system. Activation figures are the peak of one graph at a time (the runtime
+runs them one after another). Attention is counted fused (no score matrix) below fp32, as
+TensorRT builds it for fp16/bf16; fp32 counts the full fp32 score matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import ModelConfig
+
+GIB = 2**30
+T5_XL_PARAMS = 1_224_000_000  # Flan-T5-XL encoder (65.8 M of it the embedding)
+T5_XL_WO_PARAMS = 24 * 5120 * 2048  # the FFN output layers, kept fp32 in the official fp16 load
+
+DEVICES = {  # total memory in GiB, memory the system keeps
+    "orin-agx-64": (64, 4.0), "orin-agx-32": (32, 4.0), "orin-nx-16": (16, 4.0), "orin-nx-8": (8, 2.5),
+    "orin-nano-8": (8, 2.5), "thor-128": (128, 4.0),
+}
+BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "fp8": 1}
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    precision: str
+    transformer_weights: float
+    text_encoder_weights: float
+    vae_weights: float
+    kv_cache: float
+    activations: float
+    workspace: float
+
+    @property
+    def total(self) -> float:
+        return (self.transformer_weights + self.text_encoder_weights + self.vae_weights + self.kv_cache
+                + self.activations + self.workspace)
+
+
+def transformer_params(config: ModelConfig) -> int:
+    t = config.transformer
+    c, depth = t.dim, t.depth
+    per_block = 16 * c * c + 2 * c * t.mlp_hidden - 8 * c * c + 19 * c + t.heads  # 8C^2 of the FFN at ratio 4
+    text = t.text_channels
+    non_block = (t.text_maxlen * text + text + t.pool_heads * t.pool_head_dim + 2 * c * text + c
+                 + c * c + c + text * c + c + c * c + c + c + 15 * c + t.d_tok * c + c + 6 * c * c + 6 * c
+                 + 2 * c * c + 2 * c + t.num_logits * c + t.num_logits)
+    return per_block * depth + non_block
+
+
+def vae_params(config: ModelConfig) -> int:
+    v = config.vae
+    chans = [v.base_ch * m for m in v.ch_mult]
+
+    def res(cin: int, cout: int) -> int:
+        return 2 * cin + 9 * cin * cout + cout + 2 * cout + 9 * cout * cout + cout + (cin * cout + cout if cin != cout else 0)
+
+    enc = 3 * 9 * v.base_ch + v.base_ch
+    cin = v.base_ch
+    for i, cout in enumerate(chans):
+        enc += res(cin, cout) + sum(res(cout, cout) for _ in range(v.num_res_blocks - 1))
+        enc += (9 * cout * cout + cout) if i < len(chans) - 1 else 0
+        cin = cout
+    enc += 2 * res(cin, cin) + 2 * cin + 9 * cin * v.codebook_dim + v.codebook_dim
+    dec = 9 * v.codebook_dim * chans[-1] + chans[-1] + 2 * res(chans[-1], chans[-1])
+    cin = chans[-1]
+    for i in reversed(range(len(chans))):
+        cout = chans[i]
+        dec += res(cin, cout) + sum(res(cout, cout) for _ in range(v.num_res_blocks))
+        dec += (9 * cout * cout + cout) if i > 0 else 0
+        cin = cout
+    dec += 2 * cin + 9 * cin * 3 + 3
+    return enc + dec
+
+
+def kv_cache_bytes(config: ModelConfig, bytes_per: int) -> int:
+    """All layers, K and V, CFG batch 2; layer 0 holds targets plus the pooled SAR references."""
+    t, sched = config.transformer, config.schedule
+    rows = 2 * sched.total_tokens + (t.depth - 1) * (sched.source_tokens + sched.total_tokens)
+    return rows * 2 * 2 * t.dim * bytes_per
+
+
+def activation_bytes(config: ModelConfig, bytes_per: int, text_len: int, fused_attention: bool) -> int:
+    """Peak of one graph: the largest step (or the source pass) or the VAE decoder."""
+    t, sched = config.transformer, config.schedule
+    worst = 0
+    for n, start in zip(sched.tokens + (sched.source_tokens,), sched.starts + (0,)):
+        keys = sched.source_tokens + start + n
+        hidden = 2 * n * (3 * t.dim + t.mlp_hidden + 2 * t.dim) * bytes_per
+        scores = 0 if fused_attention else 2 * t.heads * n * max(keys, text_len) * 4  # fp32 scores
+        worst = max(worst, hidden + scores)
+    side = config.image_size  # VAE decoder peak: two full-resolution maps of the widest full-res level
+    vae = 2 * 2 * config.vae.base_ch * 2 * side * side * bytes_per
+    return max(worst, vae)
+
+
+def plan(config: ModelConfig, precision: str, workspace_gib: float, text_len: int) -> MemoryPlan:
+    """Transformer weights at `precision`; T5, VAE, KV cache and activations in fp32 for an fp32
+    build and in 16 bits otherwise (no int8/fp8 recipes for those parts)."""
+    b = BYTES[precision]
+    act = 4 if precision == "fp32" else 2
+    t5 = 0
+    if config.text_encoder_dir:  # the official fp16 load keeps the FFN output layers in fp32
+        t5 = T5_XL_PARAMS * 4 if act == 4 else T5_XL_PARAMS * 2 + T5_XL_WO_PARAMS * 2
+    return MemoryPlan(
+        precision, transformer_params(config) * b / GIB, t5 / GIB, vae_params(config) * act / GIB,
+        kv_cache_bytes(config, act) / GIB,
+        activation_bytes(config, act, text_len, fused_attention=precision != "fp32") / GIB, workspace_gib,
+    )
+
+
+def plan_table(config: ModelConfig, device: str | None, memory_gib: float | None, workspace_gib: float,
+               text_len: int) -> str:
+    from ..errors import InputError
+
+    if device is not None:
+        if device not in DEVICES:
+            raise InputError(f"unknown device {device!r}; known: {', '.join(DEVICES)} (or use --memory-gib)")
+        total, reserved = DEVICES[device]
+        budget, where = total - reserved, f"{device}: {total} GiB shared, {reserved} GiB kept for the system"
+    else:
+        budget, where = float(memory_gib), f"{memory_gib} GiB available"
+    lines = [f"{config.name} ({config.image_size} px, {config.schedule.num_scales} scales), {where}, "
+             f"budget {budget:.1f} GiB; below fp32, T5, VAE, KV cache and activations are 16-bit",
+             f"{'precision':<9} {'transformer':>11} {'T5-XL':>7} {'VAE':>6} {'KV cache':>9} {'activ.':>7} "
+             f"{'workspace':>9} {'total':>7}  fits"]
+    for precision in ("fp32", "bf16", "fp16", "int8", "fp8"):
+        p = plan(config, precision, workspace_gib, text_len)
+        lines.append(f"{precision:<9} {p.transformer_weights:>11.2f} {p.text_encoder_weights:>7.2f} "
+                     f"{p.vae_weights:>6.2f} {p.kv_cache:>9.2f} {p.activations:>7.2f} {p.workspace:>9.2f} "
+                     f"{p.total:>7.2f}  {'yes' if p.total <= budget else 'no'}")
+    lines.append("GiB. int8: Orin, Ampere; fp8: Ada, Hopper, Thor (no fp8 tensor cores on Orin). Attention counted "
+                 "fused below fp32. Engines built with --weight-streaming can keep part of the transformer "
+                 "weights in host memory (slower).")
+    return "\n".join(lines)

@@ -1,0 +1,122 @@
+"""The thin layer that touches the GPU: CUDA calls through cuda-python, device arrays, streams.
+
+Nothing here runs on a machine without a GPU; everything that can be decided without one
+(profiles, shapes, buffer offsets) lives in plain-data modules that CPU tests check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import VareditError, missing_dependency
+
+
+def cudart():
+    try:
+        from cuda.bindings import runtime
+    except ImportError:
+        raise missing_dependency("cuda-python", "trt") from None
+    return runtime
+
+
+def check(result):
+    """cuda-python returns (error, *values); raise on error, return the values."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        name = cudart().cudaGetErrorName(err)[1]
+        raise VareditError(f"CUDA error {name.decode() if isinstance(name, bytes) else name}")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def gpu_available() -> bool:
+    try:
+        rt = cudart()
+    except VareditError:
+        return False
+    err, count = rt.cudaGetDeviceCount()
+    return int(err) == 0 and count > 0
+
+
+def current_compute_capability() -> str:
+    """'sm89' etc. of device 0; a clear error where there is no GPU."""
+    if not gpu_available():
+        raise VareditError("no CUDA GPU is visible here (TensorRT needs one to build and run engines; "
+                           "TensorRT-RTX can build ahead of time without one: --flavour tensorrt-rtx)")
+    rt = cudart()
+    major = check(rt.cudaDeviceGetAttribute(rt.cudaDeviceAttr.cudaDevAttrComputeCapabilityMajor, 0))
+    minor = check(rt.cudaDeviceGetAttribute(rt.cudaDeviceAttr.cudaDevAttrComputeCapabilityMinor, 0))
+    return f"sm{major}{minor}"
+
+
+@dataclass
+class DeviceArray:
+    """A contiguous device buffer with a shape; axis-0 slices are views (KV cache prefixes/slots)."""
+
+    ptr: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    owner: "DeviceArray | None" = None  # keeps the allocation alive for views
+
+    @classmethod
+    def empty(cls, shape: tuple[int, ...], dtype) -> "DeviceArray":
+        dtype = np.dtype(dtype)
+        nbytes = max(int(np.prod(shape)) * dtype.itemsize, 1)
+        return cls(int(check(cudart().cudaMalloc(nbytes))), tuple(shape), dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def __getitem__(self, index: slice) -> "DeviceArray":
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            raise TypeError("device arrays support contiguous axis-0 slices only")
+        start, stop, _ = index.indices(self.shape[0])
+        row = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        return DeviceArray(self.ptr + start * row, (max(stop - start, 0), *self.shape[1:]), self.dtype,
+                           self.owner or self)
+
+    def __del__(self) -> None:
+        if self.owner is None and self.ptr:
+            try:
+                cudart().cudaFree(self.ptr)
+            except Exception:  # interpreter shutdown
+                pass
+
+
+class Stream:
+    def __init__(self):
+        self.handle = check(cudart().cudaStreamCreate())
+
+    def synchronize(self) -> None:
+        check(cudart().cudaStreamSynchronize(self.handle))
+
+    def copy_to_device(self, dst: DeviceArray, src: np.ndarray) -> None:
+        src = np.ascontiguousarray(src, dst.dtype)
+        if src.shape != dst.shape:
+            raise ValueError(f"copy of {src.shape} into {dst.shape}")
+        rt = cudart()
+        check(rt.cudaMemcpyAsync(dst.ptr, src.ctypes.data, src.nbytes, rt.cudaMemcpyKind.cudaMemcpyHostToDevice,
+                                 self.handle))
+        self.synchronize()  # src may be a temporary
+
+    def copy_to_host(self, src: DeviceArray) -> np.ndarray:
+        out = np.empty(src.shape, src.dtype)
+        rt = cudart()
+        check(rt.cudaMemcpyAsync(out.ctypes.data, src.ptr, src.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost,
+                                 self.handle))
+        self.synchronize()
+        return out
+
+    def begin_capture(self) -> None:
+        rt = cudart()
+        check(rt.cudaStreamBeginCapture(self.handle, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
+
+    def end_capture(self):
+        rt = cudart()
+        graph = check(rt.cudaStreamEndCapture(self.handle))
+        return check(rt.cudaGraphInstantiate(graph, 0))
+
+    def launch(self, graph_exec) -> None:
+        check(cudart().cudaGraphLaunch(graph_exec, self.handle))
