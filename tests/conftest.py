@@ -57,3 +57,21 @@ def tiny_artifact(tmp_path_factory, tiny_model) -> Path:
 
     return export_artifacts(tiny_model, tmp_path_factory.mktemp("art") / "tiny-2b", progress=lambda _: None,
                             source={"command": "varedit-deploy export --random-weights --model tiny-2b"})
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests run where a CUDA GPU (and, for `trt`, TensorRT) is present; skipped elsewhere, never faked."""
+    from varedit_deploy.runtime.gpu import gpu_available
+
+    has_gpu = gpu_available()
+    try:
+        import tensorrt  # noqa: F401
+
+        has_trt = has_gpu
+    except ImportError:
+        has_trt = False
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if "trt" in item.keywords and not has_trt:
+            item.add_marker(pytest.mark.skip(reason="needs TensorRT and a CUDA GPU"))

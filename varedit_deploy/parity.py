@@ -8,7 +8,6 @@ official CPU noise and must all agree.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -192,8 +191,9 @@ def run_reference(fixture: FixtureData) -> FixtureRun:
     )
 
 
-def run_onnxruntime(fixture: FixtureData) -> FixtureRun:
-    """Export the fixture's model to ONNX and replay it on ONNX Runtime under teacher forcing."""
+def run_exported(fixture: FixtureData, backend: str) -> FixtureRun:
+    """Export the fixture's model and replay it on `backend` under teacher forcing (fp32 graphs;
+    TensorRT backends first build fp32 engines for this GPU)."""
     import tempfile
 
     from .export.artifacts import export_artifacts
@@ -205,7 +205,16 @@ def run_onnxruntime(fixture: FixtureData) -> FixtureRun:
     with tempfile.TemporaryDirectory() as tmp:
         folder = export_artifacts(VAREditModel.from_fixture(fixture.folder), Path(tmp) / "artifact",
                                   source={"fixture": str(fixture.folder)}, progress=lambda _: None)
-        pipe = EditPipeline.from_artifacts(folder)
+        options = {}
+        if backend in ("tensorrt", "tensorrt-rtx"):
+            from .build.engines import BuildOptions, build_engines
+            from .runtime.gpu import current_compute_capability
+
+            target = current_compute_capability() if backend == "tensorrt-rtx" else "current"
+            build_engines(folder, BuildOptions(flavour=backend, precision="fp32", target=target),
+                          progress=lambda _: None)
+            options = {"precision": "fp32"}
+        pipe = EditPipeline.from_artifacts(folder, backend=backend, **options)
         prefix = pipe.encode_image(fixture.inputs["source_tensor"][None])
         loop = pipe.loop.run(fixture.text_features, prefix, SamplerInputs.from_params(cfg.sampling),
                              TorchCPUNoise(cfg.sampling.seed), fixture.teacher_bits())
@@ -216,11 +225,12 @@ def run_onnxruntime(fixture: FixtureData) -> FixtureRun:
     return run
 
 
-RUNNERS: dict[str, Callable[[FixtureData], FixtureRun]] = {"torch": run_reference, "onnxruntime": run_onnxruntime}
+BACKENDS = ("torch", "onnxruntime", "tensorrt", "tensorrt-rtx")
 
 
 def check_fixture(folder: str | Path, backend: str = "torch") -> ParityReport:
-    if backend not in RUNNERS:
-        raise ConfigError(f"unknown parity backend {backend!r}; choose one of {sorted(RUNNERS)}")
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown parity backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     fixture = FixtureData.load(folder)
-    return compare(fixture, RUNNERS[backend](fixture), backend)
+    run = run_reference(fixture) if backend == "torch" else run_exported(fixture, backend)
+    return compare(fixture, run, backend)

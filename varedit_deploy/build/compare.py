@@ -1,0 +1,71 @@
+"""Per-graph comparison of TensorRT engines against ONNX Runtime, through Polygraphy's runners.
+
+For every graph (and every profile of `step`/`sample`) Polygraphy feeds the same generated
+inputs to an `OnnxrtRunner` on the fp32 graph and a `TrtRunner` on the built engine, and
+compares all outputs. Needs a GPU and TensorRT (or TensorRT-RTX) to run the engines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..artifact import read_manifest
+from ..errors import missing_dependency
+from .profiles import graph_profiles
+
+_NP = {"float32": np.float32, "int64": np.int64}
+
+
+@dataclass
+class GraphComparison:
+    graph: str
+    profile: str
+    max_abs_error: dict[str, float]
+    passed: bool
+
+
+def compare_engines(artifacts: str | Path, engine_dir: str | Path, flavour: str = "tensorrt",
+                    rtol: float = 1e-3, atol: float = 1e-3) -> list[GraphComparison]:
+    try:
+        from polygraphy import config as pg_config
+        from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+        from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+        from polygraphy.comparator import CompareFunc, Comparator, DataLoader
+    except ImportError:
+        raise missing_dependency("polygraphy", "trt") from None
+    pg_config.USE_TENSORRT_RTX = flavour == "tensorrt-rtx"
+    manifest = read_manifest(artifacts)
+    engine_dir = Path(engine_dir)
+    results = []
+    for name, graph in manifest.graphs.items():
+        profiles = graph_profiles(manifest, name) or [None]
+        for index, profile in enumerate(profiles):
+            metadata = {}
+            for spec in graph["inputs"]:
+                shape = profile.shapes[spec["name"]][1] if profile and spec["name"] in profile.shapes else spec["shape"]
+                metadata[spec["name"]] = (_NP[spec["dtype"]], tuple(shape))
+            loader = DataLoader(input_metadata=_metadata(metadata), val_range={"bits": (0, 1), "input_ids": (0, 100),
+                                                                               "noise": (0.05, 3.0)})
+            engine = EngineFromBytes((engine_dir / f"{name}.engine").read_bytes())
+            runners = [OnnxrtRunner(SessionFromOnnx(str(manifest.graph_path(name)))),
+                       TrtRunner(engine, optimization_profile=index if profile else None)]
+            outputs = Comparator.run(runners, data_loader=loader)
+            accuracy = Comparator.compare_accuracy(outputs, compare_func=CompareFunc.simple(rtol=rtol, atol=atol))
+            errors = {}
+            for out_name in outputs[0][1][0]:
+                a, b = outputs[0][1][0][out_name], outputs[1][1][0][out_name]
+                errors[out_name] = float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+            results.append(GraphComparison(name, profile.name if profile else "default", errors, bool(accuracy)))
+    return results
+
+
+def _metadata(entries: dict[str, tuple]):
+    from polygraphy.common import TensorMetadata
+
+    meta = TensorMetadata()
+    for name, (dtype, shape) in entries.items():
+        meta.add(name, dtype, shape)
+    return meta
