@@ -223,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--random-weights", action="store_true", help="random weights of --model (with a tiny T5)")
     p.add_argument("--model", default="2b-512", help="model preset: 2b-512, 8b-512, 8b-1024, tiny-2b, tiny-8b")
     p.add_argument("--out", required=True, type=Path, help="artifact folder to write (replaced atomically)")
-    p.add_argument("--precision", default="fp32", help="graph precision (fp32; engines choose lower ones)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="graph precision (default fp32; engines can also be lowered at build time)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("build", help="build TensorRT / TensorRT-RTX engines from an artifact")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import platform
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from .. import __version__
 from ..artifact import MANIFEST, Manifest, file_record, read_manifest, sha256_file
 from ..errors import ArtifactError, VareditError
 from ..fileio import atomic_dir
-from .precision import to_half
+from .precision import graph_precision, to_half
 from .profiles import graph_profiles
 from .tensorrt_api import import_tensorrt, make_logger, strongly_typed_network
 
@@ -75,13 +76,19 @@ def _configure(trt, builder, opts: BuildOptions, target: str, cache_bytes: bytes
     return config
 
 
-def _parse(trt, builder, logger, path: Path, precision: str, name: str):
-    import onnx
-
+def _parse(trt, builder, logger, path: Path, lower_to: str, name: str):
+    """Parse `path` (lowered to fp16/bf16 first when asked) from files, so external data works."""
     network = strongly_typed_network(trt, builder)
     parser = trt.OnnxParser(network, logger)
-    model = onnx.load(str(path))
-    ok = parser.parse(to_half(model, precision).SerializeToString(), str(path))
+    with tempfile.TemporaryDirectory() as tmp:
+        source = path
+        if lower_to != "fp32":
+            import onnx
+
+            source = Path(tmp) / path.name
+            onnx.save_model(to_half(onnx.load(str(path)), lower_to), str(source), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=source.name + ".data", size_threshold=1024)
+        ok = parser.parse_from_file(str(source))
     errors = [parser.get_error(i).desc() for i in range(parser.num_errors)]
     if not ok or errors:
         raise VareditError(f"TensorRT's ONNX parser rejected {name}: " + "; ".join(errors or ["unknown error"]))
@@ -95,6 +102,11 @@ def build_engines(
     if opts.precision not in PRECISIONS:
         raise VareditError(f"unknown precision {opts.precision!r}; choose one of {', '.join(PRECISIONS)}")
     manifest = read_manifest(artifacts, verify=True)
+    stored = manifest.data.get("precision", "fp32")
+    if stored != "fp32" and stored != opts.precision:
+        raise VareditError(f"artifact {manifest.folder} holds {stored} graphs; build --precision {stored}, "
+                           f"or export fp32 graphs to build {opts.precision} engines")
+    lower_to = opts.precision if stored == "fp32" else "fp32"
     trt = import_tensorrt(opts.flavour)
     target = _target(trt, opts)
     from ..runtime.gpu import gpu_available
@@ -109,7 +121,8 @@ def build_engines(
         config = None
         for i, name in enumerate(names, 1):
             t0 = time.perf_counter()
-            network, _parser = _parse(trt, builder, logger, manifest.graph_path(name), opts.precision, name)
+            network, _parser = _parse(trt, builder, logger, manifest.graph_path(name),
+                                      graph_precision(name, lower_to), name)
             config = _configure(trt, builder, opts, target, cache_bytes)
             profiles = graph_profiles(manifest, name)
             for prof in profiles:

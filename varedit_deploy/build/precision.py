@@ -11,8 +11,15 @@ from __future__ import annotations
 
 import numpy as np
 
+# Graphs whose weights and matrix work are lowered; the small ones (text condition, sampler,
+# next-scale inputs with the running code sum) stay fp32 in every engine set.
+HALF_GRAPHS = ("text_encoder", "vae_encoder", "vae_decoder", "source_pass", "step")
 KEEP_FP32_OPS = ["LayerNormalization", "InstanceNormalization", "Softmax", "ReduceL2", "ReduceMean", "Pow",
                  "Sqrt", "Exp", "Range", "Shape", "Resize"]
+
+
+def graph_precision(graph: str, precision: str) -> str:
+    return precision if graph in HALF_GRAPHS else "fp32"
 
 
 def to_half(model, precision: str):

@@ -87,6 +87,21 @@ def export_graph(spec: GraphSpec, folder: Path, external_data_bytes: int = EXTER
     }
 
 
+def convert_graph(path: Path, precision: str, external_data_bytes: int = EXTERNAL_DATA_BYTES) -> None:
+    """Rewrite an exported fp32 graph in fp16/bf16 in place (same file names)."""
+    onnx = _torch_onnx()
+    from ..build.precision import to_half
+
+    half = to_half(onnx.load(str(path)), precision)
+    data = path.with_name(path.name + ".data")
+    if data.exists():
+        data.unlink()
+        onnx.save_model(half, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+    else:
+        onnx.save_model(half, str(path))
+
+
 def _pin_static_output_dims(model, spec: GraphSpec) -> None:
     """The tracer leaves some static output dims symbolic ('Addlogits_dim_0'); pin them to their sizes."""
     with torch.inference_mode():
