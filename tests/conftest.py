@@ -9,6 +9,15 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Triton kernels run in its interpreter on CPU tensors where there is no GPU. Triton reads this
+# when a kernel is decorated, so it must be set before any varedit_deploy.plugins import.
+if "TRITON_INTERPRET" not in os.environ:
+    from varedit_deploy.runtime.gpu import gpu_available
+
+    if not gpu_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 FIXTURES = Path(os.environ.get("VAREDIT_FIXTURES", ROOT.parent / "shared" / "fixtures"))
 FIXTURE_NAMES = ("tiny-2b", "tiny-8b")
 
