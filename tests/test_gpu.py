@@ -46,3 +46,28 @@ def test_tensorrt_edit_runs_with_cuda_graphs(tiny_artifact, tmp_path, photos):
     agree = np.mean([np.mean(a == b) for a, b in zip(first.loop.bits, ref.loop.bits)])
     assert agree > 0.999, agree
     assert all(np.array_equal(a, b) for a, b in zip(first.loop.bits, again.loop.bits))
+
+
+def test_torch_fast_path_bf16_with_cuda_graphs_agrees_with_the_reference(tiny_text_dir, photos):
+    import numpy as np
+    import torch
+
+    from varedit_deploy.config import from_name
+    from varedit_deploy.model.edit import edit
+    from varedit_deploy.model.loaded import VAREditModel
+    from varedit_deploy.runtime.pipeline import EditPipeline
+    from varedit_deploy.sampling import NumpyNoise
+
+    def fresh():
+        model = VAREditModel.random(from_name("tiny-2b"), seed=1)
+        model.attach_text_encoder(tiny_text_dir, "fp32")
+        return model
+
+    ref = edit(fresh(), photos["coffee"], "make it red", noise=NumpyNoise(7))  # fp32 CPU reference
+    pipe = EditPipeline.from_model(fresh(), device="cuda", dtype=torch.bfloat16)
+    first = pipe.edit(photos["coffee"], "make it red", noise=NumpyNoise(7))
+    again = pipe.edit(photos["coffee"], "make it red", noise=NumpyNoise(7))  # replays the captured graphs
+    assert all(np.array_equal(a, b) for a, b in zip(first.loop.bits, again.loop.bits))
+    agree = np.mean(np.concatenate([(a == r.bits.numpy()).ravel() for a, r in zip(first.loop.bits,
+                                                                                  ref.generation.scales)]))
+    assert agree > 0.99, agree

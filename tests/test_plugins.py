@@ -90,8 +90,7 @@ def test_fused_sampler_and_next_scale_input_match_the_reference(name):
         logits = torch.randn(2, n, t.num_logits, generator=g) * 2
         noise = torch.empty(n * t.d_tok, 2).exponential_(generator=g)
         ref_bits = reference_sample_bits(guided_logits(logits, cw, it), noise, th).view(1, n, -1)
-        bits = sample_bits(logits.to(DEVICE), noise.to(DEVICE), params.cfg, params.tau, params.top_p,
-                           params.top_k, t.d_tok)
+        bits = sample_bits(logits.to(DEVICE), noise.to(DEVICE), cw.to(DEVICE), it.to(DEVICE), th.to(DEVICE), t.d_tok)
         assert torch.equal(bits.cpu(), ref_bits)
         drawn += int(bits.sum())
         ref_summed, ref_tokens = NextScaleInput(config, s)(ref_bits, ref_summed)
@@ -115,3 +114,22 @@ def test_kernels_compile_ahead_of_time_without_a_gpu():
         (n, a) for n in ("prep_qkv", "scale_attention", "sample_bits", "accumulate_codes", "next_tokens")
         for a in (80, 86, 89, 90)}
     assert all(size > 1000 and target_ok for _, _, size, target_ok in compiled)
+
+
+def test_torch_fast_path_pipeline_reproduces_the_eager_reference(tiny_model, photos):
+    """The torch backend (fused kernels, preallocated caches, same ScaleLoop) edits like the reference.
+    On CPU it runs fp32 in Triton's interpreter; GPU hosts run bf16 with CUDA graphs (test_gpu.py)."""
+    import numpy as np
+
+    from varedit_deploy.model.edit import edit
+    from varedit_deploy.runtime.pipeline import EditPipeline
+    from varedit_deploy.sampling import NumpyNoise
+
+    if DEVICE == "cuda":
+        pytest.skip("the GPU variant runs in bf16 with CUDA graphs: tests/test_gpu.py")
+    ref = edit(tiny_model, photos["chelsea"], "make it red", noise=NumpyNoise(5))
+    pipe = EditPipeline.from_model(tiny_model, device="cpu", dtype=torch.float32)  # fp32 on CPU: no casts
+    ours = pipe.edit(photos["chelsea"], "make it red", noise=NumpyNoise(5))
+    for a, rec in zip(ours.loop.bits, ref.generation.scales):
+        assert np.array_equal(a, rec.bits.numpy())
+    assert np.abs(np.asarray(ours.image, np.int32) - np.asarray(ref.image, np.int32)).max() <= 2

@@ -18,6 +18,7 @@ maps `block_chunks.{k}.module.{j}`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -82,9 +83,6 @@ class SelfAttention(nn.Module):
         q, k = cosine_qk(q, k, self.scale_mul_1H11)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        b, _, n, _ = q.shape
-        return self.proj(self_attention(q, k, v).transpose(1, 2).reshape(b, n, -1))
 
 
 class CrossAttention(nn.Module):
@@ -133,6 +131,15 @@ class Block(nn.Module):
         self.ca_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.ffn = FFN(cfg)
 
+    def mix(self, x: torch.Tensor, mod: torch.Tensor, text_k: torch.Tensor, text_v: torch.Tensor,
+            self_attend: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The block around any self-attention implementation (eager here, fused kernels on GPUs):
+        `self_attend(AdaLN(x))` returns the attention output [2, n, C] before `sa.proj`."""
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = mod.unsqueeze(1).unbind(2)
+        x = x + self.sa.proj(self_attend(ada_layer_norm(x, scale1, shift1, self.dim, self.eps))) * gamma1
+        x = x + self.ca(self.ca_norm(x), text_k, text_v)
+        return x + self.ffn(ada_layer_norm(x, scale2, shift2, self.dim, self.eps)) * gamma2
+
     def forward(
         self,
         x: torch.Tensor,  # [2, n, C]
@@ -145,14 +152,17 @@ class Block(nn.Module):
         prefix_v: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns the new hidden state and this call's own k, v ([2, H, n, c])."""
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = mod.unsqueeze(1).unbind(2)
-        q, k, v = self.sa.qkv(ada_layer_norm(x, scale1, shift1, self.dim, self.eps), cos, sin)
-        keys = k if prefix_k is None else torch.cat([prefix_k, k], dim=2)
-        values = v if prefix_v is None else torch.cat([prefix_v, v], dim=2)
-        x = x + self.sa.attend(q, keys, values) * gamma1
-        x = x + self.ca(self.ca_norm(x), text_k, text_v)
-        x = x + self.ffn(ada_layer_norm(x, scale2, shift2, self.dim, self.eps)) * gamma2
-        return x, k, v
+        own: dict[str, torch.Tensor] = {}
+
+        def attend(y: torch.Tensor) -> torch.Tensor:
+            q, own["k"], own["v"] = self.sa.qkv(y, cos, sin)
+            keys = own["k"] if prefix_k is None else torch.cat([prefix_k, own["k"]], dim=2)
+            values = own["v"] if prefix_v is None else torch.cat([prefix_v, own["v"]], dim=2)
+            b, _, n, _ = q.shape
+            return self_attention(q, keys, values).transpose(1, 2).reshape(b, n, -1)
+
+        x = self.mix(x, mod, text_k, text_v, attend)
+        return x, own["k"], own["v"]
 
     def source_kv(self, x: torch.Tensor, mod: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Only the k, v of this block (the last block's source output is never used)."""
@@ -309,9 +319,7 @@ class VAREditTransformer(nn.Module):
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """One scale: logits [2, n, 2*d_tok] and the new K/V of every layer ([n, 2, H, c])."""
         n = x.shape[1]
-        offset = self.schedule.source_tokens + past_k[0].shape[0]  # flat RoPE offset of this scale
-        cos = self.rope_cos[offset : offset + n]
-        sin = self.rope_sin[offset : offset + n]
+        cos, sin = self.step_rope(past_k[0].shape[0], n)
         new_k, new_v = [], []
         for i, blk in enumerate(self.blocks):
             prefix_k, prefix_v = to_heads(past_k[i]), to_heads(past_v[i])
@@ -321,9 +329,17 @@ class VAREditTransformer(nn.Module):
             x, k, v = blk(x, modulation[i], cos, sin, text_k[i], text_v[i], prefix_k, prefix_v)
             new_k.append(to_cache(k))
             new_v.append(to_cache(v))
+        return self.logits(x, head_modulation), new_k, new_v
+
+    def step_rope(self, past_targets, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of a scale whose layer-0 past holds `past_targets` tokens (flat offset lookup)."""
+        offset = self.schedule.source_tokens + past_targets
+        return self.rope_cos[offset : offset + n], self.rope_sin[offset : offset + n]
+
+    def logits(self, x: torch.Tensor, head_modulation: torch.Tensor) -> torch.Tensor:
+        """AdaLN before the head, then the bit-pair logits [2, n, 2*d_tok] (fp32 in the official code)."""
         scale, shift = head_modulation.unsqueeze(1).unbind(2)
-        logits = self.head(ada_layer_norm(x, scale, shift, self.cfg.dim, self.cfg.norm_eps))
-        return logits, new_k, new_v
+        return self.head(ada_layer_norm(x, scale, shift, self.cfg.dim, self.cfg.norm_eps))
 
     def embed_tokens(self, tokens: torch.Tensor, scale: int) -> torch.Tensor:
         """Next-scale input [1, n, d_tok] -> embedded step input [2, n, C] for `scale`."""

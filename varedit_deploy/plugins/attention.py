@@ -41,39 +41,41 @@ def _cast(x, DTYPE: tl.constexpr):
 def _prep_qkv_kernel(
     qkv_ptr, scale_mul_ptr, cos_ptr, sin_ptr, q_out_ptr, k_cache_ptr, v_cache_ptr,
     n, slot_start, B: tl.constexpr, H: tl.constexpr, C: tl.constexpr, MAX_LOG: tl.constexpr,
+    BLOCK_T: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # one program per (batch, token, head)
-    h = pid % H
-    t = (pid // H) % n
-    b = pid // (H * n)
-    half = tl.arange(0, C // 2)
-    row = ((b * n + t) * 3) * H * C + h * C  # qkv[b, t, 0, h, :]
-    q_even = tl.load(qkv_ptr + row + 2 * half).to(tl.float32)
-    q_odd = tl.load(qkv_ptr + row + 2 * half + 1).to(tl.float32)
-    k_even = tl.load(qkv_ptr + row + H * C + 2 * half).to(tl.float32)
-    k_odd = tl.load(qkv_ptr + row + H * C + 2 * half + 1).to(tl.float32)
-    v_even = tl.load(qkv_ptr + row + 2 * H * C + 2 * half)
-    v_odd = tl.load(qkv_ptr + row + 2 * H * C + 2 * half + 1)
+    block = tl.program_id(0)  # a block of tokens of one (batch, head)
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    t = block * BLOCK_T + tl.arange(0, BLOCK_T)
+    ok = (t < n)[:, None]
+    half = tl.arange(0, C // 2)[None, :]
+    row = (((b * n + t) * 3) * H * C + h * C)[:, None]  # qkv[b, t, 0, h, :]
+    q_even = tl.load(qkv_ptr + row + 2 * half, mask=ok, other=0.0).to(tl.float32)
+    q_odd = tl.load(qkv_ptr + row + 2 * half + 1, mask=ok, other=0.0).to(tl.float32)
+    k_even = tl.load(qkv_ptr + row + H * C + 2 * half, mask=ok, other=0.0).to(tl.float32)
+    k_odd = tl.load(qkv_ptr + row + H * C + 2 * half + 1, mask=ok, other=0.0).to(tl.float32)
+    v_even = tl.load(qkv_ptr + row + 2 * H * C + 2 * half, mask=ok, other=0.0).to(tl.float32)
+    v_odd = tl.load(qkv_ptr + row + 2 * H * C + 2 * half + 1, mask=ok, other=0.0).to(tl.float32)
 
-    q_norm = tl.maximum(tl.sqrt(tl.sum(q_even * q_even + q_odd * q_odd, axis=0)), 1e-12)
-    k_norm = tl.maximum(tl.sqrt(tl.sum(k_even * k_even + k_odd * k_odd, axis=0)), 1e-12)
+    q_norm = tl.maximum(tl.sqrt(tl.sum(q_even * q_even + q_odd * q_odd, axis=1)), 1e-12)[:, None]
+    k_norm = tl.maximum(tl.sqrt(tl.sum(k_even * k_even + k_odd * k_odd, axis=1)), 1e-12)[:, None]
     temperature = tl.exp(tl.minimum(tl.load(scale_mul_ptr + h).to(tl.float32), MAX_LOG))
     q_even = q_even / q_norm * temperature
     q_odd = q_odd / q_norm * temperature
     k_even = k_even / k_norm
     k_odd = k_odd / k_norm
 
-    cos = tl.load(cos_ptr + t * (C // 2) + half)
-    sin = tl.load(sin_ptr + t * (C // 2) + half)
-    q_out = ((b * H + h) * n + t) * C  # q[b, h, t, :]
-    tl.store(q_out_ptr + q_out + 2 * half, q_even * cos - q_odd * sin)
-    tl.store(q_out_ptr + q_out + 2 * half + 1, q_even * sin + q_odd * cos)
-    slot = (((slot_start + t) * B + b) * H + h) * C  # cache[slot_start + t, b, h, :]
+    cos = tl.load(cos_ptr + t[:, None] * (C // 2) + half, mask=ok, other=0.0)
+    sin = tl.load(sin_ptr + t[:, None] * (C // 2) + half, mask=ok, other=0.0)
+    q_out = (((b * H + h) * n + t) * C)[:, None]  # q[b, h, t, :]
+    tl.store(q_out_ptr + q_out + 2 * half, q_even * cos - q_odd * sin, mask=ok)
+    tl.store(q_out_ptr + q_out + 2 * half + 1, q_even * sin + q_odd * cos, mask=ok)
+    slot = ((((slot_start + t) * B + b) * H + h) * C)[:, None]  # cache[slot_start + t, b, h, :]
     cache_type: tl.constexpr = k_cache_ptr.dtype.element_ty
-    tl.store(k_cache_ptr + slot + 2 * half, _cast(k_even * cos - k_odd * sin, cache_type))
-    tl.store(k_cache_ptr + slot + 2 * half + 1, _cast(k_even * sin + k_odd * cos, cache_type))
-    tl.store(v_cache_ptr + slot + 2 * half, _cast(v_even.to(tl.float32), cache_type))
-    tl.store(v_cache_ptr + slot + 2 * half + 1, _cast(v_odd.to(tl.float32), cache_type))
+    tl.store(k_cache_ptr + slot + 2 * half, _cast(k_even * cos - k_odd * sin, cache_type), mask=ok)
+    tl.store(k_cache_ptr + slot + 2 * half + 1, _cast(k_even * sin + k_odd * cos, cache_type), mask=ok)
+    tl.store(v_cache_ptr + slot + 2 * half, _cast(v_even, cache_type), mask=ok)
+    tl.store(v_cache_ptr + slot + 2 * half + 1, _cast(v_odd, cache_type), mask=ok)
 
 
 @triton.jit
@@ -135,18 +137,19 @@ def _scale_attention_kernel(
 
 
 def prep_qkv(qkv: torch.Tensor, scale_mul: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-             k_cache: torch.Tensor, v_cache: torch.Tensor, slot_start: int) -> torch.Tensor:
+             k_cache: torch.Tensor, v_cache: torch.Tensor, slot_start: int, block_t: int = 32) -> torch.Tensor:
     """qkv [B, n, 3, H, c] -> rotated q [B, H, n, c] (fp32); rotated k and v written to cache[slot_start:+n]."""
     b, n, three, h, c = qkv.shape
     assert three == 3 and qkv.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous()
     q = torch.empty(b, h, n, c, device=qkv.device, dtype=torch.float32)
-    _prep_qkv_kernel[(b * n * h,)](qkv, scale_mul.reshape(-1).contiguous(), cos.contiguous(), sin.contiguous(), q,
-                                   k_cache, v_cache, n, slot_start, B=b, H=h, C=c, MAX_LOG=MAX_SCALE_MUL)
+    grid = (math.ceil(n / block_t), b * h)
+    _prep_qkv_kernel[grid](qkv, scale_mul.reshape(-1).contiguous(), cos.contiguous(), sin.contiguous(), q,
+                           k_cache, v_cache, n, slot_start, B=b, H=h, C=c, MAX_LOG=MAX_SCALE_MUL, BLOCK_T=block_t)
     return q
 
 
 def scale_attention(q: torch.Tensor, segment_a: tuple[torch.Tensor, torch.Tensor] | None,
-                    segment_b: tuple[torch.Tensor, torch.Tensor], block_m: int = 16, block_n: int = 32) -> torch.Tensor:
+                    segment_b: tuple[torch.Tensor, torch.Tensor], block_m: int = 64, block_n: int = 64) -> torch.Tensor:
     """q [B, H, n, c] over keys/values [segment_a ; segment_b] (each [L, B, H, c]) -> out [B, n, H, c]."""
     b, h, n, c = q.shape
     ka, va = segment_a if segment_a is not None else segment_b

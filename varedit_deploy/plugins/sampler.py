@@ -25,9 +25,13 @@ BLOCK = 256
 
 
 @triton.jit
-def _sample_kernel(logits_ptr, noise_ptr, bits_ptr, rows, w_cond, w_uncond, inv_tau, threshold,
+def _sample_kernel(logits_ptr, noise_ptr, bits_ptr, rows, cfg_weights_ptr, inv_tau_ptr, threshold_ptr,
                    BLOCK: tl.constexpr):
     r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    w_cond = tl.load(cfg_weights_ptr)  # device scalars: no host sync, CUDA-graph safe
+    w_uncond = tl.load(cfg_weights_ptr + 1)
+    inv_tau = tl.load(inv_tau_ptr)
+    threshold = tl.load(threshold_ptr)
     ok = r < rows
     c0 = tl.load(logits_ptr + 2 * r, mask=ok, other=0.0) * inv_tau  # cond row, bit value 0
     c1 = tl.load(logits_ptr + 2 * r + 1, mask=ok, other=0.0) * inv_tau
@@ -111,15 +115,14 @@ def _next_tokens_kernel(summed_ptr, tokens_ptr, next_side, grid_out, full,
     tl.store(tokens_ptr + i, top * (1.0 - wy) + bottom * wy, mask=ok)
 
 
-def sample_bits(logits: torch.Tensor, noise: torch.Tensor, cfg: float, tau: float, top_p: float,
-                top_k: int, d_tok: int) -> torch.Tensor:
-    """logits [2, n, 2*d_tok] (fp32) and Exp(1) noise [n*d_tok, 2] -> bits [1, n, d_tok] int64."""
+def sample_bits(logits: torch.Tensor, noise: torch.Tensor, cfg_weights: torch.Tensor, inv_tau: torch.Tensor,
+                drop_threshold: torch.Tensor, d_tok: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """logits [2, n, 2*d_tok] (fp32), Exp(1) noise [n*d_tok, 2] and the sampler constants as device
+    tensors (`SamplerInputs`) -> bits [1, n, d_tok] int64."""
     rows = logits.shape[1] * d_tok
-    threshold = 1.0 - top_p if top_k != 1 else max(1.0 - top_p, 0.5)
-    bits = torch.empty(1, logits.shape[1], d_tok, dtype=torch.int64, device=logits.device)
+    bits = out if out is not None else torch.empty(1, logits.shape[1], d_tok, dtype=torch.int64, device=logits.device)
     _sample_kernel[(triton.cdiv(rows, BLOCK),)](logits.contiguous(), noise.contiguous(), bits, rows,
-                                                float(cfg), 1.0 - float(cfg), 1.0 / float(tau), threshold,
-                                                BLOCK=BLOCK)
+                                                cfg_weights, inv_tau, drop_threshold, BLOCK=BLOCK)
     return bits
 
 

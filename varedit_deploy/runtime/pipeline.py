@@ -32,7 +32,7 @@ class EditResult:
 
 
 class EditPipeline:
-    def __init__(self, manifest: Manifest, backend: Backend):
+    def __init__(self, manifest: Manifest, backend: Backend, tokenizer=None):
         self.manifest, self.backend = manifest, backend
         self.config: ModelConfig = manifest.config
         for name in manifest.graphs:  # load everything now: fail at load time, not mid-edit
@@ -40,13 +40,39 @@ class EditPipeline:
         self.loop = ScaleLoop(manifest, backend)
         self._pixels = self._image = None
         token_file = manifest.tokenizer_file
-        self.tokenizer = Tokenizer(token_file) if token_file is not None else None
+        self.tokenizer = tokenizer or (Tokenizer(token_file) if token_file is not None else None)
 
     @classmethod
     def from_artifacts(cls, folder: str | Path, backend: str = "onnxruntime", verify: bool = True,
                        **backend_options) -> "EditPipeline":
         manifest = read_manifest(folder, verify=verify)
         return cls(manifest, make_backend(backend, manifest, **backend_options))
+
+    @classmethod
+    def from_model(cls, model, device: str = "cuda", dtype=None, cuda_graphs: bool | None = None) -> "EditPipeline":
+        """The torch fast path on a loaded `VAREditModel` (bf16 blocks, fused kernels, CUDA graphs)."""
+        import torch
+
+        from ..export.artifacts import schedule_record
+        from .torch_backend import TorchBackend
+
+        names = ["text_cond", "vae_encoder", "vae_decoder", "source_pass", "step", "sample",
+                 *[f"next_input_{s}" for s in range(model.config.schedule.num_scales)]]
+        if model.text_encoder is not None:
+            names.insert(0, "text_encoder")
+        manifest = Manifest(Path(f"<{model.config.name} in memory>"), {
+            "model": model.config.to_dict(), "schedule": schedule_record(model), "graphs": {n: {} for n in names}})
+        backend = TorchBackend(manifest, model, device, dtype or torch.bfloat16, cuda_graphs)
+        tokenizer = None
+        if model.text_encoder is not None:
+            encoder = model.text_encoder
+
+            class _Tokenizer:
+                def encode(self, text: str) -> np.ndarray:
+                    return np.asarray([encoder.tokenize(text)], dtype=np.int64)
+
+            tokenizer = _Tokenizer()
+        return cls(manifest, backend, tokenizer)
 
     # ------------------------------------------------------------- stages
     def encode_text(self, instruction: str):

@@ -1,0 +1,239 @@
+"""GPU benchmark: the eager reference in the official order of work vs the torch fast path.
+
+    python benchmarks/gpu_fast_path.py [--models 2b-512 8b-512 8b-1024] [--runs 5] [--out benchmarks/results]
+
+For each model: random weights built on the GPU in bf16 (blocks bf16, the rest fp32, as the
+official loader leaves them) with a random Flan-T5-XL-shaped encoder; then, in one process:
+
+* eager, official order: T5 on the instruction padded to 512 tokens, the text condition and
+  every layer's text K/V recomputed at every scale, KV caches grown by concatenation, SDPA,
+  under bf16 autocast;
+* fast path: `EditPipeline.from_model` (T5 on real tokens, text K/V once, preallocated caches,
+  fused Triton attention and sampler, one CUDA graph per scale).
+
+Times are medians of `--runs` edits after a warm-up, per stage and per scale (the runtime
+synchronises after every graph). Also: fraction of the bf16 roofline reached per scale, peak
+memory, and, with the fast path teacher-forced on the reference's bits under shared noise, the
+logit error and bit agreement per scale. Writes JSON and a PNG chart. Needs a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+PEAK_BF16_TFLOPS = {"H100": 790.0, "H200": 790.0}
+INSTRUCTION = "replace the red car in front of the house with a blue bicycle and make the sky look like sunset"
+
+
+def build(name: str, seed: int = 0):
+    """Random weights directly on the GPU (no 8B model ever exists in host memory)."""
+    from transformers import T5Config, T5EncoderModel
+
+    from varedit_deploy.config import from_name
+    from varedit_deploy.model.loaded import VAREditModel
+    from varedit_deploy.model.text import T5TextEncoder
+    from varedit_deploy.model.tiny_text import write_tokenizer
+
+    config = from_name(name)
+    with torch.device("cuda"):
+        model = VAREditModel.empty(config)
+        g = torch.Generator(device="cuda").manual_seed(seed)
+        for pname, p in [*model.transformer.named_parameters(), *model.vae.named_parameters()]:
+            with torch.no_grad():
+                std = 1.0 / max(p[0].numel(), 1) ** 0.5 if p.dim() >= 2 else 0.02
+                p.normal_(0.0, std, generator=g)
+                if pname.endswith("scale_mul_1H11"):
+                    p.fill_(float(np.log(4.0)))
+                elif pname.rsplit(".", 1)[-1] == "weight" and "norm" in pname:
+                    p.fill_(1.0)
+        t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=2048, d_ff=5120, d_kv=64, num_heads=32,
+                                     num_layers=24, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+                                     is_encoder_decoder=False, use_cache=False)).half().eval()
+    tmp = Path(tempfile.mkdtemp())
+    write_tokenizer(tmp)
+    t5.config.save_pretrained(str(tmp))
+    encoder = T5TextEncoder.__new__(T5TextEncoder)  # attach the on-device T5 without a weights file
+    from varedit_deploy.model.text import load_tokenizer
+
+    encoder.tokenizer, encoder.model, encoder.folder, encoder.precision, encoder.device = (
+        load_tokenizer(tmp), t5, tmp, "fp16", "cuda")
+    model.text_encoder = encoder
+    return model
+
+
+def official_order_edit(model, photo, noise) -> tuple[dict[str, float], list, list]:
+    """The eager reference arranged as the official code runs it (see module docstring)."""
+    from varedit_deploy.imaging import postprocess, preprocess
+    from varedit_deploy.model.codes import NextScaleInput, latent_to_tokens
+    from varedit_deploy.model.sampler import guided_logits, sample_bits
+    from varedit_deploy.sampling import SamplerInputs
+
+    tr, cfg = model.transformer, model.config
+    sched = cfg.schedule
+    events = {}
+
+    def mark(name):
+        events[name] = torch.cuda.Event(enable_timing=True)
+        events[name].record()
+
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        mark("start")
+        ids = model.text_encoder.tokenize(INSTRUCTION)
+        padded = torch.zeros(1, 512, dtype=torch.int64, device="cuda")
+        padded[0, : len(ids)] = torch.tensor(ids)
+        mask = (torch.arange(512, device="cuda") < len(ids)).long()[None]
+        feats = model.text_encoder.model(input_ids=padded, attention_mask=mask).last_hidden_state.float()[:, : len(ids)]
+        mark("text_encoder")
+        pixels = torch.from_numpy(preprocess(photo, cfg.image_size)).cuda()
+        with torch.autocast("cuda", enabled=False):
+            prefix = latent_to_tokens(model.vae.encoder(pixels), cfg.transformer.patchify)
+        mark("vae_encoder")
+        cond = tr.text_condition(feats)
+        src = tr.source_pass(prefix, cond.modulation, cond.text_k, cond.text_v)
+        mark("source_pass")
+        h, c = cfg.transformer.heads, cfg.transformer.head_dim
+        past_k = [torch.zeros(0, 2, h, c, device="cuda"), *src.layer_k]
+        past_v = [torch.zeros(0, 2, h, c, device="cuda"), *src.layer_v]
+        x = cond.start_token
+        summed = torch.zeros(1, cfg.vae.codebook_dim, sched.latent_side, sched.latent_side, device="cuda")
+        cw, it, th = (torch.from_numpy(a).cuda() for a in SamplerInputs.from_params(cfg.sampling).arrays())
+        bits_out, guided_out = [], []
+        for s, (start, n) in enumerate(zip(sched.starts, sched.tokens)):
+            cond = tr.text_condition(feats)  # official: text K/V re-projected inside every call
+            logits, new_k, new_v = tr.step(x, cond.modulation, cond.head_modulation, cond.text_k, cond.text_v,
+                                           src.sar_k[start:start + n], src.sar_v[start:start + n], past_k, past_v)
+            past_k = [torch.cat([p, k.to(p.dtype)]) for p, k in zip(past_k, new_k)]
+            past_v = [torch.cat([p, v.to(p.dtype)]) for p, v in zip(past_v, new_v)]
+            pair = guided_logits(logits.float(), cw, it)
+            bits = sample_bits(pair, torch.from_numpy(noise.draw(pair.shape[0])).cuda(), th).view(1, n, -1)
+            bits_out.append(bits)
+            guided_out.append(pair)
+            with torch.autocast("cuda", enabled=False):
+                summed, tokens = NextScaleInput(cfg, s).cuda()(bits, summed)
+            if tokens is not None:
+                x = tr.embed_tokens(tokens, s + 1)
+            mark(f"scale_{s}")
+        image = model.vae.decoder(summed)
+        mark("vae_decoder")
+        postprocess(image.float().cpu().numpy(), photo.size)
+    torch.cuda.synchronize()
+    names = list(events)
+    times = {n: events[p].elapsed_time(events[n]) / 1e3 for p, n in zip(names, names[1:])}
+    times["transformer"] = sum(v for k, v in times.items() if k.startswith("scale_")) + times["source_pass"]
+    times["total"] = events["start"].elapsed_time(events[names[-1]]) / 1e3
+    return times, [b.cpu().numpy() for b in bits_out], [g.cpu().numpy() for g in guided_out]
+
+
+def step_flops(config) -> list[float]:
+    """FLOPs of each scale step (linear layers + attention, CFG batch 2; spec/transformer.md 6)."""
+    t, sched = config.transformer, config.schedule
+    p_tok = 14 * t.dim * t.dim * t.depth
+    out = []
+    for n, start in zip(sched.tokens, sched.starts):
+        keys0, keys = n + start + n, sched.source_tokens + start + n
+        attention = 4 * n * t.dim * (keys0 + keys * (t.depth - 1)) * 2
+        out.append(2 * p_tok * 2 * n + attention)
+    return out
+
+
+def bench(name: str, runs: int) -> dict:
+    from varedit_deploy.demo import SAMPLE
+    from varedit_deploy.imaging import load_image
+    from varedit_deploy.runtime.pipeline import EditPipeline
+    from varedit_deploy.sampling import NumpyNoise
+
+    t0 = time.perf_counter()
+    model = build(name)
+    build_s = time.perf_counter() - t0
+    photo = load_image(SAMPLE)
+    official_order_edit(model, photo, NumpyNoise(0))  # warm-up
+    ref_runs = [official_order_edit(model, photo, NumpyNoise(0)) for _ in range(runs)]
+    torch.cuda.reset_peak_memory_stats()
+    pipe = EditPipeline.from_model(model, device="cuda", dtype=torch.bfloat16)
+    pipe.edit(photo, INSTRUCTION, noise=NumpyNoise(0))  # warm-up and CUDA-graph capture
+    fast_runs = [pipe.edit(photo, INSTRUCTION, noise=NumpyNoise(0)).timings for _ in range(runs)]
+    peak_fast = torch.cuda.max_memory_allocated() / 2**30
+
+    # Agreement: teacher-force the fast path on the reference's bits with the same noise.
+    _, ref_bits, ref_guided = ref_runs[-1]
+    features = pipe.encode_text(INSTRUCTION)
+    from varedit_deploy.imaging import preprocess
+    from varedit_deploy.sampling import SamplerInputs
+
+    prefix = pipe.encode_image(preprocess(photo, model.config.image_size))
+    loop = pipe.loop.run(features, prefix, SamplerInputs.from_params(model.config.sampling), NumpyNoise(0), ref_bits)
+    logit_err = [float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)) for a, b in zip(loop.guided_logits, ref_guided)]
+    agree = [float(np.mean(a == b)) for a, b in zip(loop.bits, ref_bits)]
+    total_bits = sum(b.size for b in ref_bits)
+    overall = sum(a * b.size for a, b in zip(agree, ref_bits)) / total_bits
+
+    med_ref = {k: statistics.median(r[0][k] for r in ref_runs) for k in ref_runs[0][0]}
+    med_fast = {k: statistics.median(r[k] for r in fast_runs) for k in fast_runs[0]}
+    flops = step_flops(model.config)
+    gpu = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), 790.0)
+    roofline = [f / med_fast[f"scale_{s}"] / 1e12 / peak for s, f in enumerate(flops)]
+    result = {
+        "model": name, "gpu": gpu, "build_seconds": build_s, "runs": runs,
+        "official_order_ms": {k: v * 1e3 for k, v in med_ref.items()},
+        "fast_path_ms": {k: v * 1e3 for k, v in med_fast.items()},
+        "speedup_end_to_end": med_ref["total"] / med_fast["total"],
+        "roofline_fraction_per_scale": roofline, "peak_memory_gib_fast_path": peak_fast,
+        "logit_error_per_scale": logit_err, "bit_agreement_per_scale": agree, "bit_agreement": overall,
+    }
+    del pipe, model
+    torch.cuda.empty_cache()
+    return result
+
+
+def chart(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    names = [r["model"] for r in results]
+    xs = np.arange(len(names))
+    ax.bar(xs - 0.2, [r["official_order_ms"]["total"] for r in results], 0.4, label="eager, official order")
+    ax.bar(xs + 0.2, [r["fast_path_ms"]["total"] for r in results], 0.4, label="fast path")
+    for x, r in zip(xs, results):
+        ax.text(x + 0.2, r["fast_path_ms"]["total"], f"{r['speedup_end_to_end']:.1f}x", ha="center", va="bottom")
+    ax.set_xticks(xs, names)
+    ax.set_ylabel("ms per edit")
+    ax.set_title(f"VAREdit edit latency on {results[0]['gpu']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=["2b-512", "8b-512", "8b-1024"])
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU")
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name in args.models:
+        r = bench(name, args.runs)
+        results.append(r)
+        print(f"{name}: official order {r['official_order_ms']['total']:.1f} ms, fast path "
+              f"{r['fast_path_ms']['total']:.1f} ms ({r['speedup_end_to_end']:.2f}x), bits agree "
+              f"{r['bit_agreement']:.5f}, peak {r['peak_memory_gib_fast_path']:.1f} GiB", flush=True)
+        (args.out / "gpu_fast_path.json").write_text(json.dumps(results, indent=1))
+    chart(results, args.out / "gpu_fast_path.png")
+
+
+if __name__ == "__main__":
+    main()
