@@ -56,7 +56,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     if args.artifacts is not None:
         from .runtime.pipeline import EditPipeline
 
-        pipe = EditPipeline.from_artifacts(args.artifacts, backend=args.backend)
+        pipe = EditPipeline.from_artifacts(args.artifacts, backend=args.backend or "onnxruntime")
         sampling = _sampling_from(args, pipe.config.sampling)
         result = pipe.edit(image, args.instruction, sampling=sampling, noise=args.noise or "numpy")
     else:
@@ -74,7 +74,7 @@ def _edit_reference(args: argparse.Namespace, image):
     from .model.loaded import VAREditModel
     from .sampling import make_noise
 
-    if args.backend != "torch":
+    if args.backend not in (None, "torch"):
         raise InputError("--checkpoint-dir/--random-weights run the torch reference; use --artifacts for "
                          f"the {args.backend} backend")
     config = from_name(args.model)
@@ -192,6 +192,14 @@ def _print_timings(timings: dict[str, float]) -> None:
         print(f"{name:<16} {sec * 1e3:>10.1f}")
 
 
+def _model_source_args(p: argparse.ArgumentParser, third: tuple[str, str]) -> None:
+    src = p.add_argument_group("model source (one of)")
+    src.add_argument("--checkpoint-dir", type=Path, help="release folder with the official .pth files and flan-t5-xl/")
+    src.add_argument(third[0], type=Path, help=third[1])
+    src.add_argument("--random-weights", action="store_true", help="random weights of --model, with a tiny T5")
+    p.add_argument("--model", default="2b-512", help="model preset: 2b-512, 8b-512, 8b-1024, tiny-2b, tiny-8b")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="varedit-deploy", description="Deploy VAREdit: reference, export, runtime.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -202,12 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_parity)
 
     p = sub.add_parser("edit", help="edit a photo with an instruction")
-    src = p.add_argument_group("model source (one of)")
-    src.add_argument("--checkpoint-dir", type=Path, help="release folder with the official .pth files and flan-t5-xl/")
-    src.add_argument("--artifacts", type=Path, help="exported artifact folder (see `export`)")
-    src.add_argument("--random-weights", action="store_true", help="random weights (tiny models; smoke runs)")
-    p.add_argument("--model", default="2b-512", help="model preset: 2b-512, 8b-512, 8b-1024, tiny-2b, tiny-8b")
-    p.add_argument("--backend", default="torch", help="torch (reference) or onnxruntime (with --artifacts)")
+    _model_source_args(p, ("--artifacts", "exported artifact folder (see `export`)"))
+    p.add_argument("--backend", help="torch (the reference; the default with --checkpoint-dir or --random-weights), "
+                                     "or with --artifacts: onnxruntime (default), tensorrt, tensorrt-rtx")
     p.add_argument("--text-precision", default="fp16", choices=["fp16", "bf16", "fp32"],
                    help="T5 precision (fp16 with fp32 FFN output, as official)")
     p.add_argument("--image", required=True, type=Path)
@@ -217,11 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_edit)
 
     p = sub.add_parser("export", help="export a model to a folder of ONNX graphs with a manifest")
-    src = p.add_argument_group("model source (one of)")
-    src.add_argument("--checkpoint-dir", type=Path, help="release folder with the official .pth files and flan-t5-xl/")
-    src.add_argument("--fixture", type=Path, help="fixture folder (no T5: the artifact starts at text_cond)")
-    src.add_argument("--random-weights", action="store_true", help="random weights of --model (with a tiny T5)")
-    p.add_argument("--model", default="2b-512", help="model preset: 2b-512, 8b-512, 8b-1024, tiny-2b, tiny-8b")
+    _model_source_args(p, ("--fixture", "fixture folder (no T5: the artifact starts at text_cond)"))
     p.add_argument("--out", required=True, type=Path, help="artifact folder to write (replaced atomically)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="graph precision (default fp32; engines can also be lowered at build time)")
