@@ -6,7 +6,7 @@ from safetensors.numpy import load_file, save_file
 
 from fixture_writer import write_fixture
 from varedit_deploy.cli import main
-from varedit_deploy.config import SamplingConfig, TransformerConfig, VAEConfig, from_name
+from varedit_deploy.config import SamplingConfig, TransformerConfig, from_name
 from varedit_deploy.parity import check_fixture
 
 

@@ -48,6 +48,7 @@ def run_demo(out: Path, model_name: str = "tiny-2b", image: Path | None = None,
              progress: Callable[[str], None] = print) -> dict:
     from .errors import InputError
     from .export.artifacts import export_artifacts
+    from .fileio import write_text
     from .imaging import load_image, save_image
     from .model.edit import edit as reference_edit
     from .model.loaded import VAREditModel
@@ -93,8 +94,8 @@ def run_demo(out: Path, model_name: str = "tiny-2b", image: Path | None = None,
         "bits_identical_to_reference": same_bits, "max_pixel_difference_to_reference": pixel_diff,
         "wall_seconds": time.perf_counter() - t0,
     }
-    (out / "timings.md").write_text(table + "\n")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_text(out / "timings.md", table + "\n")
+    write_text(out / "summary.json", json.dumps(summary, indent=1))
     progress(table)
     progress(f"bits identical to the reference: {same_bits}; max pixel difference: {pixel_diff}")
     progress(f"wrote {out / 'edited.png'}, {out / 'side_by_side.png'}, {out / 'timings.md'} "

@@ -58,10 +58,6 @@ class KVCache:
     def sar(self, scale: int):
         return self._view("sar", 0, scale)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in (*self.k, *self.v, self.sar_k, self.sar_v))
-
 
 def cache_rows(kind: str, layer: int, scale: int, source_tokens: int, starts, tokens) -> tuple[int, int]:
     """The one definition of where everything sits in the caches (used by views and binding plans)."""
