@@ -38,22 +38,17 @@ def build(name: str, seed: int = 0):
     from transformers import T5Config, T5EncoderModel
 
     from varedit_deploy.config import from_name
-    from varedit_deploy.model.loaded import VAREditModel
+    from varedit_deploy.model.loaded import VAREditModel, randomize
     from varedit_deploy.model.text import T5TextEncoder
     from varedit_deploy.model.tiny_text import write_tokenizer
 
     config = from_name(name)
     with torch.device("cuda"):
         model = VAREditModel.empty(config)
-        g = torch.Generator(device="cuda").manual_seed(seed)
-        for pname, p in [*model.transformer.named_parameters(), *model.vae.named_parameters()]:
-            with torch.no_grad():
-                std = 1.0 / max(p[0].numel(), 1) ** 0.5 if p.dim() >= 2 else 0.02
-                p.normal_(0.0, std, generator=g)
-                if pname.endswith("scale_mul_1H11"):
-                    p.fill_(float(np.log(4.0)))
-                elif pname.rsplit(".", 1)[-1] == "weight" and "norm" in pname:
-                    p.fill_(1.0)
+        for blk in model.transformer.blocks:  # as the official loader: blocks bf16, the rest fp32
+            blk.to(torch.bfloat16)
+        randomize(model.transformer, seed)
+        randomize(model.vae, seed + 1)
         t5 = T5EncoderModel(T5Config(vocab_size=32128, d_model=2048, d_ff=5120, d_kv=64, num_heads=32,
                                      num_layers=24, feed_forward_proj="gated-gelu", dropout_rate=0.0,
                                      is_encoder_decoder=False, use_cache=False)).half().eval()

@@ -24,6 +24,16 @@ from varedit_deploy.model.loaded import VAREditModel
 from varedit_deploy.sampling import SamplerInputs, TorchCPUNoise
 
 
+def wrapped_vae_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our plain VAE names -> the official wrapper spelling (`x.conv.weight`, `x.norm.weight`)."""
+    out = {}
+    for key, value in state.items():
+        owner, leaf = key.rsplit(".", 1)
+        kind = "norm" if "norm" in owner.rsplit(".", 1)[-1] else "conv"
+        out[f"{owner}.{kind}.{leaf}"] = value
+    return out
+
+
 def write_fixture(folder: Path, config: ModelConfig, photo: np.ndarray, text_len: int, seed: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     model = VAREditModel.random(config, seed=seed)
@@ -50,9 +60,7 @@ def write_fixture(folder: Path, config: ModelConfig, photo: np.ndarray, text_len
               str(folder / "inputs.safetensors"))
     save_file(ours_to_official_transformer(model.transformer.state_dict(), tr.block_chunks),
               str(folder / "transformer.safetensors"))
-    vae = {k.rsplit(".", 1)[0] + (".norm." if "norm" in k.rsplit(".", 2)[-2] else ".conv.") + k.rsplit(".", 1)[1]: v
-           for k, v in model.vae.state_dict().items()}
-    save_file(vae, str(folder / "vae.safetensors"))
+    save_file(wrapped_vae_state(model.vae.state_dict()), str(folder / "vae.safetensors"))
     s = config.sampling
     (folder / "config.json").write_text(json.dumps({
         "name": folder.name, "pn": config.pn, "codebook_dim": tr.codebook_dim, "patchify": int(tr.patchify),

@@ -4,6 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from fixture_writer import wrapped_vae_state
 from varedit_deploy.config import ModelConfig, TransformerConfig, from_name
 from varedit_deploy.errors import CheckpointError
 from varedit_deploy.model.checkpoint import ReleaseFiles, ours_to_official_transformer
@@ -20,13 +21,8 @@ def _release_like(depth: int, chunks: int) -> ModelConfig:
 
 def _official_vae_state(model: VAREditModel, wrapped: bool) -> dict[str, torch.Tensor]:
     """Our VAE state dict in the official wrapper (`.conv.`/`.norm.`) or plain spelling, with masks."""
-    out = {}
-    for k, v in model.vae.state_dict().items():
-        if wrapped:
-            leaf = k.rsplit(".", 2)
-            kind = "norm" if "norm" in leaf[-2] else "conv"
-            k = f"{leaf[0]}.{leaf[1]}.{kind}.{leaf[2]}"
-        out[k] = v.clone()
+    state = {k: v.clone() for k, v in model.vae.state_dict().items()}
+    out = wrapped_vae_state(state) if wrapped else state
     mask = 2 ** torch.arange(model.config.vae.codebook_dim - 1, -1, -1)
     out["quantizer.lfq.mask"] = out["quantize.lfq.mask"] = mask
     return out

@@ -25,6 +25,16 @@ class ArtifactError(VareditError):
     """An exported artifact folder is missing files, altered, or of an unknown schema."""
 
 
+def require(module: str, extra: str, package: str | None = None):
+    """Import an optional dependency, or fail saying which extra installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise missing_dependency(package or module, extra) from None
+
+
 def missing_dependency(module: str, extra: str) -> VareditError:
     """The error to raise when an optional dependency is not installed."""
     return VareditError(

@@ -27,7 +27,7 @@ class SamplerInputs:
     @classmethod
     def from_params(cls, params: SamplingConfig) -> "SamplerInputs":
         if params.tau <= 0:
-            raise ValueError(f"tau must be positive, got {params.tau}")
+            raise ConfigError(f"tau must be positive, got {params.tau}")
         threshold = 1.0 - params.top_p
         if params.top_k == 1:  # greedy: the minority bit (p <= 0.5) is always dropped
             threshold = max(threshold, 0.5)

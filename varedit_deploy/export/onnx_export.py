@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import VareditError
+from ..errors import VareditError, require
 from .graphs import GraphSpec
 
 OPSET = 17
@@ -41,13 +41,7 @@ _ONNX_DTYPES = {1: "float32", 7: "int64", 10: "float16", 16: "bfloat16", 6: "int
 
 
 def _torch_onnx():
-    try:
-        import onnx
-    except ImportError:
-        from ..errors import missing_dependency
-
-        raise missing_dependency("onnx", "export") from None
-    return onnx
+    return require("onnx", "export")
 
 
 def export_graph(spec: GraphSpec, folder: Path, external_data_bytes: int = EXTERNAL_DATA_BYTES) -> dict[str, Any]:

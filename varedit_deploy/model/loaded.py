@@ -78,10 +78,12 @@ class VAREditModel:
 
 @torch.no_grad()
 def randomize(module: nn.Module, seed: int) -> None:
-    """Random weights that keep activations in a sane range (for tiny test and demo models)."""
-    g = torch.Generator().manual_seed(seed)
+    """Random weights that keep activations in a sane range (tiny test models, GPU benchmarks).
+    Drawn on the parameters' device, so a model built on a GPU never passes through host memory."""
+    device = next(module.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
     for name, p in module.named_parameters():
-        noise = torch.randn(p.shape, generator=g)
+        noise = torch.randn(p.shape, generator=g, device=device)
         owner = name.rsplit(".", 2)[-2] if "." in name else ""
         if name.endswith("scale_mul_1H11"):
             p.copy_(math.log(4.0) + 0.1 * noise)

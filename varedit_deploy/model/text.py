@@ -13,17 +13,14 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError, InputError, missing_dependency
+from ..errors import CheckpointError, InputError, require
 
 MAX_TOKENS = 512
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def _transformers():
-    try:
-        import transformers
-    except ImportError:
-        raise missing_dependency("transformers", "export") from None
+    transformers = require("transformers", "export")
     transformers.utils.logging.disable_progress_bar()
     return transformers
 

@@ -10,15 +10,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import VareditError, missing_dependency
+from ..errors import VareditError, require
 
 
 def cudart():
-    try:
-        from cuda.bindings import runtime
-    except ImportError:
-        raise missing_dependency("cuda-python", "trt") from None
-    return runtime
+    return require("cuda.bindings.runtime", "trt", package="cuda-python")
 
 
 def check(result):

@@ -7,16 +7,12 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from ..artifact import Manifest
-from ..errors import ArtifactError, missing_dependency
+from ..errors import ArtifactError, require
 from .backend import Backend, GraphRunner
 
 
 def _ort():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise missing_dependency("onnxruntime", "ort") from None
-    return onnxruntime
+    return require("onnxruntime", "ort")
 
 
 class OrtGraph(GraphRunner):

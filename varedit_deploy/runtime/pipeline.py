@@ -122,8 +122,6 @@ class EditPipeline:
         sampling = sampling or self.config.sampling
         overrides = {k: v for k, v in (("cfg", cfg), ("tau", tau), ("seed", seed)) if v is not None}
         sampling = dataclasses.replace(sampling, **overrides)
-        if sampling.tau <= 0:
-            raise InputError(f"tau must be positive, got {sampling.tau}")
         noise_source = make_noise(noise, sampling.seed) if isinstance(noise, str) else noise
         img = as_rgb(image)
         t0 = time.perf_counter()
