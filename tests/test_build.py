@@ -2,7 +2,11 @@
 TensorRT-RTX ahead-of-time builds of every graph (no GPU needed)."""
 
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -177,3 +181,32 @@ def test_build_refuses_targets_tensorrt_rtx_cannot_build(tiny_artifact, capsys):
     with pytest.raises(VareditError, match="unknown precision"):
         build_engines(tiny_artifact, BuildOptions(precision="int4"))
 
+
+def _polygraphy_in_a_fresh_process(code: str) -> subprocess.CompletedProcess:
+    """Polygraphy chooses its TensorRT at import: each check needs an interpreter that never imported it."""
+    env = {k: v for k, v in os.environ.items() if k != "POLYGRAPHY_USE_TENSORRT_RTX"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_polygraphy_comparisons_of_tensorrt_rtx_engines_use_tensorrt_rtx():
+    done = _polygraphy_in_a_fresh_process(
+        "from varedit_deploy.build.compare import select_polygraphy_tensorrt\n"
+        "select_polygraphy_tensorrt('tensorrt-rtx')\n"
+        "from polygraphy.backend.trt import loader, runner\n"
+        "from polygraphy.util import util\n"
+        "print(loader.trt.__name__, runner.trt.__name__, util.trt.__name__)\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["tensorrt_rtx"] * 3
+
+
+def test_polygraphy_already_bound_to_tensorrt_is_refused_not_used():
+    done = _polygraphy_in_a_fresh_process(
+        "import polygraphy.backend.trt\n"  # imported before the choice: bound to tensorrt
+        "from varedit_deploy.build.compare import select_polygraphy_tensorrt\n"
+        "from varedit_deploy.errors import VareditError\n"
+        "try:\n"
+        "    select_polygraphy_tensorrt('tensorrt-rtx')\n"
+        "except VareditError as e:\n"
+        "    print(e)\n")
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"already uses (tensorrt|the other TensorRT), not tensorrt_rtx .* new process", done.stdout)
