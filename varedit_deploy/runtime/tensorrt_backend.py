@@ -111,7 +111,8 @@ class TrtGraph(GraphRunner):
                               "(execute_async_v3 returned False; TensorRT's log above says why)")
 
     def _capturable(self, ctx: _Context) -> bool:
-        """TensorRT-RTX says whether a context can be stream-captured; TensorRT 10.x always can."""
+        """TensorRT-RTX says whether a context can be stream-captured (not, e.g., with data-dependent
+        shapes); TensorRT 10.x has no such query, and a capture it cannot make fails and raises."""
         check = getattr(ctx.handle, "is_stream_capturable", None)
         return check is None or bool(check(self.stream.ptr))
 
