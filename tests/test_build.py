@@ -2,7 +2,11 @@
 TensorRT-RTX ahead-of-time builds of every graph (no GPU needed)."""
 
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -12,7 +16,7 @@ import torch
 
 from varedit_deploy.artifact import read_manifest
 from varedit_deploy.build.engines import BuildOptions, build_engines, check_engines
-from varedit_deploy.build.precision import _bf16_bits, to_half
+from varedit_deploy.build.precision import _bf16_bits, graph_precision, to_half
 from varedit_deploy.build.profiles import graph_profiles
 from varedit_deploy.cli import main
 from varedit_deploy.config import from_name
@@ -135,9 +139,24 @@ def test_tensorrt_rtx_builds_every_graph_for_two_targets(golden, tmp_path_factor
             engine = folder / rec["path"]
             assert engine.stat().st_size == rec["bytes"] > 10_000
             assert rec["profiles"] == [p.to_json() for p in graph_profiles(manifest, name)]
+            net, math = rec["network"], rec["math"]
+            assert math["precision"] == graph_precision(name, precision) and math["tf32"] is False
+            assert math["attention_decomposable"] == (math["precision"] == "fp32" and net["fused_attentions"] > 0)
+            assert net["layers"] and all(isinstance(n, int) and n > 0 for n in net["layers"].values())
+            assert net["fused_attentions"] == net["layers"].get("ATTENTION_OUTPUT", 0)
+        depth = manifest.config.transformer.depth
+        step, source = data["engines"]["step"]["network"], data["engines"]["source_pass"]["network"]
+        # Every attention is either fused or a MatMul-Softmax-MatMul chain: self and cross per block
+        # (the source pass skips layer 0, which only makes the SAR keys and values).
+        assert step["fused_attentions"] + step["attention_chains"] == 2 * depth
+        assert source["fused_attentions"] + source["attention_chains"] == 2 * (depth - 1)
+        assert data["engines"]["sample"]["network"]["attention_chains"] == 0  # its softmax is no attention
         assert len(data["engines"]["step"]["profiles"]) == manifest.config.schedule.num_scales
         assert check_engines(folder, manifest, data["tensorrt_version"], target) == []
-        assert "step" in printed and "profile(s)" in printed
+        assert "step" in printed and "profile(s)" in printed and "MatMul-Softmax-MatMul" in printed
+    assert main(["inspect", str(art)]) == 0
+    shown = capsys.readouterr().out
+    assert shown.count("engines tensorrt-rtx-") == 2 and "TF32 off" in shown and "MATRIX_MULTIPLY" in shown
 
 
 def test_engine_compatibility_guard_names_every_mismatch(golden, tmp_path):
@@ -161,3 +180,33 @@ def test_build_refuses_targets_tensorrt_rtx_cannot_build(tiny_artifact, capsys):
     assert "Jetson Orin is sm87" in capsys.readouterr().err
     with pytest.raises(VareditError, match="unknown precision"):
         build_engines(tiny_artifact, BuildOptions(precision="int4"))
+
+
+def _polygraphy_in_a_fresh_process(code: str) -> subprocess.CompletedProcess:
+    """Polygraphy chooses its TensorRT at import: each check needs an interpreter that never imported it."""
+    env = {k: v for k, v in os.environ.items() if k != "POLYGRAPHY_USE_TENSORRT_RTX"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_polygraphy_comparisons_of_tensorrt_rtx_engines_use_tensorrt_rtx():
+    done = _polygraphy_in_a_fresh_process(
+        "from varedit_deploy.build.compare import select_polygraphy_tensorrt\n"
+        "select_polygraphy_tensorrt('tensorrt-rtx')\n"
+        "from polygraphy.backend.trt import loader, runner\n"
+        "from polygraphy.util import util\n"
+        "print(loader.trt.__name__, runner.trt.__name__, util.trt.__name__)\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["tensorrt_rtx"] * 3
+
+
+def test_polygraphy_already_bound_to_tensorrt_is_refused_not_used():
+    done = _polygraphy_in_a_fresh_process(
+        "import polygraphy.backend.trt\n"  # imported before the choice: bound to tensorrt
+        "from varedit_deploy.build.compare import select_polygraphy_tensorrt\n"
+        "from varedit_deploy.errors import VareditError\n"
+        "try:\n"
+        "    select_polygraphy_tensorrt('tensorrt-rtx')\n"
+        "except VareditError as e:\n"
+        "    print(e)\n")
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"already uses (tensorrt|the other TensorRT), not tensorrt_rtx .* new process", done.stdout)

@@ -48,6 +48,28 @@ def test_tensorrt_edit_runs_with_cuda_graphs(tiny_artifact, tmp_path, photos):
     assert all(np.array_equal(a, b) for a, b in zip(first.loop.bits, again.loop.bits))
 
 
+def test_tensorrt_replays_equal_eager_runs_across_instruction_lengths(tiny_artifact, photos):
+    """Captured graphs of one profile but other text lengths are replayed between each other."""
+    import numpy as np
+
+    from varedit_deploy.build.engines import BuildOptions, build_engines
+    from varedit_deploy.runtime.pipeline import EditPipeline
+    from varedit_deploy.sampling import NumpyNoise
+
+    build_engines(tiny_artifact, BuildOptions(flavour="tensorrt", precision="fp32", target="current"),
+                  progress=lambda _: None)
+    graphs = EditPipeline.from_artifacts(tiny_artifact, backend="tensorrt", precision="fp32")
+    eager = EditPipeline.from_artifacts(tiny_artifact, backend="tensorrt", precision="fp32", cuda_graphs=False)
+    for text in ("make it red", "turn the whole sky a deep purple at dusk", "make it red"):
+        a = graphs.edit(photos["chelsea"], text, noise=NumpyNoise(2))
+        b = eager.edit(photos["chelsea"], text, noise=NumpyNoise(2))
+        assert all(np.array_equal(x, y) for x, y in zip(a.loop.bits, b.loop.bits)), text
+    step = graphs.backend.memory_report()["step"]
+    assert step["cuda_graphs"] == 2 * step["profiles"] and step["shared_bytes"] < step["one_per_profile_bytes"]
+    graphs.close()
+    eager.close()
+
+
 def test_torch_fast_path_bf16_with_cuda_graphs_agrees_with_the_reference(tiny_text_dir, photos):
     import numpy as np
     import torch

@@ -148,6 +148,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  {name:<14} {mb:>9.2f} {sum(g['ops'].values()):>5}  {', '.join(g['tensorrt_unsupported_ops']) or '-'}")
     tok = data.get("tokenizer", {}).get("files", [])
     print(f"  tokenizer: {', '.join(f['path'] for f in tok) or 'none (fixture export: starts at text_cond)'}")
+    from .build.engines import describe_engine_set
+
+    for engine_set in sorted((manifest.folder / "engines").glob("*/engines.json")):
+        print("\n".join("  " + line for line in describe_engine_set(engine_set.parent)))
     problems = manifest.verify(full=True)
     if problems:
         print("DAMAGED: " + "; ".join(problems))

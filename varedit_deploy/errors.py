@@ -25,6 +25,10 @@ class ArtifactError(VareditError):
     """An exported artifact folder is missing files, altered, or of an unknown schema."""
 
 
+class EngineError(VareditError):
+    """A TensorRT engine refused a call (profile, shape, address, enqueue) or its execution context."""
+
+
 def require(module: str, extra: str, package: str | None = None):
     """Import an optional dependency, or fail saying which extra installs it."""
     import importlib

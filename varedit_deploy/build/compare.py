@@ -2,19 +2,22 @@
 
 For every graph (and every profile of `step`/`sample`) Polygraphy feeds the same generated
 inputs to an `OnnxrtRunner` on the fp32 graph and a `TrtRunner` on the built engine, and
-compares all outputs. Needs a GPU and TensorRT (or TensorRT-RTX) to run the engines.
+compares all outputs. Needs a GPU and TensorRT (or TensorRT-RTX) to run the engines, and a
+Polygraphy that really uses the TensorRT the engines were built with.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..artifact import read_manifest
-from ..errors import missing_dependency
+from ..errors import VareditError, missing_dependency
 from .profiles import graph_profiles
+from .tensorrt_api import import_tensorrt
 
 _NP = {"float32": np.float32, "int64": np.int64}
 
@@ -27,16 +30,45 @@ class GraphComparison:
     passed: bool
 
 
+def select_polygraphy_tensorrt(flavour: str) -> None:
+    """Make Polygraphy's TensorRT runners use `flavour`'s module (tensorrt or tensorrt_rtx).
+
+    Polygraphy chooses once, when its TensorRT modules are first imported: each binds
+    `lazy_import_trt()`, which reads `polygraphy.config.USE_TENSORRT_RTX`, itself read from the
+    POLYGRAPHY_USE_TENSORRT_RTX environment variable when `polygraphy.config` is imported (Polygraphy
+    >= 0.49.24; older ones always use tensorrt). So the
+    choice is set before those imports, then checked: a process whose Polygraphy already chose
+    the other module is refused rather than silently comparing with the wrong TensorRT.
+    """
+    wanted = import_tensorrt(flavour).__name__  # fails first, and clearly, when it is not installed
+    use_rtx = flavour == "tensorrt-rtx"
+    os.environ["POLYGRAPHY_USE_TENSORRT_RTX"] = "1" if use_rtx else "0"
+    try:
+        from polygraphy import config
+
+        config.USE_TENSORRT_RTX = use_rtx  # polygraphy.config may have been imported before the variable was set
+        from polygraphy.backend.trt import loader, runner
+    except ImportError:
+        raise missing_dependency("polygraphy", "trt") from None
+    for module in (loader, runner):
+        try:
+            bound = module.trt.__name__
+        except Exception:  # Polygraphy's lazy import of the other module failed
+            bound = "the other TensorRT"
+        if bound != wanted:
+            raise VareditError(f"Polygraphy in this process already uses {bound}, not {wanted} (it chooses when "
+                               "first imported); compare these engines in a new process")
+
+
 def compare_engines(artifacts: str | Path, engine_dir: str | Path, flavour: str = "tensorrt",
                     rtol: float = 1e-3, atol: float = 1e-3) -> list[GraphComparison]:
+    select_polygraphy_tensorrt(flavour)
     try:
-        from polygraphy import config as pg_config
         from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
         from polygraphy.comparator import CompareFunc, Comparator, DataLoader
     except ImportError:
         raise missing_dependency("polygraphy", "trt") from None
-    pg_config.USE_TENSORRT_RTX = flavour == "tensorrt-rtx"
     manifest = read_manifest(artifacts)
     engine_dir = Path(engine_dir)
     results = []

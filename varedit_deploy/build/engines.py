@@ -20,11 +20,12 @@ from .. import __version__
 from ..artifact import MANIFEST, Manifest, file_record, read_manifest, sha256_file
 from ..errors import ArtifactError, VareditError
 from ..fileio import atomic_dir
+from .network_report import attention_summary, mark_attentions_decomposable, network_record
 from .precision import graph_precision, to_half
 from .profiles import graph_profiles
 from .tensorrt_api import import_tensorrt, make_logger, strongly_typed_network
 
-ENGINE_SCHEMA = 1
+ENGINE_SCHEMA = 2  # 2: per-graph math mode and parsed network; TF32 off
 PRECISIONS = ("fp32", "fp16", "bf16")
 RTX_TARGETS = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
 
@@ -64,9 +65,15 @@ def _target(trt, opts: BuildOptions) -> str:
 
 def _configure(trt, builder, opts: BuildOptions, target: str, cache_bytes: bytes | None):
     config = builder.create_builder_config()
+    # TF32 is on by default in both builders; our fp32 matrix products are meant to be fp32 (the
+    # half graphs have no fp32 products to speed up), so it is off everywhere.
+    config.clear_flag(trt.BuilderFlag.TF32)
     if opts.flavour == "tensorrt-rtx":
         config.num_compute_capabilities = 1
         config.set_compute_capability(getattr(trt.ComputeCapability, target.upper()), 0)
+        # The runtime captures each call as a CUDA graph; TensorRT-RTX engines allow stream capture
+        # only when every allocation is the application's (its contexts use our device memory).
+        config.set_flag(trt.BuilderFlag.REQUIRE_USER_ALLOCATION)
     if opts.workspace_gib:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(opts.workspace_gib * 2**30))
     if opts.weight_streaming:
@@ -123,6 +130,10 @@ def build_engines(
             t0 = time.perf_counter()
             network, _parser = _parse(trt, builder, logger, manifest.graph_path(name),
                                       graph_precision(name, lower_to), name)
+            parsed = network_record(network)
+            math = graph_precision(name, opts.precision)
+            # fp32 has no dedicated fused attention kernel: let each attention decompose.
+            decomposable = math == "fp32" and mark_attentions_decomposable(trt, network) > 0
             config = _configure(trt, builder, opts, target, cache_bytes)
             profiles = graph_profiles(manifest, name)
             for prof in profiles:
@@ -140,9 +151,12 @@ def build_engines(
             seconds = time.perf_counter() - t0
             records[name] = {**file_record(tmp, path), "source": manifest.graphs[name]["files"][0]["path"],
                              "source_sha256": manifest.graphs[name]["files"][0]["sha256"],
-                             "profiles": [p.to_json() for p in profiles], "build_seconds": round(seconds, 2)}
+                             "profiles": [p.to_json() for p in profiles], "build_seconds": round(seconds, 2),
+                             "network": parsed,
+                             "math": {"precision": math, "tf32": config.get_flag(trt.BuilderFlag.TF32),
+                                      "attention_decomposable": decomposable}}
             progress(f"[{i:>2}/{len(names)}] {name:<14} {path.stat().st_size / 1e6:>8.2f} MB "
-                     f"{len(profiles):>2} profile(s) {seconds:>6.1f} s")
+                     f"{len(profiles):>2} profile(s) {seconds:>6.1f} s  {attention_summary(parsed)}")
         if cache_bytes:
             (tmp / "timing.cache").write_bytes(cache_bytes)
         data = {
@@ -158,6 +172,34 @@ def build_engines(
         opts.timing_cache.write_bytes(cache_bytes)
     progress(f"wrote {out}")
     return out
+
+
+def math_summary(math: dict[str, Any]) -> str:
+    """One engine's math mode as the manifest records it, e.g. 'fp32, TF32 off, attention decomposable'."""
+    parts = [math["precision"], f"TF32 {'on' if math['tf32'] else 'off'}"]
+    if math["attention_decomposable"]:
+        parts.append("attention decomposable")
+    return ", ".join(parts)
+
+
+def describe_engine_set(engine_dir: str | Path) -> list[str]:
+    """Lines for `inspect`: what each engine of a set computes in and what TensorRT parsed."""
+    engine_dir = Path(engine_dir)
+    try:
+        data = json.loads((engine_dir / "engines.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return [f"engines {engine_dir.name}: engines.json is unreadable ({e}); rebuild with `varedit-deploy build`"]
+    head = f"engines {engine_dir.name}: {data['flavour']} {data['tensorrt_version']} {data['target']} {data['precision']}"
+    if data.get("schema_version") != ENGINE_SCHEMA:
+        return [f"{head}: engine manifest schema {data.get('schema_version')!r} records no math mode or layers; "
+                f"rebuild: {data.get('rebuild', 'varedit-deploy build')}"]
+    lines = [head]
+    for name, rec in data["engines"].items():
+        net = rec["network"]
+        layers = ", ".join(f"{kind} {n}" for kind, n in sorted(net["layers"].items(), key=lambda kv: (-kv[1], kv[0])))
+        lines.append(f"  {name:<14} {math_summary(rec['math'])}; {attention_summary(net)}; "
+                     f"{sum(net['layers'].values())} layers: {layers}")
+    return lines
 
 
 def check_engines(engine_dir: str | Path, manifest: Manifest, tensorrt_version: str,
@@ -181,6 +223,8 @@ def check_engines(engine_dir: str | Path, manifest: Manifest, tensorrt_version: 
             problems.append(f"engine {name} was built from a different {rec['source']}")
         elif not (engine_dir / rec["path"]).is_file():
             problems.append(f"engine file {rec['path']} is missing")
+        elif rec.get("math", {}).get("precision") == "fp32" and rec["math"]["tf32"]:
+            problems.append(f"engine {name} is meant to be fp32 but was built with TF32 ({math_summary(rec['math'])})")
     if data.get("tensorrt_version") != tensorrt_version:
         problems.append(f"built with {data.get('flavour')} {data.get('tensorrt_version')}, "
                         f"installed is {tensorrt_version}")

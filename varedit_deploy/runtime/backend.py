@@ -24,6 +24,9 @@ class GraphRunner(ABC):
     def run(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
         """Run once, reading `inputs` and writing every array of `outputs` in place."""
 
+    def close(self) -> None:
+        """Release what the runner holds beyond Python objects (device memory, contexts, CUDA graphs)."""
+
 
 class Backend(ABC):
     name: str
@@ -54,6 +57,9 @@ class Backend(ABC):
         return np.array(src, copy=True)
 
     def close(self) -> None:
+        """Release every loaded graph; `with backend:` calls this on exit."""
+        for runner in self._graphs.values():
+            runner.close()
         self._graphs.clear()
 
     def __enter__(self) -> "Backend":

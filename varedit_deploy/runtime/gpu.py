@@ -1,11 +1,14 @@
-"""The thin layer that touches the GPU: CUDA calls through cuda-python, device arrays, streams.
+"""The thin layer that touches the GPU: CUDA calls through cuda-python, device arrays, streams,
+captured CUDA graphs, each with an explicit release.
 
 Nothing here runs on a machine without a GPU; everything that can be decided without one
-(profiles, shapes, buffer offsets) lives in plain-data modules that CPU tests check.
+(profiles, shapes, buffer offsets) lives in plain-data modules that CPU tests check. Every
+CUDA call goes through `cudart()`, the one place a CPU test substitutes a fake runtime.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,17 +76,44 @@ class DeviceArray:
         return DeviceArray(self.ptr + start * row, (max(stop - start, 0), *self.shape[1:]), self.dtype,
                            self.owner or self)
 
-    def __del__(self) -> None:
+    def free(self) -> None:
+        """Release the allocation now (views of it become invalid); later calls do nothing."""
         if self.owner is None and self.ptr:
-            try:
-                cudart().cudaFree(self.ptr)
-            except Exception:  # interpreter shutdown
-                pass
+            ptr, self.ptr = self.ptr, 0
+            check(cudart().cudaFree(ptr))
+
+    def __del__(self) -> None:
+        try:
+            self.free()
+        except Exception:  # interpreter shutdown, or a context already gone
+            pass
+
+
+@dataclass
+class CudaGraph:
+    """A captured CUDA graph and its executable instance; `destroy` releases both."""
+
+    graph: object
+    exec_: object
+
+    def destroy(self) -> None:
+        rt = cudart()
+        if self.exec_ is not None:
+            exec_, self.exec_ = self.exec_, None
+            check(rt.cudaGraphExecDestroy(exec_))
+        if self.graph is not None:
+            graph, self.graph = self.graph, None
+            check(rt.cudaGraphDestroy(graph))
 
 
 class Stream:
     def __init__(self):
         self.handle = check(cudart().cudaStreamCreate())
+
+    @property
+    def ptr(self) -> int:
+        """The stream as the integer handle TensorRT's Python API takes."""
+        return int(self.handle)
 
     def synchronize(self) -> None:
         check(cudart().cudaStreamSynchronize(self.handle))
@@ -105,14 +135,40 @@ class Stream:
         self.synchronize()
         return out
 
-    def begin_capture(self) -> None:
+    def capture(self, enqueue: Callable[[], None]) -> CudaGraph:
+        """Record the work `enqueue` puts on this stream as a CUDA graph ready to launch.
+
+        The capture is ended whatever happens: if `enqueue` raises, the capture is invalidated, or
+        it recorded nothing, the partial graph is destroyed and the error raised, so no caller can
+        keep (and later replay) a half or empty graph.
+        """
         rt = cudart()
         check(rt.cudaStreamBeginCapture(self.handle, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
+        try:
+            enqueue()
+        except BaseException:
+            err, graph = rt.cudaStreamEndCapture(self.handle)
+            if int(err) == 0 and graph is not None:
+                rt.cudaGraphDestroy(graph)
+            raise
+        graph = check(rt.cudaStreamEndCapture(self.handle))  # fails if the capture was invalidated
+        captured = CudaGraph(graph, None)
+        try:
+            _nodes, count = check(rt.cudaGraphGetNodes(graph, 0))
+            if count == 0:
+                raise VareditError("the CUDA graph capture recorded no work; nothing was enqueued on the stream")
+            captured.exec_ = check(rt.cudaGraphInstantiate(graph, 0))
+        except BaseException:
+            captured.destroy()
+            raise
+        return captured
 
-    def end_capture(self):
-        rt = cudart()
-        graph = check(rt.cudaStreamEndCapture(self.handle))
-        return check(rt.cudaGraphInstantiate(graph, 0))
+    def launch(self, graph: CudaGraph) -> None:
+        check(cudart().cudaGraphLaunch(graph.exec_, self.handle))
 
-    def launch(self, graph_exec) -> None:
-        check(cudart().cudaGraphLaunch(graph_exec, self.handle))
+    def destroy(self) -> None:
+        """Wait for the stream's work, then release it; later calls do nothing."""
+        if self.handle is not None:
+            self.synchronize()
+            handle, self.handle = self.handle, None
+            check(cudart().cudaStreamDestroy(handle))

@@ -1,64 +1,155 @@
-"""TensorRT backend: engines from `varedit-deploy build`, device buffers, CUDA graphs per scale.
+"""TensorRT backend: engines from `varedit-deploy build`, device buffers, CUDA graphs per call.
 
 The loop hands every graph call device views (KV-cache prefixes and slots included), so a
-step's new K/V are written straight into the caches. Each (graph, profile, shapes, addresses)
-call is run once eagerly, then captured as a CUDA graph and replayed: the small scales are
+step's new K/V are written straight into the caches. Each (profile, shapes, addresses) call
+runs once eagerly, is then captured as a CUDA graph and replayed: the small scales are
 launch-bound. Everything decidable without a GPU (profiles, shapes, offsets, compatibility)
 is plain data elsewhere; this module only talks to TensorRT and CUDA.
+
+Nothing fails silently: every status TensorRT returns is checked and a refusal names the
+graph, profile and tensor. Each engine holds one activation block, the size of its largest
+profile, shared by all its execution contexts (they run one at a time on one stream), instead
+of one block per context. A captured graph replays the context state it was recorded from,
+so each captured call keeps its own context, bound once, and a replay binds nothing.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 
 from ..artifact import Manifest
 from ..build.engines import BuildOptions, build_command, check_engines, engine_dir_name
 from ..build.tensorrt_api import import_tensorrt
-from ..errors import ArtifactError
+from ..errors import ArtifactError, EngineError
 from .backend import Backend, GraphRunner
 from .binding_plan import select_profile
-from .gpu import DeviceArray, Stream, current_compute_capability
+from .gpu import CudaGraph, DeviceArray, Stream, current_compute_capability
+
+CallKey = tuple  # (profile, ((tensor, address, shape), ...)): what a captured graph has baked in
+
+
+def _v2(obj, name: str):
+    """TensorRT >= 10.1 and TensorRT-RTX name the memory queries `<name>_v2`; TensorRT 10.0 only `<name>`."""
+    return getattr(obj, f"{name}_v2") if hasattr(obj, f"{name}_v2") else getattr(obj, name)
+
+
+def give_device_memory(context, block: DeviceArray) -> None:
+    """Point a user-managed context at `block` (TensorRT >= 10.1 and TensorRT-RTX: set_device_memory;
+    10.0: the device_memory property)."""
+    if hasattr(context, "set_device_memory"):
+        context.set_device_memory(block.ptr, block.nbytes)
+    else:
+        context.device_memory = block.ptr
+
+
+@dataclass
+class _Context:
+    handle: Any  # IExecutionContext
+    profile: int
+    bound: CallKey | None = None  # the call whose shapes and addresses are set on it
 
 
 class TrtGraph(GraphRunner):
-    def __init__(self, name: str, engine, profiles: list[dict], stream: Stream, use_cuda_graphs: bool):
-        self.name, self.engine, self.profiles, self.stream = name, engine, profiles, stream
-        self.contexts: dict[int, object] = {}
-        self.graphs: dict[tuple, object] = {}
+    def __init__(self, name: str, engine, trt: ModuleType, profiles: list[dict], stream: Stream,
+                 use_cuda_graphs: bool):
+        self.name, self.engine, self.trt, self.profiles, self.stream = name, engine, trt, profiles, stream
         self.use_cuda_graphs = use_cuda_graphs
+        self.profile_bytes = [int(_v2(engine, "get_device_memory_size_for_profile")(p))
+                              for p in range(engine.num_optimization_profiles)]
+        # What any one context needs (set_device_memory asks for at least the engine's size).
+        self.workspace = DeviceArray.empty((max(int(_v2(engine, "device_memory_size")), *self.profile_bytes),),
+                                           np.uint8)
+        self.contexts: dict[tuple, _Context] = {}
+        self.graphs: dict[CallKey, CudaGraph] = {}
 
-    def _context(self, profile: int):
-        if profile not in self.contexts:
-            ctx = self.engine.create_execution_context()
-            if self.profiles:
-                ctx.set_optimization_profile_async(profile, self.stream.handle)
-            self.contexts[profile] = ctx
-        return self.contexts[profile]
+    def _where(self, profile: int) -> str:
+        label = f" ({self.profiles[profile]['name']})" if self.profiles else ""
+        return f"graph {self.name}, profile {profile}{label}"
+
+    def _context(self, key: tuple, profile: int) -> _Context:
+        if key not in self.contexts:
+            handle = self.engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+            if handle is None:
+                raise EngineError(f"{self._where(profile)}: TensorRT could not create an execution context")
+            give_device_memory(handle, self.workspace)
+            if self.profiles and not handle.set_optimization_profile_async(profile, self.stream.ptr):
+                raise EngineError(f"{self._where(profile)}: TensorRT refused to select the optimisation profile")
+            self.contexts[key] = _Context(handle, profile)
+        return self.contexts[key]
+
+    def _bind(self, ctx: _Context, key: CallKey, inputs: Mapping[str, DeviceArray],
+              outputs: Mapping[str, DeviceArray]) -> None:
+        if ctx.bound == key:
+            return
+        ctx.bound = None  # half-bound until every call below succeeds
+        where = self._where(ctx.profile)
+        for name, arr in inputs.items():
+            if not ctx.handle.set_input_shape(name, arr.shape):
+                accepts = self.profiles[ctx.profile]["shapes"].get(name) if self.profiles else None
+                note = f" (the profile accepts {accepts[0]} to {accepts[2]})" if accepts else ""
+                raise EngineError(f"{where}: TensorRT refused shape {tuple(arr.shape)} for input {name!r}{note}")
+        for name, arr in (*inputs.items(), *outputs.items()):
+            if not ctx.handle.set_tensor_address(name, arr.ptr):
+                raise EngineError(f"{where}: TensorRT refused the address of tensor {name!r} ({arr.ptr:#x})")
+        for name, arr in outputs.items():  # a buffer of another shape would be overrun or half written
+            expected = tuple(ctx.handle.get_tensor_shape(name))
+            if expected != tuple(arr.shape):
+                raise EngineError(f"{where}: output {name!r} is {expected} for these inputs, "
+                                  f"the buffer bound to it is {tuple(arr.shape)}")
+        ctx.bound = key
+
+    def _enqueue(self, ctx: _Context) -> None:
+        if not ctx.handle.execute_async_v3(self.stream.ptr):
+            raise EngineError(f"{self._where(ctx.profile)}: TensorRT failed to enqueue the engine "
+                              "(execute_async_v3 returned False; TensorRT's log above says why)")
+
+    def _capturable(self, ctx: _Context) -> bool:
+        """TensorRT-RTX says whether a context can be stream-captured (not, e.g., with data-dependent
+        shapes); TensorRT 10.x has no such query, and a capture it cannot make fails and raises."""
+        check = getattr(ctx.handle, "is_stream_capturable", None)
+        return check is None or bool(check(self.stream.ptr))
 
     def run(self, inputs: Mapping[str, DeviceArray], outputs: Mapping[str, DeviceArray]) -> None:
-        shapes = {k: v.shape for k, v in inputs.items()}
-        profile = select_profile(self.profiles, shapes) if self.profiles else 0
-        ctx = self._context(profile)
-        for name, arr in inputs.items():
-            ctx.set_input_shape(name, arr.shape)
-        addresses = tuple((name, arr.ptr, arr.shape) for name, arr in (*inputs.items(), *outputs.items()))
-        for name, ptr, _ in addresses:
-            ctx.set_tensor_address(name, ptr)
-        key = (profile, addresses)
-        if not self.use_cuda_graphs:
-            ctx.execute_async_v3(self.stream.handle)
-        elif key in self.graphs:
-            self.stream.launch(self.graphs[key])
-        else:  # first call: run eagerly (allocations, lazy init), then capture for replays
-            ctx.execute_async_v3(self.stream.handle)
-            self.stream.begin_capture()
-            ctx.execute_async_v3(self.stream.handle)
-            self.graphs[key] = self.stream.end_capture()
+        shapes = {k: tuple(v.shape) for k, v in inputs.items()}
+        try:
+            profile = select_profile(self.profiles, shapes) if self.profiles else 0
+        except ValueError as e:
+            raise EngineError(f"graph {self.name}: {e}") from None
+        key = (profile, tuple((name, arr.ptr, tuple(arr.shape)) for name, arr in (*inputs.items(), *outputs.items())))
+        graph = self.graphs.get(key)
+        if graph is not None:  # shapes and addresses are baked into the graph: nothing to bind
+            self.stream.launch(graph)
+        else:
+            # A captured call gets a context of its own; eager calls share one per profile.
+            ctx = self._context(key if self.use_cuda_graphs else (profile,), profile)
+            self._bind(ctx, key, inputs, outputs)
+            self._enqueue(ctx)  # the first call runs eagerly (lazy initialisation), then is captured
+            if self.use_cuda_graphs and self._capturable(ctx):
+                self.graphs[key] = self.stream.capture(lambda: self._enqueue(ctx))
         self.stream.synchronize()
+
+    def memory_report(self) -> dict[str, Any]:
+        """Device memory of this engine's activations: the shared block against one static block per profile."""
+        return {"profiles": len(self.profile_bytes), "profile_bytes": list(self.profile_bytes),
+                "shared_bytes": self.workspace.nbytes, "contexts": len(self.contexts),
+                "one_per_profile_bytes": len(self.profile_bytes) * max(self.profile_bytes),
+                "cuda_graphs": len(self.graphs)}
+
+    def close(self) -> None:
+        """Release captured graphs, then contexts, then the activation block (in that order)."""
+        for graph in self.graphs.values():
+            graph.destroy()
+        self.graphs.clear()
+        self.contexts.clear()  # TensorRT destroys a context when its last reference goes
+        self.workspace.free()
+        self.engine = None  # before the backend's runtime, which must outlive its engines
 
 
 class TensorRTBackend(Backend):
@@ -84,19 +175,34 @@ class TensorRTBackend(Backend):
         self.runtime = self.trt.Runtime(self.trt.Logger(self.trt.Logger.ERROR))
         self.stream = Stream()
         self.cuda_graphs = cuda_graphs
+        self._buffers: list[DeviceArray] = []
 
     def _load(self, name: str) -> GraphRunner:
         rec = self.records[name]
         engine = self.runtime.deserialize_cuda_engine((self.folder / rec["path"]).read_bytes())
         if engine is None:
             raise ArtifactError(f"engine {self.folder / rec['path']} cannot be deserialized")
-        return TrtGraph(name, engine, rec["profiles"], self.stream, self.cuda_graphs)
+        return TrtGraph(name, engine, self.trt, rec["profiles"], self.stream, self.cuda_graphs)
 
     def empty(self, shape, dtype) -> DeviceArray:
-        return DeviceArray.empty(tuple(shape), dtype)
+        buffer = DeviceArray.empty(tuple(shape), dtype)
+        self._buffers.append(buffer)
+        return buffer
 
     def write(self, dst: DeviceArray, src: np.ndarray) -> None:
         self.stream.copy_to_device(dst, src)
 
     def read(self, src: DeviceArray) -> np.ndarray:
         return self.stream.copy_to_host(src)
+
+    def memory_report(self) -> dict[str, dict[str, Any]]:
+        """Per loaded engine: activation bytes shared by its contexts (see TrtGraph.memory_report)."""
+        return {name: runner.memory_report() for name, runner in self._graphs.items()}
+
+    def close(self) -> None:
+        """Release graphs, contexts and activation blocks, the loop's buffers, then the stream."""
+        super().close()
+        for buffer in self._buffers:
+            buffer.free()
+        self._buffers.clear()
+        self.stream.destroy()

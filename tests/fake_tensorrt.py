@@ -1,0 +1,273 @@
+"""A fake TensorRT (runtime, engine, execution context) and a fake cuda-python runtime that fail on
+demand, so CPU tests can drive the TensorRT backend: what it binds, enqueues, captures, replays
+and releases.
+
+They model only what the backend calls, with the conventions of the real bindings (checked
+against tensorrt_rtx 1.7.1 and cuda-bindings 13): TensorRT's setters and `execute_async_v3`
+return a bool; cuda-python returns `(error, *values)` and error 0 is success. Work "runs" by
+being appended to `FakeCudart.executed`, or to the capture in progress on its stream.
+"""
+
+from __future__ import annotations
+
+import types
+import weakref
+from collections import Counter, defaultdict
+from collections.abc import Callable
+
+STREAM_CAPTURE_INVALIDATED = 901  # cudaErrorStreamCaptureInvalidated
+
+
+class FakeCudart:
+    """The subset of `cuda.bindings.runtime` in use; counts what is made and released."""
+
+    class cudaStreamCaptureMode:
+        cudaStreamCaptureModeThreadLocal = 1
+
+    class cudaMemcpyKind:
+        cudaMemcpyHostToDevice = 1
+        cudaMemcpyDeviceToHost = 2
+
+    class cudaDeviceAttr:
+        cudaDevAttrComputeCapabilityMajor = 75
+        cudaDevAttrComputeCapabilityMinor = 76
+
+    def __init__(self, compute_capability: tuple[int, int] = (8, 9)):
+        self.compute_capability = compute_capability
+        self.made: Counter[str] = Counter()
+        self.released: Counter[str] = Counter()
+        self.live: dict[str, set[int]] = defaultdict(set)
+        self.bytes: dict[int, int] = {}
+        self.capturing: dict[int, list] = {}
+        self.graph_work: dict[int, list] = {}
+        self.exec_work: dict[int, list] = {}
+        self.executed: list[tuple] = []  # work the "GPU" ran, in order
+        self.launches = 0
+        self.invalidate_capture = False
+        self._next = 0x10000
+
+    def _make(self, kind: str) -> int:
+        self._next += 0x1000  # 256-byte aligned, like cudaMalloc
+        self.made[kind] += 1
+        self.live[kind].add(self._next)
+        return self._next
+
+    def _release(self, kind: str, handle: int) -> tuple[int]:
+        assert handle in self.live[kind], f"{kind} {handle:#x} released twice or never made"
+        self.live[kind].remove(handle)
+        self.released[kind] += 1
+        return (0,)
+
+    def enqueue(self, stream: int, work: tuple) -> None:
+        (self.capturing[stream] if stream in self.capturing else self.executed).append(work)
+
+    def cudaGetDeviceCount(self):
+        return (0, 1)
+
+    def cudaDeviceGetAttribute(self, attr, device):
+        major, minor = self.compute_capability
+        return (0, major if attr == self.cudaDeviceAttr.cudaDevAttrComputeCapabilityMajor else minor)
+
+    def cudaGetErrorName(self, err):
+        return (0, b"cudaErrorStreamCaptureInvalidated" if int(err) == STREAM_CAPTURE_INVALIDATED else b"cudaErrorFake")
+
+    def cudaMalloc(self, nbytes: int):
+        ptr = self._make("memory")
+        self.bytes[ptr] = nbytes
+        return (0, ptr)
+
+    def cudaFree(self, ptr: int):
+        return self._release("memory", ptr)
+
+    def cudaStreamCreate(self):
+        return (0, self._make("stream"))
+
+    def cudaStreamDestroy(self, stream: int):
+        return self._release("stream", stream)
+
+    def cudaStreamSynchronize(self, stream: int):
+        assert stream not in self.capturing, "synchronize during a capture invalidates it"
+        return (0,)
+
+    def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
+        self.enqueue(stream, ("copy", dst, src, nbytes))
+        return (0,)
+
+    def cudaStreamBeginCapture(self, stream: int, mode):
+        assert stream not in self.capturing, "capture begun twice"
+        self.capturing[stream] = []
+        return (0,)
+
+    def cudaStreamEndCapture(self, stream: int):
+        work = self.capturing.pop(stream)  # KeyError: ended a capture that was never begun
+        if self.invalidate_capture:
+            return (STREAM_CAPTURE_INVALIDATED, None)
+        graph = self._make("graph")
+        self.graph_work[graph] = work
+        return (0, graph)
+
+    def cudaGraphGetNodes(self, graph: int, count: int = 0):
+        return (0, None, len(self.graph_work[graph]))
+
+    def cudaGraphInstantiate(self, graph: int, flags: int):
+        graph_exec = self._make("graph_exec")
+        self.exec_work[graph_exec] = list(self.graph_work[graph])
+        return (0, graph_exec)
+
+    def cudaGraphLaunch(self, graph_exec: int, stream: int):
+        assert graph_exec in self.live["graph_exec"], "launch of a destroyed graph"
+        self.launches += 1
+        for work in self.exec_work[graph_exec]:
+            self.enqueue(stream, work)
+        return (0,)
+
+    def cudaGraphDestroy(self, graph: int):
+        self.graph_work.pop(graph)
+        return self._release("graph", graph)
+
+    def cudaGraphExecDestroy(self, graph_exec: int):
+        self.exec_work.pop(graph_exec)
+        return self._release("graph_exec", graph_exec)
+
+
+# refuse[method](argument, call number) -> False to accept, True to refuse (the call returns
+# False), or an exception to raise from inside the call.
+Refusal = Callable[[object, int], object]
+
+
+class FakeContext:
+    def __init__(self, engine: FakeEngine):
+        self.engine = engine
+        self.memory: tuple[int, int] | None = None
+        self.profile = 0
+        self.shapes: dict[str, tuple] = {}
+        self.addresses: dict[str, int] = {}
+
+    def set_device_memory(self, ptr: int, size: int) -> None:
+        self.memory = (ptr, size)
+
+    def set_optimization_profile_async(self, profile: int, stream: int) -> bool:
+        ok = self.engine.answer("set_optimization_profile_async", profile)
+        if ok:
+            self.profile = profile
+        return ok
+
+    def set_input_shape(self, name: str, shape) -> bool:
+        ok = self.engine.answer("set_input_shape", name)
+        if ok:
+            self.shapes[name] = tuple(shape)
+        return ok
+
+    def set_tensor_address(self, name: str, ptr: int) -> bool:
+        ok = self.engine.answer("set_tensor_address", name)
+        if ok:
+            self.addresses[name] = ptr
+        return ok
+
+    def get_tensor_shape(self, name: str) -> tuple:
+        return self.engine.outputs[name](self.shapes)
+
+    def is_stream_capturable(self, stream: int) -> bool:
+        return self.engine.capturable
+
+    def execute_async_v3(self, stream: int) -> bool:
+        if not self.engine.answer("execute_async_v3", stream):
+            return False
+        assert self.memory is not None, "a user-managed context ran without device memory"
+        self.engine.cudart.enqueue(stream, ("run", self.engine.name, self.profile, self.memory[0],
+                                            tuple(sorted(self.shapes.items())), tuple(sorted(self.addresses.items()))))
+        return True
+
+
+class FakeEngine:
+    context_class = FakeContext
+
+    def __init__(self, cudart: FakeCudart, name: str, profile_bytes: list[int],
+                 outputs: dict[str, Callable[[dict[str, tuple]], tuple]], capturable: bool = True):
+        self.cudart, self.name, self.profile_bytes, self.outputs = cudart, name, profile_bytes, outputs
+        self.num_optimization_profiles = len(profile_bytes)
+        self.capturable = capturable
+        self.refuse: dict[str, Refusal] = {}
+        self.calls: Counter[str] = Counter()
+        self.contexts: list[weakref.ref] = []
+        self.strategies: list[str] = []
+
+    def get_device_memory_size_for_profile_v2(self, profile: int) -> int:
+        return self.profile_bytes[profile]
+
+    @property
+    def device_memory_size_v2(self) -> int:  # the largest profile's, as TensorRT reports it
+        return max(self.profile_bytes)
+
+    def create_execution_context(self, strategy):
+        self.strategies.append(strategy)
+        ctx = self.context_class(self)
+        self.contexts.append(weakref.ref(ctx))
+        return ctx
+
+    def alive_contexts(self) -> list["FakeContext"]:
+        return [c for c in (ref() for ref in self.contexts) if c is not None]
+
+    def answer(self, method: str, argument) -> bool:
+        """Count the call; True when it succeeds."""
+        self.calls[method] += 1
+        verdict = self.refuse.get(method, lambda *_: False)(argument, self.calls[method])
+        if isinstance(verdict, BaseException):
+            raise verdict
+        return not verdict
+
+
+class FakeContext10(FakeContext):
+    def __getattribute__(self, name: str):
+        if name == "set_device_memory":
+            raise AttributeError(name)
+        return super().__getattribute__(name)
+
+    @property
+    def device_memory(self) -> int:
+        return self.memory[0]
+
+    @device_memory.setter
+    def device_memory(self, ptr: int) -> None:
+        self.memory = (ptr, None)
+
+
+class FakeEngine10(FakeEngine):
+    """TensorRT 10.0's spelling: memory queries without `_v2`, contexts given memory by a property."""
+
+    context_class = FakeContext10
+
+    def __getattribute__(self, name: str):
+        if name.endswith("_v2"):
+            raise AttributeError(name)
+        return super().__getattribute__(name)
+
+    def get_device_memory_size_for_profile(self, profile: int) -> int:
+        return self.profile_bytes[profile]
+
+    @property
+    def device_memory_size(self) -> int:
+        return max(self.profile_bytes)
+
+
+def fake_tensorrt_module(cudart: FakeCudart, engines: dict[bytes, FakeEngine], version: str = "1.7.1.116"):
+    """A stand-in for `tensorrt_rtx` whose Runtime deserialises engine files to `engines[file bytes]`."""
+
+    class Logger:
+        ERROR = "ERROR"
+
+        def __init__(self, severity):
+            self.severity = severity
+
+    class Runtime:
+        def __init__(self, logger):
+            self.logger = logger
+
+        def deserialize_cuda_engine(self, data: bytes):
+            return engines.get(bytes(data))
+
+    return types.SimpleNamespace(
+        __name__="tensorrt_rtx", __version__=version, Logger=Logger, Runtime=Runtime,
+        ExecutionContextAllocationStrategy=types.SimpleNamespace(STATIC="STATIC", ON_PROFILE_CHANGE="ON_PROFILE_CHANGE",
+                                                                 USER_MANAGED="USER_MANAGED"),
+    )

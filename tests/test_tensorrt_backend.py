@@ -1,0 +1,285 @@
+"""The TensorRT backend on a fake TensorRT and a fake cuda-python that fail on demand (no GPU):
+checked statuses, capture that always ends and never keeps a half or empty graph, graphs keyed
+by shapes, replays that bind nothing, one shared activation block, and a close that releases
+everything it made."""
+
+import gc
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fake_tensorrt import FakeCudart, FakeEngine, FakeEngine10, fake_tensorrt_module
+from varedit_deploy.artifact import MANIFEST, file_record, read_manifest, sha256_file
+from varedit_deploy.build.engines import ENGINE_SCHEMA, engine_dir_name
+from varedit_deploy.build.profiles import graph_profiles
+from varedit_deploy.errors import ArtifactError, EngineError, VareditError
+from varedit_deploy.runtime import gpu
+from varedit_deploy.runtime.gpu import DeviceArray, Stream
+from varedit_deploy.runtime.tensorrt_backend import TensorRTBackend, TrtGraph
+
+TRT = fake_tensorrt_module(FakeCudart(), {})
+# Two scale profiles of a step-like engine: x fixed per scale, the text length a range.
+PROFILES = [{"name": f"scale_{s}", "shapes": {"x": [[2, n, 8]] * 3, "text_k": [[1, 1, 4], [1, 8, 4], [1, 32, 4]]}}
+            for s, n in enumerate((1, 4))]
+
+
+@pytest.fixture
+def cudart(monkeypatch) -> FakeCudart:
+    fake = FakeCudart()
+    monkeypatch.setattr(gpu, "cudart", lambda: fake)
+    return fake
+
+
+def step_engine(cudart: FakeCudart, **kw) -> FakeEngine:
+    return FakeEngine(cudart, "step", kw.pop("profile_bytes", [3000, 7000]),
+                      {"logits": lambda shapes: (2, shapes["x"][1], 16)}, **kw)
+
+
+def buffers(scale: int, text_len: int = 8) -> tuple[dict, dict]:
+    n = (1, 4)[scale]
+    inputs = {"x": DeviceArray.empty((2, n, 8), np.float32), "text_k": DeviceArray.empty((1, text_len, 4), np.float32)}
+    return inputs, {"logits": DeviceArray.empty((2, n, 16), np.float32)}
+
+
+def runs(cudart: FakeCudart) -> list[tuple]:
+    return [w for w in cudart.executed if w[0] == "run"]
+
+
+def test_first_call_runs_then_captures_and_replays_bind_nothing(cudart):
+    engine = step_engine(cudart)
+    graph = TrtGraph("step", engine, TRT, PROFILES, Stream(), use_cuda_graphs=True)
+    inputs, outputs = buffers(1)
+    graph.run(inputs, outputs)
+    assert len(runs(cudart)) == 1 and len(graph.graphs) == 1 and cudart.launches == 0
+    bound = dict(engine.calls)
+    assert bound == {"set_optimization_profile_async": 1, "set_input_shape": 2, "set_tensor_address": 3,
+                     "execute_async_v3": 2}  # eager run + the captured one
+    for _ in range(3):
+        graph.run(inputs, outputs)
+    assert dict(engine.calls) == bound  # no rebinding, no enqueue: the graph holds it all
+    assert cudart.launches == 3 and len(runs(cudart)) == 4 and len(set(runs(cudart))) == 1
+    (_, name, profile, _mem, shapes, addresses), = set(runs(cudart))
+    assert profile == 1 and dict(shapes) == {"x": (2, 4, 8), "text_k": (1, 8, 4)}
+    assert dict(addresses) == {k: a.ptr for k, a in (*inputs.items(), *outputs.items())}
+
+
+def test_captured_graphs_are_keyed_by_shapes_and_keep_their_own_context(cudart):
+    engine = step_engine(cudart)
+    graph = TrtGraph("step", engine, TRT, PROFILES, Stream(), use_cuda_graphs=True)
+    block = DeviceArray.empty((1, 32, 4), np.float32)  # one text buffer, two instruction lengths
+    inputs, outputs = buffers(0)
+    short = {**inputs, "text_k": DeviceArray(block.ptr, (1, 5, 4), np.dtype(np.float32), block)}
+    long = {**inputs, "text_k": DeviceArray(block.ptr, (1, 20, 4), np.dtype(np.float32), block)}
+    graph.run(short, outputs)
+    graph.run(long, outputs)  # same addresses, other shape: not a replay of the first graph
+    assert len(graph.graphs) == 2 and len(graph.contexts) == 2 and cudart.launches == 0
+    cudart.executed.clear()
+    graph.run(short, outputs)
+    assert cudart.launches == 1 and dict(runs(cudart)[0][4])["text_k"] == (1, 5, 4)
+
+
+@pytest.mark.parametrize("method, argument, message", [
+    ("set_optimization_profile_async", 1, "refused to select the optimisation profile"),
+    ("set_input_shape", "text_k", r"refused shape \(1, 8, 4\) for input 'text_k' \(the profile accepts \[1, 1, 4\]"),
+    ("set_tensor_address", "logits", "refused the address of tensor 'logits'"),
+    ("execute_async_v3", None, r"failed to enqueue the engine \(execute_async_v3 returned False"),
+])
+def test_every_refused_tensorrt_call_raises_naming_graph_profile_and_tensor(cudart, method, argument, message):
+    engine = step_engine(cudart)
+    engine.refuse[method] = lambda arg, n: argument is None or arg == argument
+    graph = TrtGraph("step", engine, TRT, PROFILES, Stream(), use_cuda_graphs=True)
+    with pytest.raises(EngineError, match=r"graph step, profile 1 \(scale_1\): .*" + message):
+        graph.run(*buffers(1))
+    assert graph.graphs == {} and runs(cudart) == [] and cudart.capturing == {}
+
+
+def test_an_output_buffer_of_another_shape_is_refused_before_anything_runs(cudart):
+    graph = TrtGraph("step", step_engine(cudart), TRT, PROFILES, Stream(), use_cuda_graphs=False)
+    inputs, _ = buffers(1)
+    with pytest.raises(EngineError, match=r"output 'logits' is \(2, 4, 16\) .* buffer bound to it is \(2, 1, 16\)"):
+        graph.run(inputs, {"logits": DeviceArray.empty((2, 1, 16), np.float32)})
+    assert runs(cudart) == []
+
+
+def test_shapes_no_profile_accepts_are_an_engine_error(cudart):
+    graph = TrtGraph("step", step_engine(cudart), TRT, PROFILES, Stream(), use_cuda_graphs=True)
+    inputs, outputs = buffers(1)
+    inputs["x"] = DeviceArray.empty((2, 3, 8), np.float32)
+    with pytest.raises(EngineError, match="graph step: no optimisation profile accepts"):
+        graph.run(inputs, outputs)
+
+
+@pytest.mark.parametrize("failure", ["raises", "returns False", "capture invalidated"])
+def test_a_failed_capture_ends_it_keeps_nothing_and_is_never_replayed(cudart, failure):
+    engine = step_engine(cudart)
+    if failure == "raises":  # the eager run (call 1) works, the enqueue inside the capture (call 2) raises
+        engine.refuse["execute_async_v3"] = lambda arg, n: RuntimeError("enqueue broke") if n == 2 else False
+        expected = (RuntimeError, "enqueue broke")
+    elif failure == "returns False":
+        engine.refuse["execute_async_v3"] = lambda arg, n: n == 2
+        expected = (EngineError, "failed to enqueue")
+    else:
+        cudart.invalidate_capture = True
+        expected = (VareditError, "cudaErrorStreamCaptureInvalidated")
+    graph = TrtGraph("step", engine, TRT, PROFILES, Stream(), use_cuda_graphs=True)
+    inputs, outputs = buffers(0)
+    with pytest.raises(expected[0], match=expected[1]):
+        graph.run(inputs, outputs)
+    assert cudart.capturing == {}  # the capture was ended
+    assert graph.graphs == {} and not cudart.live["graph"] and not cudart.live["graph_exec"]
+    engine.refuse.clear()
+    cudart.invalidate_capture = False
+    cudart.executed.clear()
+    graph.run(inputs, outputs)  # runs eagerly and captures again; nothing half-made is launched
+    assert cudart.launches == 0 and len(runs(cudart)) == 1 and len(graph.graphs) == 1
+    graph.run(inputs, outputs)
+    assert cudart.launches == 1 and len(runs(cudart)) == 2
+
+
+def test_a_capture_that_records_nothing_is_refused_and_released(cudart):
+    stream = Stream()
+    with pytest.raises(VareditError, match="recorded no work"):
+        stream.capture(lambda: None)
+    assert cudart.capturing == {} and not cudart.live["graph"] and not cudart.live["graph_exec"]
+    assert cudart.made["graph"] == cudart.released["graph"] == 1
+
+
+def test_a_context_tensorrt_cannot_capture_runs_eagerly_every_time(cudart):
+    engine = step_engine(cudart, capturable=False)
+    graph = TrtGraph("step", engine, TRT, PROFILES, Stream(), use_cuda_graphs=True)
+    inputs, outputs = buffers(0)
+    for _ in range(3):
+        graph.run(inputs, outputs)
+    assert len(runs(cudart)) == 3 and cudart.launches == 0 and graph.graphs == {} and cudart.made["graph"] == 0
+    assert engine.calls["set_tensor_address"] == 3  # bound once, run three times
+
+
+def test_without_cuda_graphs_one_context_per_profile_rebinds_only_when_the_call_changes(cudart):
+    engine = step_engine(cudart)
+    graph = TrtGraph("step", engine, TRT, PROFILES, Stream(), use_cuda_graphs=False)
+    first, second = buffers(1), buffers(1)
+    for call in (first, first, second, second, first):
+        graph.run(*call)
+    assert len(graph.contexts) == 1 and engine.calls["execute_async_v3"] == 5
+    assert engine.calls["set_tensor_address"] == 3 * 3  # three changes of call, three tensors each
+    assert [dict(w[5])["x"] for w in runs(cudart)] == [first[0]["x"].ptr] * 2 + [second[0]["x"].ptr] * 2 + [
+        first[0]["x"].ptr]
+
+
+def test_all_contexts_share_one_block_of_the_largest_profile(cudart):
+    engine = step_engine(cudart, profile_bytes=[3000, 7000])
+    graph = TrtGraph("step", engine, TRT, PROFILES, Stream(), use_cuda_graphs=True)
+    for scale, text_len in ((0, 8), (1, 8), (1, 9), (0, 30)):
+        graph.run(*buffers(scale, text_len))
+    contexts = engine.alive_contexts()
+    assert len(contexts) == 4 and engine.strategies == ["USER_MANAGED"] * 4
+    assert {c.memory for c in contexts} == {(graph.workspace.ptr, 7000)} and cudart.bytes[graph.workspace.ptr] == 7000
+    assert {w[3] for w in runs(cudart)} == {graph.workspace.ptr}
+    report = graph.memory_report()
+    assert report == {"profiles": 2, "profile_bytes": [3000, 7000], "shared_bytes": 7000, "contexts": 4,
+                      "one_per_profile_bytes": 14000, "cuda_graphs": 4}
+
+
+def test_tensorrt_10_0_memory_calls_are_used_where_the_v2_ones_are_missing(cudart):
+    engine = FakeEngine10(cudart, "step", [3000, 7000], {"logits": lambda shapes: (2, shapes["x"][1], 16)})
+    graph = TrtGraph("step", engine, TRT, PROFILES, Stream(), use_cuda_graphs=True)
+    graph.run(*buffers(0))
+    assert graph.profile_bytes == [3000, 7000] and graph.workspace.nbytes == 7000
+    assert [c.memory for c in engine.alive_contexts()] == [(graph.workspace.ptr, None)]
+
+
+def test_close_releases_graphs_contexts_and_the_block(cudart):
+    engine = step_engine(cudart)
+    graph = TrtGraph("step", engine, TRT, PROFILES, Stream(), use_cuda_graphs=True)
+    calls = [buffers(0), buffers(1), buffers(1, 20)]
+    for call in calls:
+        graph.run(*call)
+    block = graph.workspace.ptr
+    assert cudart.made["graph"] == cudart.made["graph_exec"] == 3
+    graph.close()
+    gc.collect()
+    assert cudart.released["graph"] == cudart.released["graph_exec"] == 3
+    assert not cudart.live["graph"] and not cudart.live["graph_exec"] and block not in cudart.live["memory"]
+    assert engine.alive_contexts() == [] and graph.engine is None
+
+
+def write_fake_engine_set(artifact: Path, folder: Path, precision: str = "fp32", tf32: bool = False) -> Path:
+    """An engine set for `artifact` as `build` writes it, whose engine files hold the graph names."""
+    manifest = read_manifest(artifact)
+    folder.mkdir(parents=True)
+    engines = {}
+    for name, g in manifest.graphs.items():
+        path = folder / f"{name}.engine"
+        path.write_bytes(name.encode())
+        engines[name] = {**file_record(folder, path), "source": g["files"][0]["path"],
+                         "source_sha256": g["files"][0]["sha256"],
+                         "profiles": [p.to_json() for p in graph_profiles(manifest, name)],
+                         "network": {"layers": {}, "fused_attentions": 0, "attention_chains": 0},
+                         "math": {"precision": precision, "tf32": tf32, "attention_decomposable": False}}
+    (folder / "engines.json").write_text(json.dumps({
+        "schema_version": ENGINE_SCHEMA, "flavour": "tensorrt-rtx", "tensorrt_version": "1.7.1.116",
+        "target": "sm89", "precision": precision, "artifact_manifest_sha256": sha256_file(artifact / MANIFEST),
+        "engines": engines}))
+    return folder
+
+
+@pytest.fixture
+def fake_rtx(cudart, tiny_artifact, monkeypatch):
+    """tensorrt_rtx replaced by the fake, with one engine per graph of the tiny artifact."""
+    manifest = read_manifest(tiny_artifact)
+    engines = {}
+    for name, g in manifest.graphs.items():
+        shapes = {o["name"]: tuple(o["shape"]) for o in g["outputs"]}
+        engines[name.encode()] = FakeEngine(cudart, name, [1000 * (i + 1) for i in range(max(
+            len(graph_profiles(manifest, name)), 1))], {k: (lambda _s, v=v: v) for k, v in shapes.items()})
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx", fake_tensorrt_module(cudart, engines))
+    return engines
+
+
+def test_backend_close_releases_everything_it_made(fake_rtx, cudart, tiny_artifact, tmp_path):
+    folder = write_fake_engine_set(tiny_artifact, tmp_path / engine_dir_name("tensorrt-rtx", "1.7.1.116", "sm89", "fp32"))
+    manifest = read_manifest(tiny_artifact)
+    with TensorRTBackend(manifest, flavour="tensorrt-rtx", precision="fp32", engine_dir=folder) as backend:
+        for name in manifest.graphs:  # as EditPipeline does: load every graph up front
+            backend.graph(name)
+        bits, summed, out = (backend.empty((1, 256, 16), np.int64), backend.empty((1, 16, 16, 16), np.float32),
+                             backend.empty((1, 16, 16, 16), np.float32))
+        backend.write(bits, np.ones((1, 256, 16), np.int64))
+        for _ in range(2):
+            backend.graph("next_input_6").run({"bits": bits, "summed_codes": summed}, {"summed_codes_out": out})
+        assert cudart.launches == 1
+        report = backend.memory_report()
+        assert report["step"]["profiles"] == 7 and report["step"]["shared_bytes"] == 7000
+        assert report["step"]["one_per_profile_bytes"] == 7 * 7000 and report["next_input_6"]["cuda_graphs"] == 1
+    gc.collect()
+    assert all(not cudart.live[kind] for kind in ("memory", "stream", "graph", "graph_exec")), dict(cudart.live)
+    assert cudart.made["stream"] == 1 and cudart.made["memory"] == len(manifest.graphs) + 3
+    assert all(engine.alive_contexts() == [] for engine in fake_rtx.values())
+    backend.close()  # a second close is harmless
+    assert cudart.released["stream"] == 1
+
+
+def test_backend_refuses_fp32_engines_built_with_tf32(fake_rtx, tiny_artifact, tmp_path):
+    folder = write_fake_engine_set(tiny_artifact, tmp_path / "set", tf32=True)
+    with pytest.raises(ArtifactError, match="engine step is meant to be fp32 but was built with TF32 "
+                                            r"\(fp32, TF32 on\).*rebuild: varedit-deploy build"):
+        TensorRTBackend(read_manifest(tiny_artifact), flavour="tensorrt-rtx", precision="fp32", engine_dir=folder)
+
+
+def test_the_fake_offers_only_calls_tensorrt_rtx_has_and_their_statuses_are_bools():
+    import tensorrt_rtx as trt
+
+    from fake_tensorrt import FakeContext
+
+    test_helpers = {"alive_contexts", "answer", "context_class"}
+    for fake, real in ((FakeEngine, trt.ICudaEngine), (FakeContext, trt.IExecutionContext)):
+        calls = [n for n in vars(fake) if not n.startswith("_") and n not in test_helpers]
+        assert calls and all(hasattr(real, n) for n in calls), [n for n in calls if not hasattr(real, n)]
+    assert hasattr(trt.ICudaEngine, "num_optimization_profiles")
+    assert trt.ExecutionContextAllocationStrategy.USER_MANAGED.name == "USER_MANAGED"
+    for name in ("set_optimization_profile_async", "set_input_shape", "set_tensor_address", "execute_async_v3",
+                 "is_stream_capturable"):
+        assert "-> bool" in getattr(trt.IExecutionContext, name).__doc__, name
