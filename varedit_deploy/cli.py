@@ -375,7 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: out of memory; try a smaller model or free memory", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("error: interrupted; nothing half-written was left behind", file=sys.stderr)
+        print("error: interrupted", file=sys.stderr)
         return 130
 
 
