@@ -106,8 +106,8 @@ def test_failed_export_leaves_the_previous_artifact_and_nothing_else(tmp_path, m
 
 def test_reexport_keeps_engines_of_unchanged_graphs_and_drops_the_others(tmp_path, capsys):
     golden = fixture_dir("tiny-2b")
-    art = tmp_path / "art"
-    assert main(["export", "--fixture", str(golden), "--out", str(art)]) == 0
+    art = export_artifacts(VAREditModel.from_fixture(golden), tmp_path / "art", progress=lambda _: None,
+                           validate=False)
     options = {"progress": lambda _: None, "graphs": ["sample", "text_cond"]}
     kept = build_engines(art, BuildOptions(precision="fp32", target="sm86"), **options)
     dropped = build_engines(art, BuildOptions(precision="fp32", target="sm80"), **options)
@@ -127,7 +127,7 @@ def test_reexport_keeps_engines_of_unchanged_graphs_and_drops_the_others(tmp_pat
     problems = check_engines(kept, read_manifest(art), version, "sm86")
     assert problems and all(p.startswith("no engine for graph") for p in problems)  # usable where built
 
-    assert main(["export", "--random-weights", "--model", "tiny-2b", "--out", str(art), "--overwrite"]) == 0
+    export_artifacts(VAREditModel.random(from_name("tiny-2b")), art, overwrite=True, validate=False)
     assert f"dropped engines/{kept.name}: the model or its schedule changed" in capsys.readouterr().out
     assert not (art / "engines").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
