@@ -65,14 +65,14 @@ def run_one_backend(which: str, model_name: str, work: Path, rounds: int) -> dic
         pipe = EditPipeline.from_artifacts(work / "artifacts")
 
         def once():
-            return pipe.edit(photo, INSTRUCTION, noise=NumpyNoise(0)).timings
+            return pipe.edit(photo, INSTRUCTION, noise=NumpyNoise(0)).timings_ms
     else:
         from varedit_deploy.model.edit import edit
 
         model, _ = build(model_name, work)
 
         def once():
-            return edit(model, photo, INSTRUCTION, noise=NumpyNoise(0)).timings
+            return edit(model, photo, INSTRUCTION, noise=NumpyNoise(0)).timings_ms
     once()
     return {"timings": [once() for _ in range(rounds)], "peak_rss_mib": peak_rss_mib()}
 
@@ -103,9 +103,9 @@ def main() -> None:
                 runs[which] += result["timings"]
                 peak[which] = max(peak.get(which, 0.0), result["peak_rss_mib"])
                 print(f"block {block + 1}/{args.blocks} {which}: total "
-                      f"{statistics.median(t['total'] for t in result['timings']) * 1e3:.0f} ms", flush=True)
+                      f"{statistics.median(t['total'] for t in result['timings']):.0f} ms", flush=True)
 
-    med = {b: {k: statistics.median(r[k] for r in v) * 1e3 for k in v[0]} for b, v in runs.items()}
+    med = {b: {k: statistics.median(r[k] for r in v) for k in v[0]} for b, v in runs.items()}
     scales = sorted((k for k in med["eager"] if k.startswith("scale_")), key=lambda k: int(k.split("_")[1]))
     n = args.blocks * args.rounds
     lines = [f"`python benchmarks/ort_vs_eager.py --model {args.model} --blocks {args.blocks} --rounds {args.rounds}`"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,25 @@ def fixture_dir(name: str) -> Path:
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"golden fixture {path} is missing; set VAREDIT_FIXTURES to the shared/fixtures folder")
     return path
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims `width` x `height` while its pixels are not there."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def unwritable_folder(tmp_path: Path) -> Path:
+    """A folder this process cannot write in: mode 0555, or for the superuser (who ignores modes) /sys."""
+    if os.geteuid() == 0:
+        return Path("/sys")
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return folder
 
 
 @pytest.fixture(params=FIXTURE_NAMES)

@@ -155,11 +155,20 @@ def test_tensorrt_rtx_builds_every_graph_for_two_targets(golden, tmp_path_factor
         assert check_engines(folder, manifest, data["tensorrt_version"], target) == []
         assert "step" in printed and "profile(s)" in printed and "MatMul-Softmax-MatMul" in printed
     assert main(["inspect", str(art)]) == 0
-    shown = capsys.readouterr().out
-    assert shown.count("engines tensorrt-rtx-") == 2 and "TF32 off" in shown and "MATRIX_MULTIPLY" in shown
+    printed = capsys.readouterr().out
+    assert printed.count(f": {len(manifest.graphs)} engines, ") == 2 and "complete and intact" in printed
+    assert "exported by varedit-deploy" in printed and "{" not in printed  # readable text, no raw dicts
+    assert "TF32 off" in printed and "MATRIX_MULTIPLY" in printed  # math mode and parsed layers per engine
+    engine = next(folder.glob("step.engine"))
+    engine.write_bytes(engine.read_bytes()[:-100])  # truncated
+    assert any("step.engine has" in p for p in check_engines(folder, manifest, data["tensorrt_version"], target))
+    assert main(["inspect", str(art)]) == 1
+    out, err = capsys.readouterr()
+    assert f"PROBLEM damaged: engines/{folder.name}/step.engine has" in out and "complete and intact" not in out
+    assert err.startswith("error: ") and len(err.splitlines()) == 1
 
 
-def test_engine_compatibility_guard_names_every_mismatch(golden, tmp_path):
+def test_engine_compatibility_guard_names_every_mismatch(golden, tmp_path, capsys):
     art = tmp_path / "art"
     assert main(["export", "--fixture", str(golden), "--out", str(art)]) == 0
     folder = build_engines(art, BuildOptions(precision="fp32", target="sm86"), progress=lambda _: None,
@@ -169,15 +178,26 @@ def test_engine_compatibility_guard_names_every_mismatch(golden, tmp_path):
     text = "; ".join(problems)
     assert "no engine for graph step" in text and "installed is 10.3.0" in text and "this GPU is sm87" in text
     shutil.copytree(art, tmp_path / "re")
-    assert main(["export", "--fixture", str(golden), "--out", str(tmp_path / "re")]) == 0  # fresh export
+    assert main(["export", "--fixture", str(golden), "--out", str(tmp_path / "re")]) == 1  # refused: an artifact
+    assert main(["export", "--fixture", str(golden), "--out", str(tmp_path / "re"), "--overwrite"]) == 0
     data = json.loads((folder / "engines.json").read_text())
     again = check_engines(folder, read_manifest(tmp_path / "re"), data["tensorrt_version"], "sm86")
     assert any("another export" in p for p in again)
+    carried = tmp_path / "re" / "engines" / folder.name  # kept by the re-export: its graphs did not change
+    assert not any("another export" in p for p in check_engines(carried, read_manifest(tmp_path / "re"),
+                                                                  data["tensorrt_version"], "sm86"))
+    (carried / "engines.json").write_text(json.dumps({**data, "artifact_manifest_sha256": "0" * 64}))
+    assert main(["inspect", str(tmp_path / "re")]) == 1
+    out = capsys.readouterr().out
+    assert f"PROBLEM stale: engines/{folder.name} was built from another export" in out
+    assert f"PROBLEM incomplete: engines/{folder.name} has no engine for" in out
 
 
 def test_build_refuses_targets_tensorrt_rtx_cannot_build(tiny_artifact, capsys):
     assert main(["build", "--artifacts", str(tiny_artifact), "--target", "sm87"]) == 1
-    assert "Jetson Orin is sm87" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "Jetson Orin is sm87" in err
+    assert out.startswith("build: flavour tensorrt-rtx (default), target sm87, precision fp16 (default)\n")
     with pytest.raises(VareditError, match="unknown precision"):
         build_engines(tiny_artifact, BuildOptions(precision="int4"))
 

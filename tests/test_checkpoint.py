@@ -5,9 +5,10 @@ import torch
 from safetensors.torch import save_file
 
 from fixture_writer import wrapped_vae_state
-from varedit_deploy.config import ModelConfig, TransformerConfig, from_name
+from varedit_deploy.config import ModelConfig, TransformerConfig, from_name, load_fixture_config
 from varedit_deploy.errors import CheckpointError
-from varedit_deploy.model.checkpoint import ReleaseFiles, ours_to_official_transformer
+from varedit_deploy.model.checkpoint import (ReleaseFiles, load_transformer_weights, load_vae_weights,
+                                             ours_to_official_transformer, read_state_file)
 from varedit_deploy.model.loaded import VAREditModel
 
 
@@ -91,12 +92,48 @@ def test_vae_missing_tensor_is_named(release):
         VAREditModel.from_release(folder, config, with_text_encoder=False)
 
 
-def test_cfg_uncond_is_padded_to_text_maxlen(release):
+def test_short_cfg_uncond_is_padded_with_the_official_initial_rows(golden):
+    """The fixtures hold cfg_uncond as the official `Infinity.__init__` made it, so a copy cut to 100
+    rows must load back to the fixture's full tensor: the official loader pads with those rows."""
+    state = dict(read_state_file(golden / "transformer.safetensors"))
+    full = state["cfg_uncond"]
+    model = VAREditModel.empty(load_fixture_config(golden / "config.json"))
+    load_transformer_weights(model.transformer, {**state, "cfg_uncond": full[:100].clone()}, 512, "cut")
+    assert torch.equal(model.transformer.cfg_uncond, full)
+    load_transformer_weights(model.transformer, {**state, "cfg_uncond": torch.cat([full, full[:7]])}, 512, "long")
+    assert torch.equal(model.transformer.cfg_uncond, full)  # a longer one is truncated
+
+
+@pytest.mark.parametrize("prefix", ["_orig_mod.", "module._orig_mod.", "_orig_mod.module."])
+def test_compiled_and_ddp_prefixes_are_stripped(release, prefix):
     folder, config, model = release
-    _rewrite(folder / "2B-512.pth", lambda s: s.__setitem__("cfg_uncond", s["cfg_uncond"][:100].clone()))
+    for name in ("2B-512.pth", "infinity_vae_d32reg.pth"):
+        _rewrite(folder / name, lambda s: [s.__setitem__(prefix + k, s.pop(k)) for k in list(s)])
     loaded = VAREditModel.from_release(folder, config, with_text_encoder=False)
-    assert torch.equal(loaded.transformer.cfg_uncond[:100], model.transformer.cfg_uncond[:100])
-    assert torch.all(loaded.transformer.cfg_uncond[100:] == 0)
+    assert torch.equal(loaded.transformer.head.weight, model.transformer.head.weight)
+    assert torch.equal(loaded.vae.decoder.conv_out.weight, model.vae.decoder.conv_out.weight)
+
+
+def test_vae_dict_extras_are_ignored_and_named_as_the_official_loader_does(release, caplog):
+    folder, config, model = release
+    extras = {"discriminator.conv.weight": torch.zeros(2, 3), "encoder.extra_head.weight": torch.zeros(1)}
+    _rewrite(folder / "infinity_vae_d32reg.pth", lambda s: s.update(extras))
+    with caplog.at_level("WARNING", logger="varedit_deploy.model.checkpoint"):
+        loaded = VAREditModel.from_release(folder, config, with_text_encoder=False)
+    assert torch.equal(loaded.vae.encoder.conv_in.weight, model.vae.encoder.conv_in.weight)
+    assert len(caplog.records) == 1
+    assert "ignored 2 tensors" in caplog.text and "discriminator.conv.weight" in caplog.text
+    _rewrite(folder / "infinity_vae_d32reg.pth", lambda s: s.__setitem__("decoder.conv_out.conv.weight",
+                                                                           torch.zeros(3, 3)))
+    with pytest.raises(CheckpointError, match=r"misshaped: decoder.conv_out.weight"):  # still strict on shapes
+        VAREditModel.from_release(folder, config, with_text_encoder=False)
+
+
+def test_a_flat_vae_file_stays_strict(tmp_path):
+    model = VAREditModel.random(from_name("tiny-2b"))
+    torch.save({**_official_vae_state(model, wrapped=True), "extra.weight": torch.zeros(1)}, tmp_path / "v.pth")
+    with pytest.raises(CheckpointError, match="unknown: extra.weight"):
+        load_vae_weights(model.vae, read_state_file(tmp_path / "v.pth"), "v")
 
 
 def test_missing_and_corrupt_files(release, tmp_path_factory):
@@ -128,8 +165,6 @@ def test_text_encoder_width_mismatch(tmp_path, tiny_text_dir):
 def test_safetensors_transformer_file(tmp_path):
     model = VAREditModel.random(from_name("tiny-8b"))
     save_file(ours_to_official_transformer(model.transformer.state_dict(), 2), str(tmp_path / "t.safetensors"))
-    from varedit_deploy.model.checkpoint import load_transformer_weights, read_state_file
-
     other = VAREditModel.empty(from_name("tiny-8b"))
     load_transformer_weights(other.transformer, read_state_file(tmp_path / "t.safetensors"), 512, "t")
     assert torch.equal(other.transformer.head.weight, model.transformer.head.weight)

@@ -32,8 +32,6 @@ def test_edit_with_random_tiny_model_writes_an_image_of_the_source_size(coffee_p
     (["--image", "{missing}"], "no such file"),
     (["--image", "{text}"], "not a readable image"),
     (["--instruction", "  "], "instruction is empty"),
-    (["--model", "9b-512"], "unknown model"),
-    (["--tau", "0"], "--tau must be positive"),
     (["--out", "{tmp}/x.xyz"], "unknown image extension"),
 ])
 def test_edit_errors_are_specific_and_write_nothing(coffee_png, tmp_path, capsys, argv, message):

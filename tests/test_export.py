@@ -1,11 +1,16 @@
 import json
+import shutil
 
 import numpy as np
 import onnx
 import pytest
 
-from varedit_deploy.artifact import SCHEMA_VERSION, read_manifest
+from conftest import fixture_dir
+from varedit_deploy.artifact import SCHEMA_VERSION, read_manifest, sha256_file
+from varedit_deploy.build.engines import BuildOptions, build_engines, check_engines
+from varedit_deploy.cli import main
 from varedit_deploy.config import from_name
+from varedit_deploy.errors import OutputError
 from varedit_deploy.export.artifacts import export_artifacts
 from varedit_deploy.export.graphs import graph_specs
 from varedit_deploy.model.loaded import VAREditModel
@@ -78,12 +83,11 @@ def test_large_graphs_use_external_data(tmp_path):
     assert onnx.TensorProto.EXTERNAL in locations
 
 
-def test_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
+def test_failed_export_leaves_the_previous_artifact_and_nothing_else(tmp_path, monkeypatch, tiny_artifact):
     import varedit_deploy.export.artifacts as artifacts
 
     out = tmp_path / "art"
-    out.mkdir()
-    (out / "keep.txt").write_text("previous")
+    shutil.copytree(tiny_artifact, out)
     calls = []
 
     def failing(spec, folder, *a):
@@ -95,9 +99,47 @@ def test_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
     original = artifacts.export_graph
     monkeypatch.setattr(artifacts, "export_graph", failing)
     with pytest.raises(RuntimeError, match="simulated"):
-        export_artifacts(VAREditModel.random(from_name("tiny-2b")), out, progress=lambda _: None)
+        export_artifacts(VAREditModel.random(from_name("tiny-2b")), out, progress=lambda _: None, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
-    assert (out / "keep.txt").read_text() == "previous"
+    assert read_manifest(out, full=True).data == read_manifest(tiny_artifact).data  # intact
+
+
+def test_reexport_keeps_engines_of_unchanged_graphs_and_drops_the_others(tmp_path, capsys):
+    golden = fixture_dir("tiny-2b")
+    art = export_artifacts(VAREditModel.from_fixture(golden), tmp_path / "art", progress=lambda _: None,
+                           validate=False)
+    options = {"progress": lambda _: None, "graphs": ["sample", "text_cond"]}
+    kept = build_engines(art, BuildOptions(precision="fp32", target="sm86"), **options)
+    dropped = build_engines(art, BuildOptions(precision="fp32", target="sm80"), **options)
+    data = json.loads((dropped / "engines.json").read_text())
+    data["engines"]["text_cond"]["source_sha256"] = "0" * 64  # as if built from other weights
+    (dropped / "engines.json").write_text(json.dumps(data))
+    engine_sha = sha256_file(kept / "text_cond.engine")
+    capsys.readouterr()
+
+    assert main(["export", "--fixture", str(golden), "--out", str(art), "--overwrite"]) == 0
+    out = capsys.readouterr().out
+    assert f"kept engines/{kept.name}: built from graphs this export reproduces byte for byte" in out
+    assert f"dropped engines/{dropped.name}: graphs changed: text_cond" in out
+    assert sorted(p.name for p in (art / "engines").iterdir()) == [kept.name]
+    assert sha256_file(kept / "text_cond.engine") == engine_sha
+    version = json.loads((kept / "engines.json").read_text())["tensorrt_version"]
+    problems = check_engines(kept, read_manifest(art), version, "sm86")
+    assert problems and all(p.startswith("no engine for graph") for p in problems)  # usable where built
+
+    export_artifacts(VAREditModel.random(from_name("tiny-2b")), art, overwrite=True, validate=False)
+    assert f"dropped engines/{kept.name}: the model or its schedule changed" in capsys.readouterr().out
+    assert not (art / "engines").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_overwrite_refuses_an_artifact_holding_files_it_does_not_list(tiny_artifact, tmp_path):
+    art = tmp_path / "art"
+    shutil.copytree(tiny_artifact, art)
+    (art / "graphs" / "my-notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match=r"does not list \(graphs/my-notes.txt\)"):
+        export_artifacts(VAREditModel.random(from_name("tiny-2b")), art, overwrite=True)
+    assert (art / "graphs" / "my-notes.txt").read_text() == "mine"
 
 
 def test_manifest_round_trips_the_config(tiny_artifact):

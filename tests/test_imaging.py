@@ -1,10 +1,13 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from varedit_deploy.errors import InputError
-from varedit_deploy.imaging import as_rgb, load_image, postprocess, preprocess, save_image
+from conftest import png_header
+from varedit_deploy.errors import InputError, OutputError
+from varedit_deploy.imaging import as_rgb, check_output, load_image, postprocess, preprocess, save_image
 
 
 def _official_transform(pil: Image.Image, size: int) -> torch.Tensor:
@@ -57,6 +60,38 @@ def test_bad_images(tmp_path, photos):
     assert np.asarray(as_rgb(rgba)).min() == 255  # transparent pixels become white, not black
     with pytest.raises(InputError, match="uint8"):
         as_rgb(np.zeros((4, 4, 3), np.float32))
-    with pytest.raises(InputError, match="extension"):
+    with pytest.raises(OutputError, match="extension"):
         save_image(gray.convert("RGB"), tmp_path / "out.tiff2")
     assert not list(tmp_path.glob("out*"))
+
+
+@pytest.mark.parametrize("size, message", [((15, 300), "is 15x300 px"), ((16, 16), None), ((8192, 16), None),
+                                           ((8193, 16), "is 8193x16 px"), ((10000, 10000), "is 10000x10000 px"),
+                                           ((20000, 20000), "too large")])
+def test_photo_sizes_are_checked_from_the_header_before_decoding(tmp_path, size, message):
+    """The files hold a header only: decoding their pixels would fail as truncated, so a size
+    error proves the check came first; Pillow's bomb warning is never what the user sees."""
+    path = tmp_path / "header.png"
+    path.write_bytes(png_header(*size))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(InputError, match=message or "not a readable image"):
+            load_image(path)
+
+
+def test_arrays_from_the_api_get_the_same_limits():
+    assert as_rgb(np.zeros((16, 8192, 3), np.uint8)).size == (8192, 16)
+    for shape in ((8, 8, 3), (1, 1), (16, 8193)):
+        with pytest.raises(InputError, match=f"is {shape[1]}x{shape[0]} px"):
+            as_rgb(np.zeros(shape, np.uint8))
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path):
+    assert check_output(tmp_path / "new" / "folders" / "out.JPG") == tmp_path / "new" / "folders" / "out.JPG"
+    assert not (tmp_path / "new").exists()  # checked, not created
+    (tmp_path / "dir.png").mkdir()
+    with pytest.raises(OutputError, match="is a folder"):
+        check_output(tmp_path / "dir.png")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="is a file, not a folder"):
+        check_output(tmp_path / "file" / "out.png")

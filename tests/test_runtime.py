@@ -7,7 +7,7 @@ from PIL import Image
 
 from varedit_deploy.artifact import read_manifest
 from varedit_deploy.cli import main
-from varedit_deploy.errors import ArtifactError, InputError
+from varedit_deploy.errors import ArtifactError, ConfigError, InputError
 from varedit_deploy.model.edit import edit as reference_edit
 from varedit_deploy.parity import check_fixture
 from varedit_deploy.runtime.kv_cache import KVCache
@@ -48,7 +48,8 @@ def test_onnxruntime_edit_equals_the_eager_reference(pipeline, tiny_model, photo
         assert np.array_equal(ours_bits, rec.bits.numpy())
     diff = np.abs(np.asarray(ours.image, np.int32) - np.asarray(ref.image, np.int32))
     assert ours.image.size == (600, 400) and diff.max() <= 2
-    assert {"text_encoder", "vae_encoder", "transformer", "vae_decoder", "step", "scale_6", "total"} <= set(ours.timings)
+    keys = {"text_encoder", "vae_encoder", "transformer", "vae_decoder", "step", "scale_6", "total"}
+    assert keys <= set(ours.timings_ms)
 
 
 def test_runtime_tokenizer_matches_transformers(tiny_artifact, tiny_model):
@@ -121,7 +122,9 @@ def test_cli_edit_inspect_and_bad_inputs(tiny_artifact, tmp_path, photos, capsys
 def test_inspect_reports_damage(tiny_artifact, tmp_path, capsys):
     art = _broken(tiny_artifact, tmp_path, lambda d: (d / "graphs" / "step.onnx").write_bytes(b"x"))
     assert main(["inspect", str(art)]) == 1
-    assert "DAMAGED" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "PROBLEM damaged: graphs/step.onnx has 1 bytes" in out and "complete and intact" not in out
+    assert err.startswith(f"error: artifact {art} has problems")
 
 
 def test_fixture_artifact_has_no_text_path(golden, tmp_path, capsys):
@@ -132,5 +135,15 @@ def test_fixture_artifact_has_no_text_path(golden, tmp_path, capsys):
     with pytest.raises(ArtifactError, match="no text encoder"):
         pipe.edit(np.zeros((64, 64, 3), np.uint8), "make it red")
     broken = _broken(art, tmp_path / "b", lambda d: (d / "graphs" / "sample.onnx").unlink())
-    with pytest.raises(ArtifactError, match="re-export it: varedit-deploy export --fixture"):
+    with pytest.raises(ArtifactError) as err:  # the hint names the folder being read, not where it was made
         EditPipeline.from_artifacts(broken)
+    assert f"re-export it: varedit-deploy export --fixture {golden} --out {broken} --overwrite" in str(err.value)
+
+
+def test_the_api_enforces_the_sampling_rules_of_the_cli(pipeline, photos):
+    for kwargs, message in (({"seed": -5}, "seed must be"), ({"cfg": float("nan")}, "cfg must be"),
+                            ({"tau": 0.0}, "tau must be")):
+        with pytest.raises(ConfigError, match=message):
+            pipeline.edit(photos["coffee"], "make it red", **kwargs)
+    with pytest.raises(ConfigError, match="seed must be"):
+        pipeline.edit(photos["coffee"], "make it red", noise=NumpyNoise(-5))

@@ -45,3 +45,28 @@ def test_noise_sources():
     assert isinstance(make_noise("torch-cpu", 1), TorchCPUNoise)
     with pytest.raises(ConfigError):
         make_noise("philox", 1)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("cfg", float("nan"), "cfg must be a finite number in"), ("cfg", -1.0, r"\[0, 20\]"), ("cfg", 1e9, r"\[0, 20\]"),
+    ("cfg", True, "cfg must be"), ("tau", 0.0, r"\[0.001, 10\]"), ("tau", float("inf"), "tau must be"),
+    ("top_p", 0.0, r"\(0, 1\]"), ("top_p", 1.01, r"\(0, 1\]"), ("top_k", -1, "top_k must be"),
+    ("seed", -5, "seed must be an integer from 0 to 2\\*\\*63 - 1"), ("seed", 2**63, "seed must be"),
+    ("seed", 1.0, "seed must be"),
+])
+def test_sampling_options_are_checked_wherever_they_are_made(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        SamplingConfig(**{field: value})
+
+
+def test_boundary_values_are_accepted():
+    SamplingConfig(cfg=0.0, tau=0.001, top_p=1.0, seed=0, top_k=0)
+    SamplingConfig(cfg=20.0, tau=10.0, top_p=1e-9, seed=2**63 - 1)
+
+
+@pytest.mark.parametrize("source", [NumpyNoise, TorchCPUNoise])
+def test_every_noise_source_takes_the_same_seeds(source):
+    assert source(2**63 - 1).draw(3).shape == (3, 2)
+    for bad in (-5, 2**63, 0.5):
+        with pytest.raises(ConfigError, match="seed must be"):
+            source(bad)

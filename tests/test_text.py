@@ -3,7 +3,7 @@ import sentencepiece as spm
 import torch
 
 from varedit_deploy.errors import InputError
-from varedit_deploy.model.text import T5TextEncoder
+from varedit_deploy.model.text import T5TextEncoder, dtype_argument
 
 SENTENCES = ["make the sky purple", "  Add a hat   to the cat ", "replace dog\twith lion", "Ünïcode café", ""]
 
@@ -41,3 +41,9 @@ def test_bad_instructions(tiny_text_dir):
         enc.tokenize("   ")
     with pytest.raises(InputError, match="at most 512"):
         enc.tokenize("sky " * 600)
+
+
+@pytest.mark.parametrize("version, keyword", [("4.45.2", "torch_dtype"), ("4.55.4", "torch_dtype"),
+                                               ("4.56.0", "dtype"), ("4.57.0.dev0", "dtype"), ("5.24.0", "dtype")])
+def test_the_dtype_keyword_follows_the_installed_transformers(version, keyword):
+    assert dtype_argument(version) == keyword

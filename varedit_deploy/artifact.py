@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,21 @@ def sha256_file(path: Path) -> str:
 
 def file_record(folder: Path, path: Path) -> dict[str, Any]:
     return {"path": path.relative_to(folder).as_posix(), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def verify_files(folder: Path, records: list[dict[str, Any]], full: bool) -> list[str]:
+    """Problems with recorded files on disk (missing, resized, altered); empty when intact.
+    Files above HASH_ON_LOAD_LIMIT are hashed only when `full`."""
+    problems = []
+    for rec in records:
+        path = folder / rec["path"]
+        if not path.is_file():
+            problems.append(f"missing file {rec['path']}")
+        elif path.stat().st_size != rec["bytes"]:
+            problems.append(f"{rec['path']} has {path.stat().st_size} bytes, the manifest says {rec['bytes']}")
+        elif (full or rec["bytes"] <= HASH_ON_LOAD_LIMIT) and sha256_file(path) != rec["sha256"]:
+            problems.append(f"{rec['path']} was altered (sha256 differs from the manifest)")
+    return problems
 
 
 @dataclass
@@ -69,23 +85,19 @@ class Manifest:
 
     def verify(self, full: bool = False) -> list[str]:
         """Problems with the files on disk (missing, resized, altered); empty when intact."""
-        problems = []
-        for rec in self.all_files():
-            path = self.folder / rec["path"]
-            if not path.is_file():
-                problems.append(f"missing file {rec['path']}")
-            elif path.stat().st_size != rec["bytes"]:
-                problems.append(f"{rec['path']} has {path.stat().st_size} bytes, the manifest says {rec['bytes']}")
-            elif (full or rec["bytes"] <= HASH_ON_LOAD_LIMIT) and sha256_file(path) != rec["sha256"]:
-                problems.append(f"{rec['path']} was altered (sha256 differs from the manifest)")
-        return problems
+        return verify_files(self.folder, self.all_files(), full)
 
 
-def rebuild_hint(data: dict[str, Any] | None) -> str:
-    source = (data or {}).get("source", {})
-    if source.get("command"):
-        return f"re-export it: {source['command']}"
-    return "re-export it with `varedit-deploy export`"
+def rebuild_hint(data: dict[str, Any], folder: Path) -> str:
+    """How to rewrite the artifact in `folder` (the folder being read, wherever it was exported to)."""
+    command = data.get("source", {}).get("command")
+    if not command:
+        return f"re-export it with `varedit-deploy export ... --out {shlex.quote(str(folder))} --overwrite`"
+    args = shlex.split(command)
+    if args[1:2] == ["export"] and "--out" in args[:-1]:
+        args[args.index("--out") + 1] = str(folder)
+        return "re-export it: " + shlex.join(args + ([] if "--overwrite" in args else ["--overwrite"]))
+    return f"it was written by `{command}`: run that again"
 
 
 def read_manifest(folder: str | Path, verify: bool = True, full: bool = False) -> Manifest:
@@ -100,11 +112,12 @@ def read_manifest(folder: str | Path, verify: bool = True, full: bool = False) -
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"artifact {folder}: {MANIFEST} is not valid JSON ({e}); {rebuild_hint(None)}") from None
+        raise ArtifactError(f"artifact {folder}: {MANIFEST} is not valid JSON ({e}); "
+                            "delete the folder and export it again") from None
     version = data.get("schema_version") if isinstance(data, dict) else None
     if version != SCHEMA_VERSION:
-        raise ArtifactError(f"artifact {folder}: manifest schema version {version!r} is not supported "
-                            f"(this varedit-deploy reads version {SCHEMA_VERSION}); {rebuild_hint(data)}")
+        raise ArtifactError(f"artifact {folder}: manifest schema version {version!r} is not supported (this "
+                            f"varedit-deploy reads version {SCHEMA_VERSION}); delete the folder and export it again")
     manifest = Manifest(folder, data)
     try:
         manifest.config
@@ -113,7 +126,7 @@ def read_manifest(folder: str | Path, verify: bool = True, full: bool = False) -
     if verify:
         problems = manifest.verify(full)
         if problems:
-            raise ArtifactError(f"artifact {folder} is damaged: " + "; ".join(problems) + f"; {rebuild_hint(data)}")
+            raise ArtifactError(f"artifact {folder} is damaged: {'; '.join(problems)}; {rebuild_hint(data, folder)}")
     return manifest
 
 

@@ -1,180 +1,249 @@
 """`varedit-deploy`: a thin CLI over the library; each subcommand fills arguments and calls one function.
 
 Heavy modules (torch, onnx, onnxruntime) are imported inside the handlers, so `--help` and
-the torch-free commands start fast. A `VareditError` becomes a one-line message and exit 1.
+the torch-free commands start fast. Every failure the user can fix ends as one line on stderr
+starting with `error:`: exit 2 for options that are malformed, out of range or do not go
+together (argparse's convention), exit 1 for everything else (`VareditError`, and the file
+system's own errors such as a full disk). Destinations are checked before any work starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .errors import VareditError
+from . import __version__
+from .config import PRESETS, SAMPLING_RANGES, SamplingConfig, check_sampling_option, check_seed, sampling_range
+from .errors import ConfigError, VareditError
+
+PROG = "varedit-deploy"
+DEFAULT_MODEL = "2b-512"
+TINY_MODELS = [name for name in PRESETS if name.startswith("tiny-")]
+
+
+class UsageError(VareditError):
+    """Options that are malformed, out of range or do not go together (exit 2, as argparse's own)."""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows '(default: X)' for options with a real default; not for flags or options left unset."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS \
+                or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors raised (one `error:` line in `main`) instead of printed with usage."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+# ------------------------------------------------------------------ option values
+def _value(kind: Callable[[str], object], check: Callable[[object], object]) -> Callable[[str], object]:
+    """An argparse type: parse with `kind`, then apply the library's own check of the value."""
+    def parse(text: str) -> object:
+        try:
+            return check(kind(text))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a {'whole ' if kind is int else ''}number: {text!r}") from None
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
+
+
+def _positive(value: object) -> object:
+    if not 0 < value < float("inf"):  # type: ignore[operator]
+        raise ConfigError(f"must be a positive finite number, got {value!r}")
+    return value
+
+
+def _text_len(value: object) -> object:
+    if not 1 <= value <= 512:  # type: ignore[operator]
+        raise ConfigError(f"must be from 1 to 512 (the text encoder's limit), got {value}")
+    return value
+
+
+def _edit_count(value: object) -> object:
+    if not 1 <= value <= 50:  # type: ignore[operator]
+        raise ConfigError(f"must be from 1 to 50, got {value}")
+    return value
+
+
+def _sampling_value(name: str) -> Callable[[str], object]:
+    return _value(float, lambda v: check_sampling_option(name, v))
+
+
+SEED = _value(int, check_seed)
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling (defaults: the model's own)")
-    g.add_argument("--cfg", type=float, help="classifier-free guidance weight")
-    g.add_argument("--tau", type=float, help="temperature (> 0)")
-    g.add_argument("--seed", type=int, help="noise seed")
-    g.add_argument("--top-p", type=float, dest="top_p", help="drop a bit value whose probability is <= 1 - top_p")
-    g.add_argument("--noise", choices=["torch-cpu", "numpy"], default=None,
-                   help="noise source (torch-cpu replays the official CPU draws)")
+    r = SamplingConfig()
+    g = p.add_argument_group(f"sampling (default: the model's own; releases: cfg {r.cfg:g}, tau {r.tau:g}, "
+                             f"top-p {r.top_p:g}, seed {r.seed})")
+    g.add_argument("--cfg", type=_sampling_value("cfg"),
+                   help=f"classifier-free guidance weight, {sampling_range('cfg')}; 1 turns guidance off")
+    g.add_argument("--tau", type=_sampling_value("tau"), help=f"sampling temperature, {sampling_range('tau')}")
+    g.add_argument("--top-p", type=_sampling_value("top_p"), dest="top_p",
+                   help=f"drop a bit value whose probability is <= 1 - top_p, {sampling_range('top_p')}")
+    g.add_argument("--seed", type=SEED, help="noise seed, an integer from 0 to 2**63 - 1")
+    g.add_argument("--noise", choices=["torch-cpu", "numpy"],
+                   help="noise source: torch-cpu replays the official CPU draws (needs torch); numpy needs no torch "
+                        "(default: torch-cpu for the torch reference, numpy with --artifacts)")
 
 
-def _sampling_from(args: argparse.Namespace, base):
-    import dataclasses
-
-    from .errors import InputError
-
-    updates = {k: getattr(args, k) for k in ("cfg", "tau", "seed", "top_p") if getattr(args, k) is not None}
-    if updates.get("tau", 1.0) <= 0:
-        raise InputError(f"--tau must be positive, got {updates['tau']}")
-    if not 0.0 < updates.get("top_p", 0.5) <= 1.0:
-        raise InputError(f"--top-p must be in (0, 1], got {updates['top_p']}")
-    return dataclasses.replace(base, **updates)
+def _sampling_from(args: argparse.Namespace, base: SamplingConfig) -> SamplingConfig:
+    """The model's sampling defaults with the options given on the command line (already checked)."""
+    return dataclasses.replace(base, **{k: getattr(args, k) for k in SAMPLING_RANGES.keys() | {"seed"}
+                                        if getattr(args, k) is not None})
 
 
+# ------------------------------------------------------------------ handlers
 def _cmd_parity(args: argparse.Namespace) -> int:
     from .parity import check_fixture
 
     report = check_fixture(args.fixture, args.backend)
     print(report.table())
-    return 0 if report.ok else 1
+    if not report.ok:
+        raise VareditError(f"{args.backend} does not reproduce {args.fixture}: see the rows marked NO above")
+    return 0
 
 
 def _cmd_edit(args: argparse.Namespace) -> int:
     from .errors import InputError
-    from .imaging import load_image, save_image
+    from .imaging import check_output, load_image, save_image
+    from .timings import format_timings
 
+    _check_edit_options(args)
     if not args.instruction.strip():
         raise InputError("the instruction is empty; say what to change, e.g. 'make the sky purple'")
+    check_output(args.out)
     image = load_image(args.image)
     if args.artifacts is not None:
         from .runtime.pipeline import EditPipeline
 
         pipe = EditPipeline.from_artifacts(args.artifacts, backend=args.backend or "onnxruntime")
-        sampling = _sampling_from(args, pipe.config.sampling)
-        result = pipe.edit(image, args.instruction, sampling=sampling, noise=args.noise or "numpy")
+        result = pipe.edit(image, args.instruction, sampling=_sampling_from(args, pipe.config.sampling),
+                           noise=args.noise or "numpy")
     else:
         result = _edit_reference(args, image)
     save_image(result.image, args.out)
     print(f"wrote {args.out}")
-    _print_timings(result.timings)
+    print(format_timings(result.timings_ms))
     return 0
+
+
+def _check_edit_options(args: argparse.Namespace) -> None:
+    if args.artifacts is not None:
+        given = [flag for flag, value in (("--model", args.model), ("--text-precision", args.text_precision))
+                 if value is not None]
+        if given:
+            raise UsageError(f"{' and '.join(given)} do not apply to --artifacts: the artifact holds its model "
+                             "and graphs (see `varedit-deploy inspect`)")
+        if args.backend == "torch":
+            raise UsageError("--backend torch runs --checkpoint-dir or --random-weights; with --artifacts use "
+                             "onnxruntime, tensorrt or tensorrt-rtx")
+    elif args.backend not in (None, "torch"):
+        raise UsageError(f"--backend {args.backend} runs exported graphs: give --artifacts DIR (from `export`); "
+                         "--checkpoint-dir and --random-weights run the torch reference")
 
 
 def _edit_reference(args: argparse.Namespace, image):
     from .config import from_name
-    from .errors import InputError
     from .model.edit import edit
     from .model.loaded import VAREditModel
     from .sampling import make_noise
 
-    if args.backend not in (None, "torch"):
-        raise InputError("--checkpoint-dir/--random-weights run the torch reference; use --artifacts for "
-                         f"the {args.backend} backend")
-    config = from_name(args.model)
+    config = from_name(args.model or DEFAULT_MODEL)
     if args.random_weights:
         from .model.tiny_text import write_tiny_text_encoder
 
         model = VAREditModel.random(config, seed=0)
         with tempfile.TemporaryDirectory() as tmp:
             model.attach_text_encoder(write_tiny_text_encoder(tmp, config.transformer.text_channels), "fp32")
-    elif args.checkpoint_dir is not None:
-        model = VAREditModel.from_release(args.checkpoint_dir, config, text_precision=args.text_precision)
     else:
-        raise InputError("say where the model comes from: --checkpoint-dir DIR, --artifacts DIR or --random-weights")
+        model = VAREditModel.from_release(args.checkpoint_dir, config, text_precision=args.text_precision or "fp16")
     sampling = _sampling_from(args, config.sampling)
-    noise = make_noise(args.noise or "torch-cpu", sampling.seed)
-    return edit(model, image, args.instruction, sampling, noise)
+    return edit(model, image, args.instruction, sampling, make_noise(args.noise or "torch-cpu", sampling.seed))
 
 
-def _load_model_for(args: argparse.Namespace):
-    """The model named by --checkpoint-dir/--fixture/--random-weights (exactly one)."""
+def _cmd_export(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .export.artifacts import export_artifacts
+    from .export.destination import check_export_target
+
+    if args.fixture is not None and args.model is not None:
+        raise UsageError("--model does not apply to --fixture: the fixture's config.json holds its model")
+    check_export_target(args.out, args.overwrite)  # before loading anything
+    command = "varedit-deploy " + " ".join(shlex.quote(a) for a in args.argv)
+    with tempfile.TemporaryDirectory() as text_dir:
+        model = _load_model_for(args, Path(text_dir))
+        export_artifacts(model, args.out, precision=args.precision, source={"command": command},
+                         overwrite=args.overwrite)
+    return 0
+
+
+def _load_model_for(args: argparse.Namespace, text_dir: Path):
+    """The model named by --checkpoint-dir, --fixture or --random-weights (a tiny T5 in `text_dir`)."""
     from .config import from_name
-    from .errors import InputError
     from .model.loaded import VAREditModel
 
-    chosen = [x for x in (args.checkpoint_dir, args.fixture, args.random_weights or None) if x is not None]
-    if len(chosen) != 1:
-        raise InputError("give exactly one model source: --checkpoint-dir DIR, --fixture DIR or --random-weights")
     if args.fixture is not None:
         return VAREditModel.from_fixture(args.fixture)
-    config = from_name(args.model)
+    config = from_name(args.model or DEFAULT_MODEL)
     if args.checkpoint_dir is not None:
         return VAREditModel.from_release(args.checkpoint_dir, config, text_precision="fp32")
     from .model.tiny_text import write_tiny_text_encoder
 
     model = VAREditModel.random(config, seed=0)
-    text_dir = args.out.parent / f".{args.out.name}.t5"
     model.attach_text_encoder(write_tiny_text_encoder(text_dir, config.transformer.text_channels), "fp32")
     return model
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
-    import shlex
-    import shutil
-
-    from .export.artifacts import export_artifacts
-
-    model = _load_model_for(args)
-    command = "varedit-deploy " + " ".join(shlex.quote(a) for a in args.argv)
-    try:
-        export_artifacts(model, args.out, precision=args.precision, source={"command": command})
-    finally:
-        shutil.rmtree(args.out.parent / f".{args.out.name}.t5", ignore_errors=True)
-    return 0
-
-
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .artifact import read_manifest
+    from .errors import ArtifactError
+    from .inspection import inspect_artifact
 
-    manifest = read_manifest(args.artifacts, verify=False)
-    data = manifest.data
-    cfg = manifest.config
-    sched = data["schedule"]
-    print(f"artifact {manifest.folder}")
-    print(f"  model {cfg.name}: depth {cfg.transformer.depth}, width {cfg.transformer.dim}, "
-          f"{cfg.transformer.heads} heads, {cfg.transformer.d_tok} bits/token, {sched['image_size']} px, "
-          f"{len(sched['sides'])} scales {sched['sides']}")
-    print(f"  precision {data['precision']}, exported by {data['exporter']}")
-    print(f"  {'graph':<14} {'MB':>9} {'ops':>5}  TensorRT-unsupported")
-    for name, g in manifest.graphs.items():
-        mb = sum(f["bytes"] for f in g["files"]) / 1e6
-        print(f"  {name:<14} {mb:>9.2f} {sum(g['ops'].values()):>5}  {', '.join(g['tensorrt_unsupported_ops']) or '-'}")
-    tok = data.get("tokenizer", {}).get("files", [])
-    print(f"  tokenizer: {', '.join(f['path'] for f in tok) or 'none (fixture export: starts at text_cond)'}")
-    from .build.engines import describe_engine_set
-
-    for engine_set in sorted((manifest.folder / "engines").glob("*/engines.json")):
-        print("\n".join("  " + line for line in describe_engine_set(engine_set.parent)))
-    problems = manifest.verify(full=True)
-    if problems:
-        print("DAMAGED: " + "; ".join(problems))
-        return 1
-    print(f"complete and intact ({len(manifest.all_files())} files, sha256 verified)")
+    lines, intact = inspect_artifact(args.artifacts)
+    print("\n".join(lines))
+    if not intact:
+        raise ArtifactError(f"artifact {args.artifacts} has problems: see the PROBLEM lines above")
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, args.model, args.image, args.instruction, args.seed if args.seed is not None else 0)
+    run_demo(args.out, args.model, args.image, args.instruction, args.seed, args.timed_edits)
     return 0
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
     from .build.engines import BuildOptions, build_engines
 
-    for target in args.target:
-        opts = BuildOptions(flavour=args.flavour, precision=args.precision, target=target,
-                            workspace_gib=args.workspace, weight_streaming=args.weight_streaming,
-                            timing_cache=args.timing_cache)
-        print(f"building {args.flavour} engines for {target}, {args.precision}")
+    defaults = BuildOptions()
+    flavour = args.flavour or defaults.flavour
+    precision = args.precision or defaults.precision
+    targets = args.target or ([defaults.target] if flavour == "tensorrt-rtx" else ["current"])
+    chosen = [("flavour", flavour, args.flavour), ("target", " ".join(targets), args.target),
+              ("precision", precision, args.precision)]
+    print("build: " + ", ".join(f"{name} {value}{'' if given else ' (default)'}" for name, value, given in chosen))
+    for target in targets:
+        opts = BuildOptions(flavour=flavour, precision=precision, target=target, workspace_gib=args.workspace,
+                            weight_streaming=args.weight_streaming, timing_cache=args.timing_cache)
+        print(f"building {flavour} engines for {target}, {precision}")
         build_engines(args.artifacts, opts)
     return 0
 
@@ -182,100 +251,131 @@ def _cmd_build(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from .build.memory_plan import DEVICES, plan_table
     from .config import from_name
-    from .errors import InputError
 
     if (args.device is None) == (args.memory_gib is None):
-        raise InputError(f"give --device ({', '.join(DEVICES)}) or --memory-gib N")
+        raise UsageError(f"give one of --device ({', '.join(DEVICES)}) or --memory-gib N")
     print(plan_table(from_name(args.model), args.device, args.memory_gib, args.workspace, args.text_len))
     return 0
 
 
-def _print_timings(timings: dict[str, float]) -> None:
-    print(f"{'stage':<16} {'ms':>10}")
-    for name, sec in timings.items():
-        print(f"{name:<16} {sec * 1e3:>10.1f}")
-
-
+# ------------------------------------------------------------------ parser
 def _model_source_args(p: argparse.ArgumentParser, third: tuple[str, str]) -> None:
-    src = p.add_argument_group("model source (one of)")
+    src = p.add_argument_group("model source (exactly one)").add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint-dir", type=Path, help="release folder with the official .pth files and flan-t5-xl/")
     src.add_argument(third[0], type=Path, help=third[1])
-    src.add_argument("--random-weights", action="store_true", help="random weights of --model, with a tiny T5")
-    p.add_argument("--model", default="2b-512", help="model preset: 2b-512, 8b-512, 8b-1024, tiny-2b, tiny-8b")
+    src.add_argument("--random-weights", action="store_true",
+                     help="random weights of --model with a tiny T5: a pipeline check, not a trained model")
+    p.add_argument("--model", choices=list(PRESETS), metavar="MODEL",
+                   help=f"model preset with --checkpoint-dir or --random-weights: {', '.join(PRESETS)} "
+                        f"(default: {DEFAULT_MODEL})")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="varedit-deploy", description="Deploy VAREdit: reference, export, runtime.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from .build.engines import RTX_TARGETS, BuildOptions
+    from .build.memory_plan import DEVICES
+    from .build.precision import PRECISIONS
+    from .imaging import MAX_SIDE, MIN_SIDE, OUTPUT_FORMATS
+    from .parity import BACKENDS
+
+    parser = _Parser(prog=PROG, description="Deploy VAREdit: reference, export, runtime.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("parity", help="reproduce a golden fixture of the official code and report the differences")
     p.add_argument("--fixture", required=True, type=Path, help="fixture folder (config.json, *.safetensors)")
-    p.add_argument("--backend", default="torch", help="torch (reference), onnxruntime, tensorrt, tensorrt-rtx")
+    p.add_argument("--backend", default="torch", choices=BACKENDS,
+                   help="torch (the reference) or the exported graphs on onnxruntime, tensorrt, tensorrt-rtx")
     p.set_defaults(func=_cmd_parity)
 
     p = sub.add_parser("edit", help="edit a photo with an instruction")
     _model_source_args(p, ("--artifacts", "exported artifact folder (see `export`)"))
-    p.add_argument("--backend", help="torch (the reference; the default with --checkpoint-dir or --random-weights), "
-                                     "or with --artifacts: onnxruntime (default), tensorrt, tensorrt-rtx")
-    p.add_argument("--text-precision", default="fp16", choices=["fp16", "bf16", "fp32"],
-                   help="T5 precision (fp16 with fp32 FFN output, as official)")
-    p.add_argument("--image", required=True, type=Path)
-    p.add_argument("--instruction", required=True)
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--backend", choices=BACKENDS,
+                   help="torch (the reference: --checkpoint-dir, --random-weights), or with --artifacts: "
+                        "onnxruntime, tensorrt, tensorrt-rtx (default: torch, or onnxruntime with --artifacts)")
+    p.add_argument("--text-precision", choices=["fp16", "bf16", "fp32"],
+                   help="T5 precision with --checkpoint-dir: fp16 keeps the FFN output in fp32, as official "
+                        "(default: fp16)")
+    p.add_argument("--image", required=True, type=Path,
+                   help=f"photo to edit (png, jpg, webp, ...; {MIN_SIDE} to {MAX_SIDE} px on each side)")
+    p.add_argument("--instruction", required=True, help="what to change, e.g. 'make the sky purple'")
+    p.add_argument("--out", required=True, type=Path,
+                   help=f"edited image to write, at the photo's size ({', '.join(OUTPUT_FORMATS)})")
     _sampling_args(p)
     p.set_defaults(func=_cmd_edit)
 
     p = sub.add_parser("export", help="export a model to a folder of ONNX graphs with a manifest")
     _model_source_args(p, ("--fixture", "fixture folder (no T5: the artifact starts at text_cond)"))
-    p.add_argument("--out", required=True, type=Path, help="artifact folder to write (replaced atomically)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"],
-                   help="graph precision (default fp32; engines can also be lowered at build time)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="artifact folder to write: new or empty, or an artifact to replace with --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the artifact in --out (keeps built engines whose graphs do not change)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="graph precision; fp32 graphs can also be lowered when engines are built")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("build", help="build TensorRT / TensorRT-RTX engines from an artifact")
-    p.add_argument("--artifacts", required=True, type=Path)
-    p.add_argument("--flavour", default="tensorrt-rtx", choices=["tensorrt", "tensorrt-rtx"])
-    p.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16"])
-    p.add_argument("--target", nargs="+", default=["sm89"],
-                   help="SM targets for tensorrt-rtx (sm75 sm80 sm86 sm89 sm120 sm121); 'current' for tensorrt")
-    p.add_argument("--timing-cache", type=Path, help="timing cache file to read and update")
-    p.add_argument("--workspace", type=float, help="workspace limit in GiB")
-    p.add_argument("--weight-streaming", action="store_true", help="build with weight streaming enabled")
+    p.add_argument("--artifacts", required=True, type=Path,
+                   help="artifact folder (from `export`); engines go to its engines/ folder")
+    p.add_argument("--flavour", choices=["tensorrt", "tensorrt-rtx"],
+                   help="tensorrt-rtx builds ahead of time on any machine; tensorrt builds on the GPU that runs "
+                        f"the engines (default: {BuildOptions.flavour})")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help=f"engine precision (default: {BuildOptions.precision})")
+    p.add_argument("--target", nargs="+", metavar="TARGET",
+                   help=f"GPU targets: for tensorrt-rtx one or more of {' '.join(RTX_TARGETS)}; for tensorrt "
+                        f"'current' (default: {BuildOptions.target} for tensorrt-rtx, current for tensorrt)")
+    p.add_argument("--timing-cache", type=Path, help="TensorRT timing cache file to read and update")
+    p.add_argument("--workspace", type=_value(float, _positive), help="workspace limit in GiB (default: TensorRT's)")
+    p.add_argument("--weight-streaming", action="store_true",
+                   help="build with weight streaming (part of the weights may stay in host memory)")
     p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("plan", help="memory plan per precision for a device (e.g. Jetson) or a memory size")
-    p.add_argument("--model", default="8b-512")
-    p.add_argument("--device", help="orin-agx-64, orin-agx-32, orin-nx-16, orin-nano-8, thor-128, ...")
-    p.add_argument("--memory-gib", type=float, help="memory available to the process")
-    p.add_argument("--workspace", type=float, default=1.0, help="TensorRT workspace in GiB (default 1)")
-    p.add_argument("--text-len", type=int, default=77, help="instruction tokens to plan for (default 77)")
+    p.add_argument("--model", default="8b-512", choices=list(PRESETS), metavar="MODEL",
+                   help=f"model preset: {', '.join(PRESETS)}")
+    p.add_argument("--device", choices=list(DEVICES), metavar="DEVICE", help=f"one of {', '.join(DEVICES)}")
+    p.add_argument("--memory-gib", type=_value(float, _positive), help="memory available to the process, GiB")
+    p.add_argument("--workspace", type=_value(float, _positive), default=1.0, help="TensorRT workspace in GiB")
+    p.add_argument("--text-len", type=_value(int, _text_len), default=77, help="instruction tokens to plan for, 1-512")
     p.set_defaults(func=_cmd_plan)
 
-    p = sub.add_parser("inspect", help="show what an artifact holds and verify every file's hash")
-    p.add_argument("artifacts", type=Path)
+    p = sub.add_parser("inspect", help="show what an artifact holds and verify every file's size and sha256")
+    p.add_argument("artifacts", type=Path, help="artifact folder (from `export`), engines included")
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("demo", help="build a small model, export it, edit a real photo on ONNX Runtime")
-    p.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (default demo-output)")
-    p.add_argument("--model", default="tiny-2b", help="tiny-2b or tiny-8b")
+    p.add_argument("--out", type=Path, default=Path("demo-output"),
+                   help="output folder: new, empty, or a previous demo's")
+    p.add_argument("--model", default=TINY_MODELS[0], choices=TINY_MODELS, help="small built-in model")
     p.add_argument("--image", type=Path, help="photo to edit (default: the bundled VAREdit sample)")
-    p.add_argument("--instruction", default="make the sky purple")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--instruction", default="make the sky purple", help="what to change")
+    p.add_argument("--seed", type=SEED, default=0, help="noise seed, an integer from 0 to 2**63 - 1")
+    p.add_argument("--timed-edits", type=_value(int, _edit_count), default=5,
+                   help="edits timed on each side after one warm-up each, 1-50")
     p.set_defaults(func=_cmd_demo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    args.argv = argv
     try:
+        args = build_parser().parse_args(argv)
+        args.argv = argv
         return int(args.func(args))
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except VareditError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # the file system's own refusals (disk full, permissions) that no check foresaw
+        print(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print("error: out of memory; try a smaller model or free memory", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("error: interrupted", file=sys.stderr)
         return 130
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,6 +152,38 @@ class VAEConfig:
             raise ConfigError("every VAE channel count must be divisible by 32 (GroupNorm)")
 
 
+# What a sampling option may be (README "Limits"), checked wherever options are made: the CLI,
+# the API and manifests all build a SamplingConfig. Official defaults: cfg 3-4, tau 0.1-1.
+SEED_MAX = 2**63 - 1  # one seed for every backend and noise source (numpy and torch both take it)
+SAMPLING_RANGES: dict[str, tuple[float, float, bool]] = {  # option: low, high, low included
+    "cfg": (0.0, 20.0, True),  # 1 turns guidance off; far above 20 the logits only saturate
+    "tau": (0.001, 10.0, True),  # below 0.001 sampling is greedy already; above 10 it is noise
+    "top_p": (0.0, 1.0, False),
+}
+
+
+def sampling_range(name: str) -> str:
+    """The accepted interval of a sampling option, as text: '[0, 20]', '(0, 1]'."""
+    lo, hi, closed = SAMPLING_RANGES[name]
+    return f"{'[' if closed else '('}{lo:g}, {hi:g}]"
+
+
+def check_sampling_option(name: str, value: object) -> float:
+    """`value` as a float if it is a finite number in the option's range; ConfigError otherwise."""
+    lo, hi, closed = SAMPLING_RANGES[name]
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not (ok and (lo <= value if closed else lo < value) and value <= hi):  # type: ignore[operator]
+        raise ConfigError(f"{name} must be a finite number in {sampling_range(name)}, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def check_seed(seed: object) -> int:
+    """`seed` as an int if it is an integer in [0, 2**63 - 1]; ConfigError otherwise."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= SEED_MAX:
+        raise ConfigError(f"seed must be an integer from 0 to 2**63 - 1, got {seed!r}")
+    return int(seed)
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """Per-edit generation options (the official loop uses the same cfg and tau at every scale)."""
@@ -159,6 +193,13 @@ class SamplingConfig:
     top_k: int = 900
     top_p: float = 0.97
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in SAMPLING_RANGES:
+            check_sampling_option(name, getattr(self, name))
+        check_seed(self.seed)
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral) or self.top_k < 0:
+            raise ConfigError(f"top_k must be a non-negative integer, got {self.top_k!r}")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,11 @@ class ConfigError(VareditError):
 
 
 class InputError(VareditError):
-    """A bad image or instruction."""
+    """A bad image, instruction or option value."""
+
+
+class OutputError(VareditError):
+    """An output path that cannot be written, or that holds files we did not write."""
 
 
 class ArtifactError(VareditError):

@@ -7,31 +7,71 @@ Lanczos has no ONNX form, so this always runs on the host, for every backend.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .errors import InputError
-from .fileio import atomic_path
+from .errors import InputError, OutputError
+from .fileio import atomic_path, check_writable
+
+# Photo sizes we accept (README "Limits"). The model sees the photo at 256-1024 px; the result
+# is resized back to the source size, on a square canvas of the longer side.
+MIN_SIDE = 16  # px, the 2B VAE's patch: a smaller side carries no picture at the model's scale
+MAX_SIDE = 8192  # px: bounds the result canvas to 8192^2 (200 MB of RGB); checked before decoding
+OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP"}
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """Open a photo as RGB, with a clear error for missing, unreadable or non-image files."""
+    """Open a photo as RGB, with a clear error for missing, unreadable, non-image or out-of-range
+    files; the size is checked from the header, before any pixel is decoded."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"image {path} is a folder; give a photo file")
     if not path.is_file():
         raise InputError(f"image {path}: no such file")
     try:
-        with Image.open(path) as img:
-            img.load()
-            return _to_rgb(img, str(path))
+        with warnings.catch_warnings():  # our size limit is far below Pillow's bomb warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except Image.DecompressionBombError:
+        raise InputError(f"image {path}: too large; {_limits()}") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise InputError(f"image {path}: not a readable image ({e})") from None
+    with img:
+        check_size(img.size, str(path))
+        try:
+            img.load()
+            return _to_rgb(img, str(path))
+        except (OSError, ValueError) as e:
+            raise InputError(f"image {path}: not a readable image ({e})") from None
+
+
+def _limits() -> str:
+    return f"photos must be {MIN_SIDE} to {MAX_SIDE} px on each side"
+
+
+def check_size(size: tuple[int, int], name: str) -> None:
+    w, h = size
+    if min(w, h) < MIN_SIDE or max(w, h) > MAX_SIDE:
+        raise InputError(f"image {name} is {w}x{h} px; {_limits()}")
+
+
+def check_output(path: str | Path) -> Path:
+    """Refuse an output image path before any work: a known extension, not a folder, writable."""
+    path = Path(path)
+    if path.suffix.lower() not in OUTPUT_FORMATS:
+        raise OutputError(f"output {path}: unknown image extension {path.suffix.lower()!r}; "
+                          f"use one of {', '.join(OUTPUT_FORMATS)}")
+    if path.is_dir():
+        raise OutputError(f"output {path} is a folder; give a file name such as {path / 'edited.png'}")
+    check_writable(path, "output")
+    return path
 
 
 def _to_rgb(img: Image.Image, name: str) -> Image.Image:
-    if img.width < 1 or img.height < 1:
-        raise InputError(f"image {name}: empty ({img.width}x{img.height})")
+    check_size(img.size, name)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         # Composite on white, like the white padding canvas, instead of dropping alpha to black.
         rgba = img.convert("RGBA")
@@ -81,15 +121,7 @@ def postprocess(decoded: np.ndarray, original_size: tuple[int, int]) -> Image.Im
 
 def save_image(img: Image.Image, path: str | Path) -> Path:
     """Write atomically: a reader never sees a half-written file."""
-    path = Path(path)
+    path = check_output(path)
     with atomic_path(path) as tmp:
-        img.save(tmp, format=_format_for(path))
+        img.save(tmp, format=OUTPUT_FORMATS[path.suffix.lower()])
     return path
-
-
-def _format_for(path: Path) -> str:
-    ext = path.suffix.lower()
-    formats = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP"}
-    if ext not in formats:
-        raise InputError(f"output {path}: unknown image extension {ext!r}; use one of {sorted(formats)}")
-    return formats[ext]

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .config import SamplingConfig
+from .config import SamplingConfig, check_seed
 from .errors import ConfigError, missing_dependency
 
 
@@ -26,8 +26,6 @@ class SamplerInputs:
 
     @classmethod
     def from_params(cls, params: SamplingConfig) -> "SamplerInputs":
-        if params.tau <= 0:
-            raise ConfigError(f"tau must be positive, got {params.tau}")
         threshold = 1.0 - params.top_p
         if params.top_k == 1:  # greedy: the minority bit (p <= 0.5) is always dropped
             threshold = max(threshold, 0.5)
@@ -42,7 +40,9 @@ class SamplerInputs:
 
 
 class NoiseSource(Protocol):
-    """Exp(1) noise for each scale, [n_s * d_tok, 2] float32, drawn in scale order."""
+    """Exp(1) noise for each scale, [n_s * d_tok, 2] float32, drawn in scale order.
+
+    Every source takes the same seeds: integers in [0, 2**63 - 1] (`config.check_seed`)."""
 
     name: str
 
@@ -60,7 +60,7 @@ class TorchCPUNoise:
         except ImportError:
             raise missing_dependency("torch", "export") from None
         self._torch = torch
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(check_seed(seed))
 
     def draw(self, rows: int) -> np.ndarray:
         return self._torch.empty(rows, 2).exponential_(1, generator=self.generator).numpy()
@@ -72,7 +72,7 @@ class NumpyNoise:
     name = "numpy"
 
     def __init__(self, seed: int):
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(check_seed(seed))
 
     def draw(self, rows: int) -> np.ndarray:
         return self.rng.standard_exponential((rows, 2), dtype=np.float32)

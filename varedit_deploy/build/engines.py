@@ -17,16 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..artifact import MANIFEST, Manifest, file_record, read_manifest, sha256_file
-from ..errors import ArtifactError, VareditError
-from ..fileio import atomic_dir
+from ..artifact import MANIFEST, Manifest, file_record, read_manifest, sha256_file, verify_files
+from ..errors import ArtifactError, OutputError, VareditError
+from ..fileio import atomic_dir, check_writable, unlisted_files, write_bytes
 from .network_report import attention_summary, mark_attentions_decomposable, network_record
-from .precision import graph_precision, to_half
+from .precision import PRECISIONS, graph_precision, to_half
 from .profiles import graph_profiles
 from .tensorrt_api import import_tensorrt, make_logger, strongly_typed_network
 
 ENGINE_SCHEMA = 2  # 2: per-graph math mode and parsed network; TF32 off
-PRECISIONS = ("fp32", "fp16", "bf16")
+ENGINE_MANIFEST = "engines.json"
 RTX_TARGETS = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
 
 
@@ -122,9 +122,13 @@ def build_engines(
     builder = trt.Builder(logger)
     names = graphs or list(manifest.graphs)
     out = manifest.folder / "engines" / engine_dir_name(opts.flavour, trt.__version__, target, opts.precision)
+    check_writable(out, "engine folder")
+    _check_replaceable(out)
+    if opts.timing_cache:
+        check_writable(opts.timing_cache, "--timing-cache")
     cache_bytes = opts.timing_cache.read_bytes() if opts.timing_cache and opts.timing_cache.is_file() else None
     records: dict[str, Any] = {}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replace=True) as tmp:
         config = None
         for i, name in enumerate(names, 1):
             t0 = time.perf_counter()
@@ -167,9 +171,9 @@ def build_engines(
             "builder": {"varedit_deploy": __version__, "python": platform.python_version(), "host": platform.node()},
             "rebuild": build_command(manifest.folder, opts),
         }
-        (tmp / "engines.json").write_text(json.dumps(data, indent=1))
+        (tmp / ENGINE_MANIFEST).write_text(json.dumps(data, indent=1))
     if opts.timing_cache and cache_bytes:
-        opts.timing_cache.write_bytes(cache_bytes)
+        write_bytes(opts.timing_cache, cache_bytes)
     progress(f"wrote {out}")
     return out
 
@@ -186,9 +190,9 @@ def describe_engine_set(engine_dir: str | Path) -> list[str]:
     """Lines for `inspect`: what each engine of a set computes in and what TensorRT parsed."""
     engine_dir = Path(engine_dir)
     try:
-        data = json.loads((engine_dir / "engines.json").read_text())
+        data = json.loads((engine_dir / ENGINE_MANIFEST).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        return [f"engines {engine_dir.name}: engines.json is unreadable ({e}); rebuild with `varedit-deploy build`"]
+        return [f"engines {engine_dir.name}: {ENGINE_MANIFEST} is unreadable ({e}); rebuild with `varedit-deploy build`"]
     head = f"engines {engine_dir.name}: {data['flavour']} {data['tensorrt_version']} {data['target']} {data['precision']}"
     if data.get("schema_version") != ENGINE_SCHEMA:
         return [f"{head}: engine manifest schema {data.get('schema_version')!r} records no math mode or layers; "
@@ -202,15 +206,52 @@ def describe_engine_set(engine_dir: str | Path) -> list[str]:
     return lines
 
 
+def _check_replaceable(engine_dir: Path) -> None:
+    """A rebuild replaces an engine set folder only if it holds nothing but that set's files."""
+    if not engine_dir.exists() or not any(engine_dir.iterdir()):
+        return
+    foreign = unlisted_files(engine_dir, engine_set_files(read_engine_manifest(engine_dir)))
+    if foreign:
+        raise OutputError(f"{engine_dir} holds files its {ENGINE_MANIFEST} does not list ({', '.join(foreign)}); "
+                          "move them away before rebuilding: a build deletes only what it wrote")
+
+
+def engine_sets(artifact: Path) -> list[Path]:
+    """The engine set folders of an artifact (`engines/*/`), built or not."""
+    folder = Path(artifact) / "engines"
+    return sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+
+
+def read_engine_manifest(engine_dir: Path) -> dict[str, Any]:
+    path = Path(engine_dir) / ENGINE_MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{engine_dir} has no {ENGINE_MANIFEST}; build engines with `varedit-deploy build`")
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or not isinstance(data.get("engines"), dict):
+            raise ValueError("no engines section")
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path} is not a valid engine manifest ({e}); rebuild the engines") from None
+    return data
+
+
+def engine_set_files(data: dict[str, Any]) -> list[str]:
+    """Every file an engine set consists of, relative to its folder."""
+    files = [ENGINE_MANIFEST, *(rec["path"] for rec in data["engines"].values())]
+    return files + ([data["timing_cache"]] if data.get("timing_cache") else [])
+
+
+def verify_engine_set(engine_dir: Path, data: dict[str, Any], full: bool) -> list[str]:
+    """Engine files missing, resized or (with `full`, or when small) altered; empty when intact."""
+    return verify_files(Path(engine_dir), list(data["engines"].values()), full)
+
+
 def check_engines(engine_dir: str | Path, manifest: Manifest, tensorrt_version: str,
                   compute_capability: str | None) -> list[str]:
-    """What keeps these engines from running here (empty when they can): artifact, library, GPU."""
+    """What keeps these engines from running here (empty when they can): artifact, files, library, GPU."""
     engine_dir = Path(engine_dir)
-    path = engine_dir / "engines.json"
-    if not path.is_file():
-        raise ArtifactError(f"{engine_dir} has no engines.json; build engines with `varedit-deploy build`")
-    data = json.loads(path.read_text())
-    problems = []
+    data = read_engine_manifest(engine_dir)
+    problems = verify_engine_set(engine_dir, data, full=False)
     if data.get("schema_version") != ENGINE_SCHEMA:
         problems.append(f"engine manifest schema {data.get('schema_version')!r}, this runtime reads {ENGINE_SCHEMA}")
     if data.get("artifact_manifest_sha256") != sha256_file(manifest.folder / MANIFEST):
@@ -221,8 +262,6 @@ def check_engines(engine_dir: str | Path, manifest: Manifest, tensorrt_version: 
             problems.append(f"no engine for graph {name}")
         elif rec["source_sha256"] != manifest.graphs[name]["files"][0]["sha256"]:
             problems.append(f"engine {name} was built from a different {rec['source']}")
-        elif not (engine_dir / rec["path"]).is_file():
-            problems.append(f"engine file {rec['path']} is missing")
         elif rec.get("math", {}).get("precision") == "fp32" and rec["math"]["tf32"]:
             problems.append(f"engine {name} is meant to be fp32 but was built with TF32 ({math_summary(rec['math'])})")
     if data.get("tensorrt_version") != tensorrt_version:

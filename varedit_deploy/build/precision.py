@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+PRECISIONS = ("fp32", "fp16", "bf16")  # of exported graphs and of built engines
 # Graphs whose weights and matrix work are lowered; the small ones (text condition, sampler,
 # next-scale inputs with the running code sum) stay fp32 in every engine set.
 HALF_GRAPHS = ("text_encoder", "vae_encoder", "vae_decoder", "source_pass", "step")

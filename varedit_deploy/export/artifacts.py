@@ -5,7 +5,8 @@ norms, softmax, reductions and all graph I/O in fp32); fp32 artifacts can also b
 engine build time instead.
 
 The folder is written under a temporary name and renamed when complete, so an interrupted
-export never leaves something that looks like an artifact.
+export never leaves something that looks like an artifact; what it may replace, and which
+built engines it keeps, is decided in `destination.py`.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ from typing import Any
 
 from .. import __version__
 from ..artifact import file_record, write_manifest
-from ..build.precision import graph_precision
+from ..build.precision import PRECISIONS, graph_precision
 from ..errors import ConfigError
 from ..fileio import atomic_dir
 from ..model.loaded import VAREditModel
+from .destination import carry_engines, check_export_target
 from .graphs import graph_specs
 from .onnx_export import EXTERNAL_DATA_BYTES, compare_with_module, convert_graph, export_graph
 
-PRECISIONS = ("fp32", "fp16", "bf16")
 TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -64,17 +65,20 @@ def export_artifacts(
     progress: Callable[[str], None] = print,
     external_data_bytes: int = EXTERNAL_DATA_BYTES,
     validate: bool = True,
+    overwrite: bool = False,
 ) -> Path:
-    """Export every graph of `model` into the artifact folder `out` (replaced atomically)."""
+    """Export every graph of `model` into the artifact folder `out`: a new or empty folder, or
+    with `overwrite` an existing artifact (replaced atomically, keeping still-valid engines)."""
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    out = Path(out)
+    previous = check_export_target(out, overwrite)
     import onnx
     import torch
 
-    out = Path(out)
     specs = graph_specs(model, _fp32_t5(model))
     graphs: dict[str, dict[str, Any]] = {}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replace=previous is not None) as tmp:
         (tmp / "graphs").mkdir()
         for i, spec in enumerate(specs, 1):
             t0 = time.perf_counter()
@@ -103,6 +107,7 @@ def export_artifacts(
             "exporter": {"varedit_deploy": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
                          "python": platform.python_version()},
         })
+        carry_engines(previous, tmp, progress)
     progress(f"wrote {out}")
     return out
 

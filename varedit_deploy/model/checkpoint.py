@@ -1,8 +1,9 @@
 """Loading the official release files strictly (spec/transformer.md 5, spec/vae-text.md 1.7).
 
 The official loaders are non-strict: a renamed or misshaped tensor silently stays random.
-Ours maps the official names onto our modules and then fails on any missing, unknown or
-misshaped tensor, naming each one.
+Ours maps the official names onto our modules and then fails on any missing or misshaped
+tensor, naming each one; unknown tensors fail too, except inside a VAE file's `vae` dict,
+which the official loader reads leniently (we name what was ignored, in a note).
 
 Release folder layout (as published): `2B-512.pth`, `8B-512.pth`, `8B-1024.pth`,
 `infinity_vae_d32reg.pth`, `infinity_vae_d56_f8_14_patchify.pth`, `flan-t5-xl/`.
@@ -10,6 +11,7 @@ Release folder layout (as published): `2B-512.pth`, `8B-512.pth`, `8B-1024.pth`,
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,11 +25,14 @@ from ..errors import CheckpointError
 
 # Nesting keys seen in trainer checkpoints; we descend through them to the flat state dict.
 _NESTING_KEYS = ("trainer", "gpt_fsdp", "gpt_wo_ddp", "model", "state_dict", "module", "gpt")
+# Key prefixes of wrapped modules: DDP (`module.`) and torch.compile (`_orig_mod.`), in any order.
+_WRAPPER_PREFIX = re.compile(r"^(?:module\.|_orig_mod\.)+")
 # Buffers the official Infinity.load_state_dict drops.
 _DROPPED_BUFFERS = ("lvl_1L", "attn_bias_for_masking", "Infinity_visible_kvlen", "Infinity_invisible_qlen")
 _CHUNK_KEY = re.compile(r"^block_chunks\.(\d+)\.module\.(\d+)\.(.+)$")
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _VAE_WRAPPER = re.compile(r"\.(conv|norm)\.(weight|bias)$")
+_log = logging.getLogger(__name__)  # unconfigured, a warning reaches stderr as its bare message
 
 
 def read_state_file(path: str | Path) -> Mapping[str, object]:
@@ -46,19 +51,13 @@ def read_state_file(path: str | Path) -> Mapping[str, object]:
 
 
 def _unnest(state: Mapping[str, object], source: str) -> dict[str, torch.Tensor]:
-    """Descend through trainer nesting to the dict of tensors; strip DDP `module.` prefixes."""
+    """Descend through trainer nesting to the dict of tensors; strip `module.`/`_orig_mod.` prefixes."""
     while not any(isinstance(v, torch.Tensor) for v in state.values()):
         key = next((k for k in _NESTING_KEYS if isinstance(state.get(k), Mapping)), None)
         if key is None:
             raise CheckpointError(f"{source}: no state dict found (top-level keys: {sorted(state)[:10]})")
         state = state[key]  # type: ignore[assignment]
-    out = {}
-    for k, v in state.items():
-        if isinstance(v, torch.Tensor):
-            while k.startswith("module."):
-                k = k[len("module."):]
-            out[k] = v
-    return out
+    return {_WRAPPER_PREFIX.sub("", k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
 def _block_index_map(keys: list[str]) -> dict[tuple[int, int], int]:
@@ -77,12 +76,21 @@ def official_to_ours_transformer(state: dict[str, torch.Tensor], text_maxlen: in
         if m := _CHUNK_KEY.match(key):
             key = f"blocks.{index[(int(m[1]), int(m[2]))]}.{m[3]}"
         out[key] = value
-    if "cfg_uncond" in out:  # the official loader pads or truncates it to text_maxlen rows
+    if "cfg_uncond" in out:  # the official loader pads (with its initial rows) or truncates to text_maxlen
         rows = out["cfg_uncond"]
         if rows.shape[0] < text_maxlen:
-            rows = torch.cat([rows, torch.zeros(text_maxlen - rows.shape[0], *rows.shape[1:], dtype=rows.dtype)])
+            rows = torch.cat([rows, official_uncond_init(text_maxlen, rows.shape[1])[rows.shape[0]:].to(rows.dtype)])
         out["cfg_uncond"] = rows[:text_maxlen]
     return out
+
+
+def official_uncond_init(text_maxlen: int, channels: int) -> torch.Tensor:
+    """`cfg_uncond` as `Infinity.__init__` makes it: trunc-normal, std 1.2, bounds +-2, from a CPU
+    generator seeded 0, divided by sqrt(channels) (spec/vae-text.md 4); the official loader pads
+    a shorter checkpoint tensor with its trailing rows."""
+    rows = torch.empty(text_maxlen, channels)
+    torch.nn.init.trunc_normal_(rows, std=1.2, generator=torch.Generator().manual_seed(0))
+    return rows / channels**0.5
 
 
 def ours_to_official_transformer(state: Mapping[str, torch.Tensor], chunks: int) -> dict[str, torch.Tensor]:
@@ -117,11 +125,14 @@ def official_to_ours_vae(state: dict[str, torch.Tensor], expected: set[str]) -> 
     return out
 
 
-def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Copy `state` into `module`, failing with the name of every missing/unknown/misshaped tensor."""
+def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: str,
+                ignore_unknown: bool = False) -> list[str]:
+    """Copy `state` into `module`, failing with the name of every missing/misshaped tensor, and of
+    every unknown one unless `ignore_unknown`; returns the unknown names that were ignored."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unknown = sorted(set(state) - set(expected))
+    ignored, unknown = (unknown, []) if ignore_unknown else ([], unknown)
     misshaped = [
         f"{k}: file {tuple(state[k].shape)}, model {tuple(expected[k].shape)}"
         for k in sorted(set(state) & set(expected))
@@ -134,7 +145,8 @@ def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: st
             problems.append(f"{label}: {shown}")
     if problems:
         raise CheckpointError(f"{source} does not match the model configuration; " + "; ".join(problems))
-    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items() if k in expected}, strict=True)
+    return ignored
 
 
 def load_transformer_weights(model: nn.Module, raw: Mapping[str, object], text_maxlen: int, source: str) -> None:
@@ -142,9 +154,15 @@ def load_transformer_weights(model: nn.Module, raw: Mapping[str, object], text_m
 
 
 def load_vae_weights(model: nn.Module, raw: Mapping[str, object], source: str) -> None:
-    state = raw["vae"] if isinstance(raw.get("vae"), Mapping) else raw
-    state = _unnest(state, source)  # type: ignore[arg-type]
-    load_strict(model, official_to_ours_vae(state, set(model.state_dict())), source)
+    """A release file's `vae` dict leniently about unknown tensors (as the official `load_cnn`),
+    anything else strictly."""
+    release = isinstance(raw.get("vae"), Mapping)
+    state = _unnest(raw["vae"] if release else raw, source)  # type: ignore[arg-type]
+    ignored = load_strict(model, official_to_ours_vae(state, set(model.state_dict())), source, ignore_unknown=release)
+    if ignored:
+        shown = ", ".join(ignored[:8]) + (", ..." if len(ignored) > 8 else "")
+        _log.warning(f"note: {source}: ignored {len(ignored)} tensors the VAE does not have, as the official "
+                     f"loader does: {shown}")
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from ..config import SamplingConfig
 from ..errors import InputError
 from ..imaging import as_rgb, postprocess, preprocess
 from ..sampling import NoiseSource, SamplerInputs, TorchCPUNoise
+from ..timings import ms_since
 from .codes import NextScaleInput, latent_to_tokens
 from .loaded import VAREditModel
 from .sampler import guided_logits, sample_bits
@@ -34,7 +35,7 @@ class ScaleRecord:
 class Generation:
     summed: torch.Tensor  # [1, d, H, W] accumulated codes, the decoder input
     scales: list[ScaleRecord] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
+    timings_ms: dict[str, float] = field(default_factory=dict)  # see varedit_deploy.timings
 
 
 @torch.inference_mode()
@@ -53,10 +54,10 @@ def generate(
 
     t0 = time.perf_counter()
     cond = tr.text_condition(text_features)
+    timings["text_condition"] = ms_since(t0)
     t1 = time.perf_counter()
     src = tr.source_pass(source_prefix, cond.modulation, cond.text_k, cond.text_v)
-    t2 = time.perf_counter()
-    timings["text_condition"], timings["source_pass"] = t1 - t0, t2 - t1
+    timings["source_pass"] = ms_since(t1)
 
     h, c = cfg.transformer.heads, cfg.transformer.head_dim
     past_k = [text_features.new_zeros(0, 2, h, c), *src.layer_k]
@@ -79,15 +80,15 @@ def generate(
         summed, tokens = NextScaleInput(cfg, s)(fed, summed)
         if tokens is not None:
             x = tr.embed_tokens(tokens, s + 1)
-        timings[f"scale_{s}"] = time.perf_counter() - ts
-    out.summed, out.timings = summed, timings
+        timings[f"scale_{s}"] = ms_since(ts)
+    out.summed, out.timings_ms = summed, timings
     return out
 
 
 @dataclass
 class EditResult:
     image: Image.Image
-    timings: dict[str, float]
+    timings_ms: dict[str, float]  # milliseconds per stage and part (varedit_deploy.timings)
     generation: Generation
 
 
@@ -119,7 +120,8 @@ def edit(
     decoded = model.vae.decoder(gen.summed)
     result = postprocess(decoded.numpy(), img.size)
     t4 = time.perf_counter()
-    timings.update(text_encoder=t1 - t0, vae_encoder=t2 - t1, transformer=t3 - t2, vae_decoder=t4 - t3)
-    timings.update(gen.timings)
-    timings["total"] = t4 - t0
+    timings.update(text_encoder=(t1 - t0) * 1e3, vae_encoder=(t2 - t1) * 1e3, transformer=(t3 - t2) * 1e3,
+                   vae_decoder=(t4 - t3) * 1e3)
+    timings.update(gen.timings_ms)
+    timings["total"] = (t4 - t0) * 1e3
     return EditResult(result, timings, gen)

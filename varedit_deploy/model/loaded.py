@@ -45,6 +45,8 @@ class VAREditModel:
     @classmethod
     def from_fixture(cls, folder: str | Path) -> "VAREditModel":
         folder = Path(folder)
+        if not folder.is_dir():
+            raise CheckpointError(f"fixture {folder}: no such folder")
         config = load_fixture_config(folder / "config.json")
         model = cls.empty(config)
         for name in ("transformer.safetensors", "vae.safetensors"):

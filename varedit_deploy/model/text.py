@@ -25,6 +25,13 @@ def _transformers():
     return transformers
 
 
+def dtype_argument(version: str) -> str:
+    """The `from_pretrained` keyword for the weights' dtype: transformers 4.56 renamed `torch_dtype`
+    to `dtype`; older versions store an unknown `dtype` in the config, which then fails to save."""
+    major, minor = (int(part) for part in version.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
 def load_tokenizer(folder: str | Path):
     """AutoTokenizer as the official code loads it (legacy=True, model_max_length 512)."""
     tf = _transformers()
@@ -61,7 +68,8 @@ class T5TextEncoder:
         tf = _transformers()
         self.tokenizer = load_tokenizer(folder)
         try:
-            model = tf.T5EncoderModel.from_pretrained(str(folder), dtype=_DTYPES[precision])
+            dtype = {dtype_argument(tf.__version__): _DTYPES[precision]}
+            model = tf.T5EncoderModel.from_pretrained(str(folder), **dtype)
         except Exception as e:
             raise CheckpointError(f"text encoder in {folder}: cannot be loaded ({type(e).__name__}: {e})") from None
         self.model = model.to(device).eval()

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..artifact import Manifest
 from ..sampling import NoiseSource, SamplerInputs
+from ..timings import ms_since
 from .backend import Backend
 from .kv_cache import KVCache
 
@@ -24,7 +25,7 @@ class LoopOutput:
     summed: object  # [1, d, H, W]: the loop's buffer (host or device), valid until the next run
     bits: list[np.ndarray] = field(default_factory=list)  # per scale [1, n, d_tok], as sampled
     guided_logits: list[np.ndarray] = field(default_factory=list)  # per scale [n * d_tok, 2]
-    timings: dict[str, float] = field(default_factory=dict)
+    timings_ms: dict[str, float] = field(default_factory=dict)  # see varedit_deploy.timings
 
 
 class ScaleLoop:
@@ -62,7 +63,7 @@ class ScaleLoop:
     def _timed(self, timings: dict[str, float], key: str, graph: str, inputs, outputs) -> None:
         t0 = time.perf_counter()
         self.backend.graph(graph).run(inputs, outputs)
-        timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+        timings[key] = timings.get(key, 0.0) + ms_since(t0)
 
     def run(
         self,
@@ -124,6 +125,6 @@ class ScaleLoop:
                 next_out["x_next"] = self.x[s + 1]
             self._timed(timings, "next_input", f"next_input_{s}", {"bits": fed, "summed_codes": summed_in}, next_out)
             summed_in, summed_out = summed_out, summed_in
-            timings[f"scale_{s}"] = time.perf_counter() - ts
-        out.summed, out.timings = summed_in, timings
+            timings[f"scale_{s}"] = ms_since(ts)
+        out.summed, out.timings_ms = summed_in, timings
         return out

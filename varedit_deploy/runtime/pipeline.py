@@ -27,7 +27,7 @@ from .tokenizer import Tokenizer
 @dataclass
 class EditResult:
     image: Image.Image
-    timings: dict[str, float]
+    timings_ms: dict[str, float]  # milliseconds per stage and part (varedit_deploy.timings)
     loop: LoopOutput
 
 
@@ -133,9 +133,10 @@ class EditPipeline:
         t3 = time.perf_counter()
         result = postprocess(self.decode(loop.summed), img.size)
         t4 = time.perf_counter()
-        timings = {"text_encoder": t1 - t0, "vae_encoder": t2 - t1, "transformer": t3 - t2, "vae_decoder": t4 - t3}
-        timings.update(loop.timings)
-        timings["total"] = t4 - t0
+        timings = {"text_encoder": (t1 - t0) * 1e3, "vae_encoder": (t2 - t1) * 1e3, "transformer": (t3 - t2) * 1e3,
+                   "vae_decoder": (t4 - t3) * 1e3}
+        timings.update(loop.timings_ms)
+        timings["total"] = (t4 - t0) * 1e3
         return EditResult(result, timings, loop)
 
     def close(self) -> None:

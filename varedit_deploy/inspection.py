@@ -1,0 +1,78 @@
+"""`varedit-deploy inspect`: what an artifact holds, and whether every file is what its manifest says.
+
+Graphs and tokenizer files are checked against the artifact manifest, each built engine set
+against its engine manifest (size and sha256 of every file, in full), and each engine set
+against the artifact: engines built from another export of it cannot run and are reported.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .artifact import MANIFEST, Manifest, read_manifest, sha256_file
+from .build.engines import describe_engine_set, engine_sets, read_engine_manifest, verify_engine_set
+from .errors import ArtifactError
+
+
+def inspect_artifact(folder: str | Path) -> tuple[list[str], bool]:
+    """Readable lines describing the artifact in `folder`, and whether everything is intact."""
+    manifest = read_manifest(folder, verify=False)
+    data, cfg = manifest.data, manifest.config
+    sched = data["schedule"]
+    lines = [
+        f"artifact {manifest.folder}",
+        f"  model {cfg.name}: depth {cfg.transformer.depth}, width {cfg.transformer.dim}, "
+        f"{cfg.transformer.heads} heads, {cfg.transformer.d_tok} bits/token, {sched['image_size']} px, "
+        f"{len(sched['sides'])} scales {sched['sides']}",
+        f"  precision {data['precision']}; exported by {_exported_by(data.get('exporter', {}))}",
+        f"  {'graph':<14} {'MB':>9} {'ops':>5}  TensorRT-unsupported",
+    ]
+    for name, g in manifest.graphs.items():
+        mb = sum(f["bytes"] for f in g["files"]) / 1e6
+        unsupported = ", ".join(g["tensorrt_unsupported_ops"]) or "-"
+        lines.append(f"  {name:<14} {mb:>9.2f} {sum(g['ops'].values()):>5}  {unsupported}")
+    tok = data.get("tokenizer", {}).get("files", [])
+    lines.append(f"  tokenizer: {', '.join(f['path'] for f in tok) or 'none (fixture export: starts at text_cond)'}")
+    problems = [f"damaged: {p}" for p in manifest.verify(full=True)]
+    checked = len(manifest.all_files())
+    sets = engine_sets(manifest.folder)
+    for engine_dir in sets:
+        line, engine_problems, files = _engine_set(engine_dir, manifest)
+        lines.append(line)
+        if not engine_problems:  # what each engine computes in and what TensorRT parsed
+            lines += ["  " + detail for detail in describe_engine_set(engine_dir)[1:]]
+        problems += engine_problems
+        checked += files
+    if not sets:
+        lines.append("  engines: none built (see `varedit-deploy build`)")
+    if problems:
+        lines += [f"PROBLEM {p}" for p in problems]
+    else:
+        lines.append(f"complete and intact ({checked} files, sizes and sha256 verified)")
+    return lines, not problems
+
+
+def _exported_by(exporter: dict[str, str]) -> str:
+    names = {"varedit_deploy": "varedit-deploy", "python": "Python"}
+    return ", ".join(f"{names.get(k, k)} {v}" for k, v in exporter.items()) or "unknown"
+
+
+def _engine_set(engine_dir: Path, manifest: Manifest) -> tuple[str, list[str], int]:
+    """One line about an engine set, its problems, and how many of its files were checked."""
+    where = engine_dir.relative_to(manifest.folder).as_posix()
+    try:
+        data = read_engine_manifest(engine_dir)
+    except ArtifactError as e:
+        return f"  {where}: unreadable", [str(e)], 0
+    records = data["engines"]
+    mb = sum(r["bytes"] for r in records.values()) / 1e6
+    problems = [f"damaged: {where}/{p}" for p in verify_engine_set(engine_dir, data, full=True)]
+    if data.get("artifact_manifest_sha256") != sha256_file(manifest.folder / MANIFEST):
+        problems.append(f"stale: {where} was built from another export of this artifact; rebuild it: "
+                        f"{data.get('rebuild', 'varedit-deploy build')}")
+    lacking = sorted(set(manifest.graphs) - set(records))
+    if lacking:
+        problems.append(f"incomplete: {where} has no engine for {', '.join(lacking)}")
+    line = (f"  {where}: {len(records)} engines, {mb:.2f} MB, {data.get('flavour')} "
+            f"{data.get('tensorrt_version')} for {data.get('target')}, {data.get('precision')}")
+    return line, problems, len(records)
