@@ -9,6 +9,7 @@ noise in, the bits and guided logits out (for the caller), the summed codes out.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -17,6 +18,10 @@ from ..artifact import Manifest
 from ..sampling import NoiseSource, SamplerInputs
 from .backend import Backend
 from .kv_cache import KVCache
+
+# Called after each scale with (scale, summed codes buffer): previews, cancellation and deadlines
+# happen between scales; an exception raised by the hook ends the edit there.
+ScaleHook = Callable[[int, object], None]
 
 
 @dataclass
@@ -71,6 +76,7 @@ class ScaleLoop:
         sampler: SamplerInputs,
         noise: NoiseSource,
         teacher_bits: list[np.ndarray] | None = None,
+        on_scale: ScaleHook | None = None,
     ) -> LoopOutput:
         t, be = self.tcfg, self.backend
         timings: dict[str, float] = {}
@@ -125,5 +131,7 @@ class ScaleLoop:
             self._timed(timings, "next_input", f"next_input_{s}", {"bits": fed, "summed_codes": summed_in}, next_out)
             summed_in, summed_out = summed_out, summed_in
             timings[f"scale_{s}"] = time.perf_counter() - ts
+            if on_scale is not None:
+                on_scale(s, summed_in)
         out.summed, out.timings = summed_in, timings
         return out
