@@ -186,6 +186,32 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from .errors import InputError
+    from .serve.options import ServeOptions
+    from .serve.server import serve
+
+    given = {k: v for k, v in vars(args).items() if k in ServeOptions.__dataclass_fields__ and v is not None}
+    if "cors_origins" in given:
+        given["cors_origins"] = tuple(given["cors_origins"])
+    for mib in ("max_upload_mib", "cache_mib"):
+        if getattr(args, mib) is not None and getattr(args, mib) < 0:
+            raise InputError(f"--{mib.replace('_', '-')} must be >= 0")
+    if args.max_upload_mib is not None:
+        given["max_upload_bytes"] = int(args.max_upload_mib * 2**20)
+    if args.cache_mib is not None:
+        given["text_cache_bytes"] = given["image_cache_bytes"] = int(args.cache_mib * 2**20)
+    given.setdefault("api_key", os.environ.get("VAREDIT_API_KEY") or None)
+    for name in ("max_batch", "max_queue", "workers", "max_pixels"):
+        if given.get(name, 1) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+    if given.get("timeout_s", 1.0) <= 0:
+        raise InputError("--timeout must be positive")
+    return serve(ServeOptions(**given), log_level=args.log_level)
+
+
 def _print_timings(timings: dict[str, float]) -> None:
     print(f"{'stage':<16} {'ms':>10}")
     for name, sec in timings.items():
@@ -250,6 +276,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="show what an artifact holds and verify every file's hash")
     p.add_argument("artifacts", type=Path)
     p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("serve", help="serve edits over HTTP: OpenAI-style POST /v1/images/edits (needs [serve])",
+                       description="An OpenAI Images API compatible edit server; see docs/serving.md. "
+                                   "Defaults are in varedit_deploy/serve/options.py.")
+    p.add_argument("--artifacts", required=True, help="exported artifact folder (see `export`)")
+    p.add_argument("--backend", choices=["onnxruntime", "tensorrt", "tensorrt-rtx"], help="default onnxruntime")
+    p.add_argument("--host", help="interface to listen on (default 127.0.0.1: loopback only)")
+    p.add_argument("--port", type=int, help="default 8000")
+    p.add_argument("--api-key", dest="api_key",
+                   help="require 'Authorization: Bearer KEY' on /v1/* (or set VAREDIT_API_KEY)")
+    p.add_argument("--model-name", dest="model_name", help="model id in /v1/models (default varedit-<preset>)")
+    p.add_argument("--workers", type=int, help="pipelines, one per device (TensorRT: GPUs 0..N-1); default 1")
+    p.add_argument("--max-batch", dest="max_batch", type=int, help="edits per pipeline call (default 1)")
+    p.add_argument("--batch-window-ms", dest="batch_window_ms", type=float,
+                   help="how long a worker waits to fill a batch (default 5)")
+    p.add_argument("--max-queue", dest="max_queue", type=int, help="edits waiting before 429 (default 64)")
+    p.add_argument("--timeout", dest="timeout_s", type=float, help="per-request deadline in s (default 300)")
+    p.add_argument("--max-upload-mib", dest="max_upload_mib", type=float, help="request body limit (default 20)")
+    p.add_argument("--max-pixels", dest="max_pixels", type=int, help="source image pixel limit (default 4096^2)")
+    p.add_argument("--cache-mib", dest="cache_mib", type=float,
+                   help="size of each of the T5 and VAE-encoder caches (default 64; 0 turns them off)")
+    p.add_argument("--cors-origin", dest="cors_origins", action="append",
+                   help="allow browser calls from this origin (repeatable; default: no CORS)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("demo", help="build a small model, export it, edit a real photo on ONNX Runtime")
     p.add_argument("--out", type=Path, default=Path("demo-output"), help="output folder (default demo-output)")
