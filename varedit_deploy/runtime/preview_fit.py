@@ -52,12 +52,12 @@ def training_states(pipe: "EditPipeline", edits: int = len(INSTRUCTIONS)) -> lis
 
 
 def fit_projection(states: list[np.ndarray], decode: Callable[[np.ndarray], np.ndarray], patch: int,
-                   kernel: int = KERNEL) -> tuple[PreviewProjection, dict]:
+                   kernel: int = KERNEL, ridge: float = RIDGE) -> tuple[PreviewProjection, dict]:
     """Ridge least squares from neighbourhoods of `states` to the patches `decode` makes of them."""
     x = np.concatenate([neighbourhoods(s, kernel) for s in states]).astype(np.float64)
     y = np.concatenate([patches(decode(s), patch) for s in states]).astype(np.float64)
     gram = x.T @ x
-    gram += RIDGE * np.trace(gram) / len(gram) * np.eye(len(gram))
+    gram += ridge * np.trace(gram) / len(gram) * np.eye(len(gram))
     weights = np.linalg.solve(gram, x.T @ y).astype(np.float32)
     projection = PreviewProjection(weights, kernel, patch)
     err = np.clip(x @ weights, -1, 1) - y

@@ -21,7 +21,7 @@ def make_server(options: ServeOptions, log_level: str = "info"):
     """A uvicorn server for `options` whose state loads when `serve` starts it."""
     uvicorn = require("uvicorn", "serve")
     require("starlette", "serve")
-    require("multipart", "serve", package="python-multipart")
+    require("python_multipart", "serve", package="python-multipart")
     require("prometheus_client", "serve", package="prometheus-client")
     from .app import create_app
     from .state import ServerState
