@@ -23,7 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as `varedit-deploy serve` runs numpy
+import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
