@@ -17,11 +17,10 @@ import argparse
 import json
 import os
 import platform
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
+
+from demo_artifact import artifact_or_demo
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as `varedit-deploy serve` runs numpy
 import numpy as np  # noqa: E402
@@ -58,12 +57,11 @@ def main() -> None:
     ap.add_argument("--artifacts", type=Path)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "preview_quality.md")
     args = ap.parse_args()
-    tmp = None
-    if args.artifacts is None:
-        tmp = tempfile.TemporaryDirectory()
-        subprocess.run([sys.executable, "-m", "varedit_deploy.cli", "export", "--random-weights", "--model",
-                        "tiny-2b", "--out", f"{tmp.name}/art"], check=True, stdout=subprocess.DEVNULL)
-        args.artifacts = Path(tmp.name) / "art"
+    with artifact_or_demo(args.artifacts) as artifacts:
+        run(args, artifacts)
+
+
+def run(args: argparse.Namespace, artifacts: Path) -> None:
 
     from skimage import data
 
@@ -72,7 +70,7 @@ def main() -> None:
     from varedit_deploy.runtime.preview import MAX_PREVIEWS, preview_scales
     from varedit_deploy.runtime.preview_fit import fit_projection, training_states
 
-    pipe = EditPipeline.from_artifacts(args.artifacts)
+    pipe = EditPipeline.from_artifacts(artifacts)
     cfg = pipe.config
     latent, size, patch = cfg.schedule.latent_side, cfg.image_size, cfg.vae.patch_size
     scales = preview_scales(cfg.schedule.num_scales, MAX_PREVIEWS)
@@ -127,8 +125,6 @@ def main() -> None:
     write_text(args.out.with_suffix(".json"), json.dumps(report, indent=1))
     write_text(args.out, render(report) + "\n")
     print(render(report))
-    if tmp is not None:
-        tmp.cleanup()
 
 
 def render(r: dict) -> str:

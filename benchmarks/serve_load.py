@@ -28,11 +28,12 @@ import random
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from demo_artifact import artifact_or_demo
 
 import httpx
 import numpy as np
@@ -196,23 +197,22 @@ def main() -> None:
     ap.add_argument("--soak", type=int, default=1000)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_load.md")
     args = ap.parse_args()
-    tmp = None
-    if args.artifacts is None:
-        tmp = tempfile.TemporaryDirectory()
-        subprocess.run([sys.executable, "-m", "varedit_deploy.cli", "export", "--random-weights", "--model",
-                        "tiny-2b", "--out", f"{tmp.name}/art"], check=True, stdout=subprocess.DEVNULL)
-        args.artifacts = Path(tmp.name) / "art"
+    with artifact_or_demo(args.artifacts) as artifacts:
+        run(args, artifacts)
+
+
+def run(args: argparse.Namespace, artifacts: Path) -> None:
     pics = photos()
-    report: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "artifacts": str(args.artifacts),
+    report: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "artifacts": str(artifacts),
                     "date": time.strftime("%Y-%m-%d")}
 
     print("[1/4] direct pipeline edits (no server)", flush=True)
-    report["direct_edit_s"] = direct_edit_seconds(args.artifacts, pics[0])
+    report["direct_edit_s"] = direct_edit_seconds(artifacts, pics[0])
 
     print("[2/4] concurrency 1, 4, 16; batching off and on; streaming", flush=True)
     report["load"] = []
     for batch in (1, 16):
-        server = Server(args.artifacts, "--max-batch", str(batch), "--cache-mib", "0", "--max-queue", "256")
+        server = Server(artifacts, "--max-batch", str(batch), "--cache-mib", "0", "--max-queue", "256")
         for c in (1, 4, 16):
             runs = {"stream": False, "batch": batch, **load(server.url, pics, c, max(8, 2 * c))}
             report["load"].append(runs)
@@ -225,7 +225,7 @@ def main() -> None:
         server.stop()
 
     print(f"[3/4] soak: {args.soak} requests at concurrency 4", flush=True)
-    server = Server(args.artifacts, "--max-queue", "256")
+    server = Server(artifacts, "--max-queue", "256")
     rss = {"start": server.rss_mib()}
     statuses: list[int] = []
     lock = threading.Lock()
@@ -253,7 +253,7 @@ def main() -> None:
     print(f"      {report['soak']}", flush=True)
 
     print("[4/4] faults mixed into the load", flush=True)
-    server = Server(args.artifacts, "--max-queue", "256")
+    server = Server(artifacts, "--max-queue", "256")
     report["faults"] = faults(server, pics)
     report["faults"]["exit_status_after_sigterm"] = server.stop()
     print(f"      {report['faults']}", flush=True)
@@ -265,25 +265,23 @@ def main() -> None:
     write_text(args.out, render(report) + "\n")
     print(render(report))
     print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
-    if tmp is not None:
-        tmp.cleanup()
 
 
 def render(r: dict) -> str:
     ms = 1e3
     lines = [f"# serve_load ({r['date']}, {r['machine']})", "",
              f"Direct `EditPipeline.edit` (no server): {r['direct_edit_s'] * ms:.0f} ms per edit.", "",
-             "| mode | max-batch | concurrency | requests | ok | p50 ms | p95 ms | p99 ms | edits/s | first preview p50 ms "
-             "(share of its edit) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| mode | max-batch | concurrency | requests | ok | p50 ms | p95 ms | p99 ms | edits/s "
+             "| first preview p50 ms (share of its edit) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for x in r["load"]:
         first = (f"{x['first_preview_p50'] * ms:.0f} ({x['first_preview_share']:.0%})" if x["stream"] else "-")
         lines.append(f"| {'stream' if x['stream'] else 'b64_json'} | {x['batch']} | {x['concurrency']} | "
                      f"{x['requests']} | {x['ok']} | {x['p50'] * ms:.0f} | {x['p95'] * ms:.0f} | {x['p99'] * ms:.0f} | "
                      f"{x['edits_per_s']:.2f} | {first} |")
     s = r["soak"]
-    lines += ["", f"Soak: {s['requests']} requests, {s['ok']} ok, {s['errors']} errors in {s['seconds']:.0f} s; RSS "
-              f"start {s['rss_mib']['start']:.0f} MiB, after 10% {s['rss_mib'].get('after_10pct', float('nan')):.0f} MiB, middle {s['rss_mib'].get('middle', float('nan')):.0f} MiB, "
-              f"end {s['rss_mib']['end']:.0f} MiB; cache hits {s['cache_hits']}; exit status after SIGTERM "
+    rss = {k: f"{v:.0f}" for k, v in s["rss_mib"].items()}
+    lines += ["", f"Soak: {s['requests']} requests, {s['ok']} ok, {s['errors']} errors in {s['seconds']:.0f} s; "
+              f"RSS MiB {rss}; cache hits {s['cache_hits']}; exit status after SIGTERM "
               f"{s['exit_status_after_sigterm']}.", "",
               f"Faults: {json.dumps(r['faults'])}"]
     return "\n".join(lines)
