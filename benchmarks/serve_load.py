@@ -103,7 +103,12 @@ def edit(url: str, photo: bytes, prompt: str, seed: int, stream: bool = False) -
     t0 = time.perf_counter()
     if not stream:
         r = httpx.post(f"{url}/v1/images/edits", files=files, data=data, timeout=600)
-        return {"status": r.status_code, "latency": time.perf_counter() - t0}
+        latency = time.perf_counter() - t0
+        timing = dict(part.strip().split(";dur=") for part in r.headers.get("server-timing", "").split(",") if part)
+        # what HTTP added: the request's time less its queueing and the pipeline's own edit time
+        http = latency - (float(timing["queue"]) + float(timing["edit"])) / 1e3 if timing else float("nan")
+        return {"status": r.status_code, "latency": latency, "http": http,
+                "edit": float(timing.get("edit", "nan")) / 1e3}
     first = None
     with httpx.stream("POST", f"{url}/v1/images/edits", files=files, timeout=600,
                       data={**data, "stream": "true", "partial_images": "1"}) as r:
@@ -121,6 +126,10 @@ def load(url: str, pics: list[bytes], concurrency: int, requests: int, stream: b
     lat = np.array([r["latency"] for r in runs])
     out = {"concurrency": concurrency, "requests": requests, "ok": sum(r["status"] == 200 for r in runs),
            "edits_per_s": requests / wall, **{f"p{q}": float(np.percentile(lat, q)) for q in (50, 95, 99)}}
+    if not stream:
+        http, edit_s = np.array([r["http"] for r in runs]), np.array([r["edit"] for r in runs])
+        out["http_overhead_p50_ms"] = float(np.nanmedian(http) * 1e3)
+        out["http_overhead_share_of_edit"] = float(np.nanmedian(http / edit_s))
     if stream:
         first = np.array([r["first_preview"] for r in runs], dtype=float)
         out["first_preview_p50"] = float(np.nanmedian(first))
@@ -272,12 +281,15 @@ def render(r: dict) -> str:
     lines = [f"# serve_load ({r['date']}, {r['machine']})", "",
              f"Direct `EditPipeline.edit` (no server): {r['direct_edit_s'] * ms:.0f} ms per edit.", "",
              "| mode | max-batch | concurrency | requests | ok | p50 ms | p95 ms | p99 ms | edits/s "
-             "| first preview p50 ms (share of its edit) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| HTTP overhead p50 ms (share of the edit) | first preview p50 ms (share of its edit) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for x in r["load"]:
         first = (f"{x['first_preview_p50'] * ms:.0f} ({x['first_preview_share']:.0%})" if x["stream"] else "-")
+        http = ("-" if x["stream"] else
+                f"{x['http_overhead_p50_ms']:.1f} ({x['http_overhead_share_of_edit']:.1%})")
         lines.append(f"| {'stream' if x['stream'] else 'b64_json'} | {x['batch']} | {x['concurrency']} | "
                      f"{x['requests']} | {x['ok']} | {x['p50'] * ms:.0f} | {x['p95'] * ms:.0f} | {x['p99'] * ms:.0f} | "
-                     f"{x['edits_per_s']:.2f} | {first} |")
+                     f"{x['edits_per_s']:.2f} | {http} | {first} |")
     s = r["soak"]
     rss = {k: f"{v:.0f}" for k, v in s["rss_mib"].items()}
     lines += ["", f"Soak: {s['requests']} requests, {s['ok']} ok, {s['errors']} errors in {s['seconds']:.0f} s; "

@@ -175,7 +175,10 @@ def test_caches_count_hits_in_metrics(server, photo):
     before = _metric(server, 'varedit_cache_hits_total{cache="image"}')
     text_before = _metric(server, 'varedit_cache_hits_total{cache="text"}')
     for _ in range(2):
-        assert _post(server, photo, prompt="a cached instruction").status_code == 200
+        r = _post(server, photo, prompt="a cached instruction")
+        assert r.status_code == 200
+        timing = dict(p.strip().split(";dur=") for p in r.headers["server-timing"].split(","))
+        assert set(timing) == {"queue", "edit"} and float(timing["edit"]) > 0 and float(timing["queue"]) >= 0
     assert _metric(server, 'varedit_cache_hits_total{cache="image"}') >= before + 1
     assert _metric(server, 'varedit_cache_hits_total{cache="text"}') >= text_before + 1
 

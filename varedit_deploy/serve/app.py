@@ -119,7 +119,7 @@ def create_app(state: ServerState) -> Starlette:
             return Response(status_code=499)
         encoded = await asyncio.gather(*(asyncio.to_thread(_b64, r.image, form, size) for r in results))
         state.metrics.request.labels("false").observe(time.monotonic() - arrived)
-        return JSONResponse(images_response(form, list(encoded), size, use))
+        return JSONResponse(images_response(form, list(encoded), size, use), headers=_server_timing(jobs, results))
 
     async def api_error(request: Request, exc: Exception) -> Response:
         if isinstance(exc, HTTPException):
@@ -209,6 +209,13 @@ def _prompt_tokens(state: ServerState, prompt: str) -> int:
 
 def _b64(picture: Image.Image, form: EditForm, size: tuple[int, int]) -> str:
     return base64.b64encode(encode_image(picture, form.output_format, form.output_compression, size)).decode()
+
+
+def _server_timing(jobs: list[Job], results: list) -> dict[str, str]:
+    """Server-Timing (W3C): time queued and time in the pipeline, so a client can see what HTTP added."""
+    queued = max(j.started - j.enqueued for j in jobs) * 1e3
+    edit = sum(r.timings["total"] for r in results) * 1e3
+    return {"Server-Timing": f"queue;dur={queued:.1f}, edit;dur={edit:.1f}"}
 
 
 def _job_error(error: BaseException) -> ApiError | None:
