@@ -105,8 +105,8 @@ def edit(url: str, photo: bytes, prompt: str, seed: int, stream: bool = False) -
         r = httpx.post(f"{url}/v1/images/edits", files=files, data=data, timeout=600)
         latency = time.perf_counter() - t0
         timing = dict(part.strip().split(";dur=") for part in r.headers.get("server-timing", "").split(",") if part)
-        # what HTTP added: the request's time less its queueing and the pipeline's own edit time
-        http = latency - (float(timing["queue"]) + float(timing["edit"])) / 1e3 if timing else float("nan")
+        # what HTTP added: the request's time less its queueing and its time in a worker
+        http = latency - (float(timing["queue"]) + float(timing["worker"])) / 1e3 if timing else float("nan")
         return {"status": r.status_code, "latency": latency, "http": http,
                 "edit": float(timing.get("edit", "nan")) / 1e3}
     first = None
@@ -204,6 +204,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--artifacts", type=Path)
     ap.add_argument("--soak", type=int, default=1000)
+    ap.add_argument("--phases", default="load,soak,faults", help="which phases to run (default all)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_load.md")
     args = ap.parse_args()
     with artifact_or_demo(args.artifacts) as artifacts:
@@ -212,60 +213,23 @@ def main() -> None:
 
 def run(args: argparse.Namespace, artifacts: Path) -> None:
     pics = photos()
+    phases = set(args.phases.split(","))
     report: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "artifacts": str(artifacts),
                     "date": time.strftime("%Y-%m-%d")}
-
-    print("[1/4] direct pipeline edits (no server)", flush=True)
-    report["direct_edit_s"] = direct_edit_seconds(artifacts, pics[0])
-
-    print("[2/4] concurrency 1, 4, 16; batching off and on; streaming", flush=True)
-    report["load"] = []
-    for batch in (1, 16):
-        server = Server(artifacts, "--max-batch", str(batch), "--cache-mib", "0", "--max-queue", "256")
-        for c in (1, 4, 16):
-            runs = {"stream": False, "batch": batch, **load(server.url, pics, c, max(8, 2 * c))}
-            report["load"].append(runs)
-            print(f"      {runs}", flush=True)
-        if batch == 1:
-            for c in (1, 4, 16):
-                runs = {"stream": True, "batch": batch, **load(server.url, pics, c, max(8, 2 * c), stream=True)}
-                report["load"].append(runs)
-                print(f"      {runs}", flush=True)
-        server.stop()
-
-    print(f"[3/4] soak: {args.soak} requests at concurrency 4", flush=True)
-    server = Server(artifacts, "--max-queue", "256")
-    rss = {"start": server.rss_mib()}
-    statuses: list[int] = []
-    lock = threading.Lock()
-
-    def soak_one(i: int) -> None:
-        status = edit(server.url, pics[i % 3], PROMPTS[(i // 3) % 3], i)["status"]
-        with lock:
-            statuses.append(status)
-            if len(statuses) == args.soak // 10:
-                rss["after_10pct"] = server.rss_mib()
-            if len(statuses) == args.soak // 2:
-                rss["middle"] = server.rss_mib()
-            if len(statuses) % 100 == 0:
-                print(f"      {len(statuses)} done, RSS {server.rss_mib():.0f} MiB", flush=True)
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(4) as pool:
-        list(pool.map(soak_one, range(args.soak)))
-    rss["end"] = server.rss_mib()
-    report["soak"] = {"requests": args.soak, "ok": statuses.count(200), "errors": len(statuses) - statuses.count(200),
-                      "seconds": time.perf_counter() - t0, "rss_mib": rss,
-                      "cache_hits": {c: server.metric(f'varedit_cache_hits_total{{cache="{c}"}}')
-                                     for c in ("text", "image")}}
-    report["soak"]["exit_status_after_sigterm"] = server.stop()
-    print(f"      {report['soak']}", flush=True)
-
-    print("[4/4] faults mixed into the load", flush=True)
-    server = Server(artifacts, "--max-queue", "256")
-    report["faults"] = faults(server, pics)
-    report["faults"]["exit_status_after_sigterm"] = server.stop()
-    print(f"      {report['faults']}", flush=True)
+    if "load" in phases:
+        print("[load] direct pipeline edits (no server)", flush=True)
+        report["direct_edit_s"] = direct_edit_seconds(artifacts, pics[0])
+        print("[load] concurrency 1, 4, 16; batching off and on; streaming", flush=True)
+        report["load"] = load_phase(artifacts, pics)
+    if "soak" in phases:
+        print(f"[soak] {args.soak} requests at concurrency 4", flush=True)
+        report["soak"] = soak_phase(artifacts, pics, args.soak)
+    if "faults" in phases:
+        print("[faults] mixed into the load", flush=True)
+        server = Server(artifacts, "--max-queue", "256")
+        report["faults"] = faults(server, pics)
+        report["faults"]["exit_status_after_sigterm"] = server.stop()
+        print(f"      {report['faults']}", flush=True)
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     from varedit_deploy.fileio import write_text
@@ -276,10 +240,66 @@ def run(args: argparse.Namespace, artifacts: Path) -> None:
     print(f"wrote {args.out} and {args.out.with_suffix('.json')}")
 
 
+def load_phase(artifacts: Path, pics: list[bytes]) -> list[dict]:
+    rows = []
+    for batch in (1, 16):
+        server = Server(artifacts, "--max-batch", str(batch), "--cache-mib", "0", "--max-queue", "256")
+        for stream in (False, True) if batch == 1 else (False,):
+            for c in (1, 4, 16):
+                rows.append({"stream": stream, "batch": batch, **load(server.url, pics, c, max(8, 2 * c), stream)})
+                print(f"      {rows[-1]}", flush=True)
+        server.stop()
+    return rows
+
+
+def soak_phase(artifacts: Path, pics: list[bytes], requests: int) -> dict:
+    server = Server(artifacts, "--max-queue", "256")
+    rss = {"start": server.rss_mib()}
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def soak_one(i: int) -> None:
+        status = edit(server.url, pics[i % 3], PROMPTS[(i // 3) % 3], i)["status"]
+        with lock:
+            statuses.append(status)
+            if len(statuses) == requests // 10:
+                rss["after_10pct"] = server.rss_mib()
+            if len(statuses) == requests // 2:
+                rss["middle"] = server.rss_mib()
+            if len(statuses) % 100 == 0:
+                print(f"      {len(statuses)} done, {len(statuses) - statuses.count(200)} not 200, "
+                      f"RSS {server.rss_mib():.0f} MiB", flush=True)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(soak_one, range(requests)))
+    rss["end"] = server.rss_mib()
+    soak = {"requests": requests, "ok": statuses.count(200), "errors": len(statuses) - statuses.count(200),
+            "seconds": time.perf_counter() - t0, "rss_mib": rss,
+            "cache_hits": {c: server.metric(f'varedit_cache_hits_total{{cache="{c}"}}') for c in ("text", "image")}}
+    soak["exit_status_after_sigterm"] = server.stop()
+    print(f"      {soak}", flush=True)
+    return soak
+
+
 def render(r: dict) -> str:
+    lines = [f"# serve_load ({r['date']}, {r['machine']})", ""]
+    if "load" in r:
+        lines += render_load(r)
+    if "soak" in r:
+        s = r["soak"]
+        rss = {k: f"{v:.0f}" for k, v in s["rss_mib"].items()}
+        lines += ["", f"Soak: {s['requests']} requests, {s['ok']} ok, {s['errors']} errors in {s['seconds']:.0f} s; "
+                  f"RSS MiB {rss}; cache hits {s['cache_hits']}; exit status after SIGTERM "
+                  f"{s['exit_status_after_sigterm']}."]
+    if "faults" in r:
+        lines += ["", f"Faults: {json.dumps(r['faults'])}"]
+    return "\n".join(lines)
+
+
+def render_load(r: dict) -> list[str]:
     ms = 1e3
-    lines = [f"# serve_load ({r['date']}, {r['machine']})", "",
-             f"Direct `EditPipeline.edit` (no server): {r['direct_edit_s'] * ms:.0f} ms per edit.", "",
+    lines = [f"Direct `EditPipeline.edit` (no server): {r['direct_edit_s'] * ms:.0f} ms per edit.", "",
              "| mode | max-batch | concurrency | requests | ok | p50 ms | p95 ms | p99 ms | edits/s "
              "| HTTP overhead p50 ms (share of the edit) | first preview p50 ms (share of its edit) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
@@ -290,13 +310,7 @@ def render(r: dict) -> str:
         lines.append(f"| {'stream' if x['stream'] else 'b64_json'} | {x['batch']} | {x['concurrency']} | "
                      f"{x['requests']} | {x['ok']} | {x['p50'] * ms:.0f} | {x['p95'] * ms:.0f} | {x['p99'] * ms:.0f} | "
                      f"{x['edits_per_s']:.2f} | {http} | {first} |")
-    s = r["soak"]
-    rss = {k: f"{v:.0f}" for k, v in s["rss_mib"].items()}
-    lines += ["", f"Soak: {s['requests']} requests, {s['ok']} ok, {s['errors']} errors in {s['seconds']:.0f} s; "
-              f"RSS MiB {rss}; cache hits {s['cache_hits']}; exit status after SIGTERM "
-              f"{s['exit_status_after_sigterm']}.", "",
-              f"Faults: {json.dumps(r['faults'])}"]
-    return "\n".join(lines)
+    return lines
 
 
 if __name__ == "__main__":

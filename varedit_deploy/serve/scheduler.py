@@ -57,7 +57,8 @@ class Job:
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued: float = field(default_factory=time.monotonic)
-    started: float | None = None
+    started: float | None = None  # when a worker took it
+    finished: float | None = None  # when its answer was set (a batch's items finish together)
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -205,6 +206,7 @@ class Scheduler:
 
     def _finish(self, job: Job, outcome: str, result: EditResult | None = None,
                 error: BaseException | None = None) -> None:
+        job.finished = time.monotonic()
         self.stats.finished(job, outcome, result)
         try:
             if error is not None:
