@@ -93,9 +93,9 @@ def run(args: argparse.Namespace, artifacts: Path) -> None:
 
     def reduced(state, factor):
         pool, up = area_matrix(latent, latent // factor), bilinear_matrix(size // factor, size)
-        small = np.einsum("ij,bcjk,lk->bcil", pool, state, pool).astype(np.float32)
+        small = np.ascontiguousarray(pool @ state @ pool.T, dtype=np.float32)
         out = session.run(None, {"summed_codes": small})[0]
-        return np.einsum("ij,bcjk,lk->bcil", up, out, up)
+        return up @ out @ up.T
 
     methods = {
         "full decode (reference)": lambda s: decode(s),
