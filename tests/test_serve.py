@@ -275,3 +275,16 @@ def test_events_are_valid_json_lines(server, photo):
     for block, kind in zip(blocks, ["image_edit.partial_image", "image_edit.completed"]):
         event, data = block.split("\n")
         assert event == f"event: {kind}" and json.loads(data.removeprefix("data: "))["type"] == kind
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-batch", "0"], "--max-batch must be at least 1"),
+    (["--max-queue", "-3"], "--max-queue must be at least 1"),
+    (["--timeout", "0"], "--timeout must be positive"),
+    (["--cache-mib", "-1"], "--cache-mib must be >= 0"),
+])
+def test_serve_flags_are_checked_before_anything_starts(tiny_artifact, flags, message, capsys):
+    from varedit_deploy.cli import main
+
+    assert main(["serve", "--artifacts", str(tiny_artifact), *flags]) == 1
+    assert capsys.readouterr().err.strip() == f"error: {message}"

@@ -52,8 +52,9 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            error = _too_large(self.max_bytes)
-            return await JSONResponse(error.body(), 413, headers={"Connection": "close"})(scope, receive, send)
+            error = _too_large(self.max_bytes) if length.isdigit() else ApiError(
+                400, "the Content-Length header is not a number", code="invalid_request")
+            return await JSONResponse(error.body(), error.status, headers={"Connection": "close"})(scope, receive, send)
         seen = 0
 
         async def limited():
