@@ -46,7 +46,7 @@ def _wait_ready(url: str, timeout: float = 120.0) -> None:
 
 @contextlib.contextmanager
 def running(artifacts, **options):
-    """A real server (uvicorn) on a free loopback port, in a thread; yields its base URL."""
+    """A real server (uvicorn) on a free loopback port, in a thread; yields its base URL and the server."""
     port = _free_port()
     server = make_server(ServeOptions(str(artifacts), port=port, **options), log_level="warning")
     thread = threading.Thread(target=run, args=(server,), daemon=True)
@@ -54,7 +54,7 @@ def running(artifacts, **options):
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(url)
-        yield url
+        yield url, server
     finally:
         server.should_exit = True
         thread.join(60)
@@ -85,7 +85,7 @@ def photo(photos) -> bytes:
 
 @pytest.fixture(scope="module")
 def server(tiny_artifact):
-    with running(tiny_artifact, api_key=KEY, max_batch=4) as url:
+    with running(tiny_artifact, api_key=KEY, max_batch=4) as (url, _):
         yield url
 
 
@@ -204,7 +204,7 @@ def _wait_metric(url: str, name: str, at_least: float, timeout: float = 60.0) ->
 
 
 def test_full_queue_answers_429_with_retry_after_and_disconnects_cancel(tiny_artifact, photo):
-    with running(tiny_artifact, max_queue=10) as url:
+    with running(tiny_artifact, max_queue=10) as (url, _):
         waiting = _open_edit(url, photo, prompt="ten edits", n="10")  # one runs, nine wait
         assert _wait_metric(url, "varedit_queue_depth", 8) >= 8
         r = _post(url, photo, prompt="two more", n="2")
@@ -217,8 +217,8 @@ def test_full_queue_answers_429_with_retry_after_and_disconnects_cancel(tiny_art
         assert httpx.get(f"{url}/ready").status_code == 200
 
 
-def test_deadline_answers_504_and_cors_only_when_asked(tiny_artifact, photo):
-    with running(tiny_artifact, timeout_s=0.001, cors_origins=("http://app.example",)) as url:
+def test_deadline_504_draining_503_and_cors_only_when_asked(tiny_artifact, photo):
+    with running(tiny_artifact, timeout_s=0.001, cors_origins=("http://app.example",)) as (url, server):
         r = _post(url, photo, prompt="too slow for this server")
         assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
         assert _metric(url, 'varedit_edits_total{outcome="deadline"}') == 1
@@ -227,6 +227,10 @@ def test_deadline_answers_504_and_cors_only_when_asked(tiny_artifact, photo):
         assert r.headers["access-control-allow-origin"] == "http://app.example"
         r = httpx.options(f"{url}/v1/images/edits", headers={**preflight, "Origin": "http://evil.example"})
         assert "access-control-allow-origin" not in r.headers
+        server.state.drain()  # what SIGTERM does first: the probe fails, new edits are refused
+        assert httpx.get(f"{url}/ready").status_code == 503
+        r = _post(url, photo, prompt="too late")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down" and r.headers["retry-after"]
 
 
 def test_sigterm_finishes_in_flight_refuses_new_and_exits_0(tiny_artifact, photo):
