@@ -168,6 +168,15 @@ CASES = [
     ("demo-seed-negative", ["demo", "--seed", "-1"], USAGE, "seed must be"),
     ("demo-timed-edits-zero", ["demo", "--timed-edits", "0"], USAGE, "from 1 to 50"),
     ("demo-instruction-empty", ["demo", "--out", "{ws}/d", "--instruction", ""], FAILURE, "instruction is empty"),
+    # --- serve (each fails before a port is taken)
+    ("serve-artifacts-missing", ["serve", "--artifacts", "{ws}/nope"], FAILURE, "no such folder"),
+    ("serve-not-an-artifact", ["serve", "--artifacts", "{ws}/notes"], FAILURE, "not an exported artifact"),
+    ("serve-no-artifacts", ["serve"], USAGE, "required: --artifacts"),
+    ("serve-port-huge", ["serve", "--artifacts", "{art}", "--port", "70000"], USAGE, "port number"),
+    ("serve-max-batch-zero", ["serve", "--artifacts", "{art}", "--max-batch", "0"], USAGE, "at least 1"),
+    ("serve-timeout-negative", ["serve", "--artifacts", "{art}", "--timeout", "-3"], USAGE, "positive"),
+    ("serve-cache-nan", ["serve", "--artifacts", "{art}", "--cache-mib", "nan"], USAGE, ">= 0"),
+    ("serve-backend-unknown", ["serve", "--artifacts", "{art}", "--backend", "torch"], USAGE, "invalid choice"),
     # --- the program
     ("no-command", [], USAGE, "required: COMMAND"),
     ("unknown-command", ["frobnicate"], USAGE, "invalid choice"),

@@ -81,7 +81,8 @@ class Manifest:
 
     def all_files(self) -> list[dict[str, Any]]:
         files = [f for g in self.graphs.values() for f in g["files"]]
-        return files + self.data.get("tokenizer", {}).get("files", [])
+        preview = [self.data["preview"]["file"]] if "preview" in self.data else []
+        return files + self.data.get("tokenizer", {}).get("files", []) + preview
 
     def verify(self, full: bool = False) -> list[str]:
         """Problems with the files on disk (missing, resized, altered); empty when intact."""

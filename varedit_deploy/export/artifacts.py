@@ -24,6 +24,7 @@ from ..build.precision import PRECISIONS, graph_precision
 from ..errors import ConfigError
 from ..fileio import atomic_dir
 from ..model.loaded import VAREditModel
+from ..runtime.preview_fit import add_preview
 from .destination import carry_engines, check_export_target
 from .graphs import graph_specs
 from .onnx_export import EXTERNAL_DATA_BYTES, compare_with_module, convert_graph, export_graph
@@ -107,6 +108,7 @@ def export_artifacts(
             "exporter": {"varedit_deploy": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
                          "python": platform.python_version()},
         })
+        add_preview(tmp, progress)
         carry_engines(previous, tmp, progress)
     progress(f"wrote {out}")
     return out

@@ -9,6 +9,7 @@ noise in, the bits and guided logits out (for the caller), the summed codes out.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,6 +19,10 @@ from ..sampling import NoiseSource, SamplerInputs
 from ..timings import ms_since
 from .backend import Backend
 from .kv_cache import KVCache
+
+# Called after each scale with (scale, summed codes buffer): previews, cancellation and deadlines
+# happen between scales; an exception raised by the hook ends the edit there.
+ScaleHook = Callable[[int, object], None]
 
 
 @dataclass
@@ -72,6 +77,7 @@ class ScaleLoop:
         sampler: SamplerInputs,
         noise: NoiseSource,
         teacher_bits: list[np.ndarray] | None = None,
+        on_scale: ScaleHook | None = None,
     ) -> LoopOutput:
         t, be = self.tcfg, self.backend
         timings: dict[str, float] = {}
@@ -126,5 +132,7 @@ class ScaleLoop:
             self._timed(timings, "next_input", f"next_input_{s}", {"bits": fed, "summed_codes": summed_in}, next_out)
             summed_in, summed_out = summed_out, summed_in
             timings[f"scale_{s}"] = ms_since(ts)
+            if on_scale is not None:
+                on_scale(s, summed_in)
         out.summed, out.timings_ms = summed_in, timings
         return out

@@ -2,12 +2,16 @@
 
 Split by lifetime like onnxruntime-genai: the pipeline (graphs, buffers) is loaded once; each
 `edit` takes its own sampling options and noise. Imports only numpy, Pillow and the backend.
+`edit_batch` is the entry point of a server's scheduler; optional caches skip the text and
+VAE encoders for instructions and photos seen before.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +24,9 @@ from ..errors import ArtifactError, InputError
 from ..imaging import as_rgb, postprocess, preprocess
 from ..sampling import NoiseSource, SamplerInputs, make_noise
 from .backend import Backend, make_backend
-from .loop import LoopOutput, ScaleLoop
+from .loop import LoopOutput, ScaleHook, ScaleLoop
+from .preview import PreviewProjection
+from .stage_cache import StageCache
 from .tokenizer import Tokenizer
 
 
@@ -31,8 +37,20 @@ class EditResult:
     loop: LoopOutput
 
 
+@dataclass
+class EditRequest:
+    """One item of `edit_batch`: the arguments of `edit`."""
+
+    image: Image.Image | np.ndarray
+    instruction: str
+    sampling: SamplingConfig | None = None
+    noise: str | NoiseSource = "numpy"
+    on_scale: ScaleHook | None = None
+
+
 class EditPipeline:
-    def __init__(self, manifest: Manifest, backend: Backend, tokenizer=None):
+    def __init__(self, manifest: Manifest, backend: Backend, tokenizer=None, text_cache_bytes: int = 0,
+                 image_cache_bytes: int = 0):
         self.manifest, self.backend = manifest, backend
         self.config: ModelConfig = manifest.config
         for name in manifest.graphs:  # load everything now: fail at load time, not mid-edit
@@ -41,12 +59,15 @@ class EditPipeline:
         self._pixels = self._image = None
         token_file = manifest.tokenizer_file
         self.tokenizer = tokenizer or (Tokenizer(token_file) if token_file is not None else None)
+        self.text_cache, self.image_cache = StageCache(text_cache_bytes), StageCache(image_cache_bytes)
+        self._preview: PreviewProjection | None = None
 
     @classmethod
     def from_artifacts(cls, folder: str | Path, backend: str = "onnxruntime", verify: bool = True,
-                       **backend_options) -> "EditPipeline":
+                       text_cache_bytes: int = 0, image_cache_bytes: int = 0, **backend_options) -> "EditPipeline":
         manifest = read_manifest(folder, verify=verify)
-        return cls(manifest, make_backend(backend, manifest, **backend_options))
+        return cls(manifest, make_backend(backend, manifest, **backend_options), text_cache_bytes=text_cache_bytes,
+                   image_cache_bytes=image_cache_bytes)
 
     @classmethod
     def from_model(cls, model, device: str = "cuda", dtype=None, cuda_graphs: bool | None = None) -> "EditPipeline":
@@ -82,9 +103,16 @@ class EditPipeline:
                                 "fixture, which has none); export a release or a --random-weights model to edit")
         ids = self.tokenizer.encode(instruction)
         features = self.loop.text_buffers(ids.shape[1])[0]
+        key = ids.tobytes()
+        cached = self.text_cache.get(key) if self.text_cache.enabled else None
+        if cached is not None:
+            self.backend.write(features, cached)
+            return features
         ids_buffer = self.backend.empty(ids.shape, np.int64)
         self.backend.write(ids_buffer, ids)
         self.backend.graph("text_encoder").run({"input_ids": ids_buffer}, {"text_features": features})
+        if self.text_cache.enabled:
+            self.text_cache.put(key, self.backend.read(features))
         return features
 
     def encode_image(self, pixels: np.ndarray):
@@ -97,6 +125,19 @@ class EditPipeline:
         self.backend.write(self._pixels, pixels)
         self.backend.graph("vae_encoder").run({"image": self._pixels}, {"source_prefix": self.loop.prefix})
         return self.loop.prefix
+
+    def encode_photo(self, img: Image.Image):
+        """An RGB photo -> the loop's source prefix buffer, from the image cache when it was seen before."""
+        if not self.image_cache.enabled:
+            return self.encode_image(preprocess(img, self.config.image_size))
+        key = hashlib.blake2b(f"{img.width}x{img.height}:".encode() + img.tobytes(), digest_size=16).digest()
+        cached = self.image_cache.get(key)
+        if cached is not None:
+            self.backend.write(self.loop.prefix, cached)
+            return self.loop.prefix
+        prefix = self.encode_image(preprocess(img, self.config.image_size))
+        self.image_cache.put(key, self.backend.read(prefix))
+        return prefix
 
     def decode(self, summed) -> np.ndarray:
         """Summed codes (a loop buffer) -> image [1, 3, S, S] on the host."""
@@ -117,8 +158,13 @@ class EditPipeline:
         cfg: float | None = None,
         tau: float | None = None,
         seed: int | None = None,
+        on_scale: ScaleHook | None = None,
     ) -> EditResult:
-        """Edit `image` by `instruction`; keyword overrides apply on top of `sampling`."""
+        """Edit `image` by `instruction`; keyword overrides apply on top of `sampling`.
+
+        `on_scale(scale, summed)` runs after every scale (see `preview_image`); an exception it
+        raises ends the edit there.
+        """
         sampling = sampling or self.config.sampling
         overrides = {k: v for k, v in (("cfg", cfg), ("tau", tau), ("seed", seed)) if v is not None}
         sampling = dataclasses.replace(sampling, **overrides)
@@ -127,9 +173,9 @@ class EditPipeline:
         t0 = time.perf_counter()
         features = self.encode_text(instruction)
         t1 = time.perf_counter()
-        prefix = self.encode_image(preprocess(img, self.config.image_size))
+        prefix = self.encode_photo(img)
         t2 = time.perf_counter()
-        loop = self.loop.run(features, prefix, SamplerInputs.from_params(sampling), noise_source)
+        loop = self.loop.run(features, prefix, SamplerInputs.from_params(sampling), noise_source, on_scale=on_scale)
         t3 = time.perf_counter()
         result = postprocess(self.decode(loop.summed), img.size)
         t4 = time.perf_counter()
@@ -138,6 +184,34 @@ class EditPipeline:
         timings.update(loop.timings_ms)
         timings["total"] = (t4 - t0) * 1e3
         return EditResult(result, timings, loop)
+
+    def edit_batch(self, requests: Sequence[EditRequest]) -> list[EditResult | Exception]:
+        """Edit several requests; an item that fails gives its exception in its place, the others run.
+
+        Today the items run one after another (bit-identical to separate `edit` calls); once the
+        graphs carry a batch axis they run as one batch, and callers do not change.
+        """
+        results: list[EditResult | Exception] = []
+        for r in requests:
+            try:
+                results.append(self.edit(r.image, r.instruction, r.sampling, r.noise, on_scale=r.on_scale))
+            except Exception as e:  # noqa: BLE001 - returned to its caller, never lost
+                results.append(e)
+        return results
+
+    # ------------------------------------------------------------ previews
+    @property
+    def preview(self) -> PreviewProjection:
+        """The latent-to-RGB preview map: the artifact's, or fitted here once for an older artifact."""
+        if self._preview is None:
+            from .preview_fit import fit_preview, load_preview
+
+            self._preview = load_preview(self.manifest) or fit_preview(self)[0]
+        return self._preview
+
+    def preview_image(self, summed, original_size: tuple[int, int]) -> Image.Image:
+        """The picture the summed codes (a loop buffer, e.g. from `on_scale`) are heading to, cheaply."""
+        return postprocess(self.preview.apply(self.backend.read(summed)), original_size)
 
     def close(self) -> None:
         self.backend.close()
