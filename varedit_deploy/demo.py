@@ -71,7 +71,7 @@ def run_demo(out: Path, model_name: str = "tiny-2b", image: Path | None = None,
     progress("[3/4] editing the photo on ONNX Runtime")
     pipe = EditPipeline.from_artifacts(artifacts)
     pipe.edit(photo, instruction, seed=seed)  # warm-up: session creation and first-run allocations
-    ort_result = pipe.edit(photo, instruction, seed=seed, noise=NumpyNoise(seed))
+    ort_result = pipe.edit(photo, instruction, seed=seed, noise=NumpyNoise(seed), record=True)
 
     progress("[4/4] replaying the same edit on the eager PyTorch reference")
     reference_edit(model, photo, instruction, noise=NumpyNoise(seed))  # warm-up

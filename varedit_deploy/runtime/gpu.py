@@ -73,6 +73,12 @@ class DeviceArray:
         return DeviceArray(self.ptr + start * row, (max(stop - start, 0), *self.shape[1:]), self.dtype,
                            self.owner or self)
 
+    def reshape(self, *shape: int) -> "DeviceArray":
+        """The same bytes with another shape (a view)."""
+        if int(np.prod(shape)) != int(np.prod(self.shape)):
+            raise ValueError(f"cannot view {self.shape} as {shape}")
+        return DeviceArray(self.ptr, tuple(shape), self.dtype, self.owner or self)
+
     def __del__(self) -> None:
         if self.owner is None and self.ptr:
             try:
@@ -98,11 +104,12 @@ class Stream:
         self.synchronize()  # src may be a temporary
 
     def copy_to_host(self, src: DeviceArray) -> np.ndarray:
+        """Enqueue a copy into a new host array, valid after the next `synchronize` (into pageable
+        memory CUDA completes the copy before returning, but the stream order is what we rely on)."""
         out = np.empty(src.shape, src.dtype)
         rt = cudart()
         check(rt.cudaMemcpyAsync(out.ctypes.data, src.ptr, src.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost,
                                  self.handle))
-        self.synchronize()
         return out
 
     def begin_capture(self) -> None:
@@ -110,9 +117,22 @@ class Stream:
         check(rt.cudaStreamBeginCapture(self.handle, rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal))
 
     def end_capture(self):
+        """The executable graph of the capture; the captured graph itself is not needed after that."""
         rt = cudart()
         graph = check(rt.cudaStreamEndCapture(self.handle))
-        return check(rt.cudaGraphInstantiate(graph, 0))
+        try:
+            return check(rt.cudaGraphInstantiate(graph, 0))
+        finally:
+            check(rt.cudaGraphDestroy(graph))
 
     def launch(self, graph_exec) -> None:
         check(cudart().cudaGraphLaunch(graph_exec, self.handle))
+
+    def release(self, graph_execs) -> None:
+        """Destroy executable graphs made by `end_capture`, then the stream."""
+        rt = cudart()
+        for graph_exec in graph_execs:
+            check(rt.cudaGraphExecDestroy(graph_exec))
+        if self.handle is not None:
+            check(rt.cudaStreamDestroy(self.handle))
+            self.handle = None

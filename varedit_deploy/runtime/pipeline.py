@@ -1,7 +1,9 @@
 """The Python API: `EditPipeline.from_artifacts(ART).edit(image, instruction, cfg=, tau=, seed=)`.
 
 Split by lifetime like onnxruntime-genai: the pipeline (graphs, buffers) is loaded once; each
-`edit` takes its own sampling options and noise. Imports only numpy, Pillow and the backend.
+`edit` takes its own sampling options and noise. An edit queues every graph and reads back once
+at the end (the image, plus bits and guided logits when `record=True`): on a device backend that
+is one host synchronisation per edit. Imports only numpy, Pillow and the backend.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class EditPipeline:
         for name in manifest.graphs:  # load everything now: fail at load time, not mid-edit
             backend.graph(name)
         self.loop = ScaleLoop(manifest, backend)
-        self._pixels = self._image = None
+        self._pixels = self._image = self._ids = None
         token_file = manifest.tokenizer_file
         self.tokenizer = tokenizer or (Tokenizer(token_file) if token_file is not None else None)
 
@@ -82,7 +84,9 @@ class EditPipeline:
                                 "fixture, which has none); export a release or a --random-weights model to edit")
         ids = self.tokenizer.encode(instruction)
         features = self.loop.text_buffers(ids.shape[1])[0]
-        ids_buffer = self.backend.empty(ids.shape, np.int64)
+        if self._ids is None:  # one buffer for every instruction: its address never changes
+            self._ids = self.backend.empty((self.config.transformer.text_maxlen,), "int64")
+        ids_buffer = self._ids[:ids.shape[1]].reshape(ids.shape)
         self.backend.write(ids_buffer, ids)
         self.backend.graph("text_encoder").run({"input_ids": ids_buffer}, {"text_features": features})
         return features
@@ -93,18 +97,22 @@ class EditPipeline:
         if pixels.shape != (1, 3, size, size):
             raise InputError(f"image tensor must be [1, 3, {size}, {size}], got {list(pixels.shape)}")
         if self._pixels is None:
-            self._pixels = self.backend.empty((1, 3, size, size), np.float32)
+            self._pixels = self.backend.empty((1, 3, size, size), "float32")
         self.backend.write(self._pixels, pixels)
         self.backend.graph("vae_encoder").run({"image": self._pixels}, {"source_prefix": self.loop.prefix})
         return self.loop.prefix
 
-    def decode(self, summed) -> np.ndarray:
-        """Summed codes (a loop buffer) -> image [1, 3, S, S] on the host."""
+    def _decode(self, summed):
+        """Queue the VAE decoder: summed codes (a loop buffer) -> the image buffer [1, 3, S, S]."""
         size = self.config.image_size
         if self._image is None:
-            self._image = self.backend.empty((1, 3, size, size), np.float32)
+            self._image = self.backend.empty((1, 3, size, size), "float32")
         self.backend.graph("vae_decoder").run({"summed_codes": summed}, {"image": self._image})
-        return self.backend.read(self._image)
+        return self._image
+
+    def decode(self, summed) -> np.ndarray:
+        """Summed codes (a loop buffer) -> image [1, 3, S, S] on the host."""
+        return self.backend.read(self._decode(summed))
 
     # --------------------------------------------------------------- edit
     def edit(
@@ -117,25 +125,33 @@ class EditPipeline:
         cfg: float | None = None,
         tau: float | None = None,
         seed: int | None = None,
+        record: bool = False,
     ) -> EditResult:
-        """Edit `image` by `instruction`; keyword overrides apply on top of `sampling`."""
+        """Edit `image` by `instruction`; keyword overrides apply on top of `sampling`. With `record`,
+        `result.loop` also holds every scale's bits and guided logits (read back with the image)."""
         sampling = sampling or self.config.sampling
         overrides = {k: v for k, v in (("cfg", cfg), ("tau", tau), ("seed", seed)) if v is not None}
         sampling = dataclasses.replace(sampling, **overrides)
         noise_source = make_noise(noise, sampling.seed) if isinstance(noise, str) else noise
         img = as_rgb(image)
+        mark = self.backend.mark
         t0 = time.perf_counter()
+        m0 = mark()
         features = self.encode_text(instruction)
-        t1 = time.perf_counter()
+        m1 = mark()
         prefix = self.encode_image(preprocess(img, self.config.image_size))
-        t2 = time.perf_counter()
+        m2 = mark()
         loop = self.loop.run(features, prefix, SamplerInputs.from_params(sampling), noise_source)
-        t3 = time.perf_counter()
-        result = postprocess(self.decode(loop.summed), img.size)
-        t4 = time.perf_counter()
-        timings = {"text_encoder": t1 - t0, "vae_encoder": t2 - t1, "transformer": t3 - t2, "vae_decoder": t4 - t3}
-        timings.update(loop.timings)
-        timings["total"] = t4 - t0
+        m3 = mark()
+        image_buffer = self._decode(loop.summed)
+        m4 = mark()
+        loop.marks += [("text_encoder", m0, m1), ("vae_encoder", m1, m2), ("transformer", m2, m3),
+                       ("vae_decoder", m3, m4)]
+        (pixels,) = self.loop.collect(loop, [image_buffer], record=record)
+        result = postprocess(pixels, img.size)
+        timings = {k: loop.timings[k] for k in ("text_encoder", "vae_encoder", "transformer", "vae_decoder")}
+        timings.update((k, v) for k, v in loop.timings.items() if k not in timings)
+        timings["total"] = time.perf_counter() - t0  # wall clock: host work, transfers and the wait included
         return EditResult(result, timings, loop)
 
     def close(self) -> None:

@@ -98,5 +98,13 @@ class TensorRTBackend(Backend):
     def write(self, dst: DeviceArray, src: np.ndarray) -> None:
         self.stream.copy_to_device(dst, src)
 
-    def read(self, src: DeviceArray) -> np.ndarray:
-        return self.stream.copy_to_host(src)
+    def read_all(self, buffers) -> list[np.ndarray]:
+        out = [self.stream.copy_to_host(b) for b in buffers]
+        self.stream.synchronize()
+        return out
+
+    def close(self) -> None:
+        """Destroy every captured graph and the stream (engines and contexts go with their owners)."""
+        graphs = [g for runner in self._graphs.values() for g in runner.graphs.values()]
+        super().close()
+        self.stream.release(graphs)
