@@ -215,3 +215,19 @@ def test_plan_reports_what_the_loop_allocates(tiny_artifact):
     sched, t = manifest.config.schedule, manifest.config.transformer
     rows = 2 * sched.total_tokens + (t.depth - 1) * (sched.source_tokens + sched.total_tokens)  # spec 3.7
     assert kv == rows * 2 * 2 * t.dim * 2  # K and V, CFG batch 2, bf16
+
+
+def test_device_array_views_are_offsets_into_one_allocation():
+    """The loop's slices and reshapes on TensorRT's device buffers: pointer arithmetic only (no GPU here,
+    so no allocation: the base is a made-up address and is given back as 0, which frees nothing)."""
+    from varedit_deploy.runtime.gpu import DeviceArray
+
+    base = DeviceArray(1 << 20, (6, 4), np.dtype("float32"))
+    rows = base[2:5]
+    assert rows.ptr == base.ptr + 2 * 16 and rows.shape == (3, 4) and rows.owner is base
+    view = rows.reshape(1, 3, 4)
+    assert view.ptr == rows.ptr and view.shape == (1, 3, 4) and view.owner is base
+    assert rows.reshape((12,)).shape == (12,)
+    with pytest.raises(ValueError, match="cannot view"):
+        rows.reshape(5, 2)
+    base.ptr = 0

@@ -73,11 +73,12 @@ class DeviceArray:
         return DeviceArray(self.ptr + start * row, (max(stop - start, 0), *self.shape[1:]), self.dtype,
                            self.owner or self)
 
-    def reshape(self, *shape: int) -> "DeviceArray":
-        """The same bytes with another shape (a view)."""
+    def reshape(self, *shape) -> "DeviceArray":
+        """The same bytes with another shape (a view); `reshape(2, 3)` or `reshape((2, 3))` as numpy."""
+        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], tuple) else tuple(shape)
         if int(np.prod(shape)) != int(np.prod(self.shape)):
             raise ValueError(f"cannot view {self.shape} as {shape}")
-        return DeviceArray(self.ptr, tuple(shape), self.dtype, self.owner or self)
+        return DeviceArray(self.ptr, shape, self.dtype, self.owner or self)
 
     def __del__(self) -> None:
         if self.owner is None and self.ptr:
