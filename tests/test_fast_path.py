@@ -80,6 +80,23 @@ def test_fast_path_reproduces_the_official_fixtures(name):
         assert all(t.ok for t in report.tensors), report.table()
 
 
+@pytest.mark.skipif(gpu_available(), reason="fp32 in the interpreter; GPU hosts run bf16: tests/test_gpu.py")
+def test_fast_path_edit_equals_the_eager_reference(tiny_model, photos):
+    """A whole edit through the torch backend in fp32 (T5 on the real tokens, the VAE, fused kernels,
+    the shared scale loop) samples the reference's bits and decodes its image."""
+    from varedit_deploy.model.edit import edit
+    from varedit_deploy.runtime.pipeline import EditPipeline
+    from varedit_deploy.sampling import NumpyNoise
+
+    ref = edit(tiny_model, photos["chelsea"], "make it red", noise=NumpyNoise(5))
+    pipe = EditPipeline.from_model(tiny_model, device="cpu", dtype=torch.float32)  # fp32: no casts
+    ours = pipe.edit(photos["chelsea"], "make it red", noise=NumpyNoise(5), record=True)
+    for a, rec in zip(ours.loop.bits, ref.generation.scales, strict=True):
+        assert np.array_equal(a, rec.bits.numpy())
+    assert np.abs(np.asarray(ours.image, np.int32) - np.asarray(ref.image, np.int32)).max() <= 2
+    assert {"text_encoder", "vae_encoder", "transformer", "vae_decoder", "step", "scale_6", "total"} <= set(ours.timings)
+
+
 @pytest.mark.parametrize("device", [
     pytest.param("cpu", marks=pytest.mark.skipif(gpu_available(), reason="interpreter only where there is no GPU")),
     pytest.param("cuda", marks=pytest.mark.gpu)])

@@ -139,6 +139,21 @@ def _attend_segment(acc, m_i, l_i, q, k_ptr, v_ptr, first, last, b, h, B: tl.con
     return acc, m_i, l_i
 
 
+@triton.jit
+def _row_block(n, H: tl.constexpr, C: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's batch-head (and its batch and head), query rows, which of them exist, channels."""
+    bh = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return bh, bh // H, bh % H, rows, tl.arange(0, C), rows < n
+
+
+@triton.jit
+def _store_rows(out_ptr, out, b, h, rows, cols, row_ok, n, H: tl.constexpr, C: tl.constexpr, NATIVE: tl.constexpr):
+    """out[b, row, h, :] (the layout the output projection reads), rounded to the buffer's dtype."""
+    tl.store(out_ptr + ((b * n + rows[:, None]) * H + h) * C + cols[None, :],
+             _cast(out, out_ptr.dtype.element_ty, NATIVE), mask=row_ok[:, None])
+
+
 @triton.jit(do_not_specialize=["len_a", "len_b", "n", "keys_per_split"])
 def _scale_attention_kernel(
     q_ptr, ka_ptr, va_ptr, len_a, kb_ptr, vb_ptr, len_b, out_ptr, part_ptr, stats_ptr, n, keys_per_split,
@@ -147,13 +162,8 @@ def _scale_attention_kernel(
 ):
     """Queries of one (row block, batch, head) over keys [split * keys_per_split, +keys_per_split) of
     the segments [a ; b]. One split writes the output; several write fp32 partials (acc, max, sum)."""
-    block = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh, b, h, rows, cols, row_ok = _row_block(n, H, C, BLOCK_M)
     split = tl.program_id(2)
-    b, h = bh // H, bh % H
-    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, C)
-    row_ok = rows < n
     q = tl.load(q_ptr + ((b * H + h) * n + rows[:, None]) * C + cols[None, :], mask=row_ok[:, None], other=0.0)
     acc = tl.zeros((BLOCK_M, C), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -165,9 +175,7 @@ def _scale_attention_kernel(
     acc, m_i, l_i = _attend_segment(acc, m_i, l_i, q, kb_ptr, vb_ptr, tl.maximum(lo - len_a, 0),
                                     tl.minimum(hi - len_a, len_b), b, h, B, H, C, BLOCK_N, PRECISION, NATIVE)
     if SPLIT == 1:
-        out = acc / l_i[:, None]
-        tl.store(out_ptr + ((b * n + rows[:, None]) * H + h) * C + cols[None, :],  # out[b, row, h, :]
-                 _cast(out, out_ptr.dtype.element_ty, NATIVE), mask=row_ok[:, None])
+        _store_rows(out_ptr, acc / l_i[:, None], b, h, rows, cols, row_ok, n, H, C, NATIVE)
     else:
         part = (split * B * H + bh) * n + rows  # part[split, b, h, row, :], stats[split, b, h, row, (max, sum)]
         tl.store(part_ptr + part[:, None] * C + cols[None, :], acc, mask=row_ok[:, None])
@@ -179,12 +187,7 @@ def _scale_attention_kernel(
 def _combine_splits_kernel(part_ptr, stats_ptr, out_ptr, n, B: tl.constexpr, H: tl.constexpr, C: tl.constexpr,
                            SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, NATIVE: tl.constexpr):
     """out = sum_s acc_s e^(m_s - m) / sum_s l_s e^(m_s - m), m the largest split maximum."""
-    block = tl.program_id(0)
-    bh = tl.program_id(1)
-    b, h = bh // H, bh % H
-    rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, C)
-    row_ok = rows < n
+    bh, b, h, rows, cols, row_ok = _row_block(n, H, C, BLOCK_M)
     m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     for s in tl.static_range(SPLIT):
         m = tl.maximum(m, tl.load(stats_ptr + 2 * ((s * B * H + bh) * n + rows), mask=row_ok, other=0.0))
@@ -195,8 +198,7 @@ def _combine_splits_kernel(part_ptr, stats_ptr, out_ptr, n, B: tl.constexpr, H: 
         weight = tl.exp(tl.load(stats_ptr + 2 * part, mask=row_ok, other=0.0) - m)
         total += tl.load(stats_ptr + 2 * part + 1, mask=row_ok, other=1.0) * weight
         acc += tl.load(part_ptr + part[:, None] * C + cols[None, :], mask=row_ok[:, None], other=0.0) * weight[:, None]
-    tl.store(out_ptr + ((b * n + rows[:, None]) * H + h) * C + cols[None, :],
-             _cast(acc / total[:, None], out_ptr.dtype.element_ty, NATIVE), mask=row_ok[:, None])
+    _store_rows(out_ptr, acc / total[:, None], b, h, rows, cols, row_ok, n, H, C, NATIVE)
 
 
 @dataclass(frozen=True)
