@@ -43,7 +43,8 @@ def main() -> None:
         per_scale = np.zeros(config.schedule.num_scales)
         psnr = []
         for seed in range(args.edits):
-            r = {p: pipe.edit(photo, "make the sky purple", seed=seed, noise=NumpyNoise(seed)) for p, pipe in pipes.items()}
+            r = {p: pipe.edit(photo, "make the sky purple", seed=seed, noise=NumpyNoise(seed), record=True)
+                 for p, pipe in pipes.items()}
             per_scale += [np.mean(a == b) for a, b in zip(r["fp16"].loop.bits, r["fp32"].loop.bits)]
             mse = np.mean((np.asarray(r["fp16"].image, np.float64) - np.asarray(r["fp32"].image, np.float64)) ** 2)
             psnr.append(10 * np.log10(255.0**2 / max(mse, 1e-12)))

@@ -158,7 +158,9 @@ def test_fp16_export_runs_on_onnxruntime_and_reports_its_agreement(tmp_path, tin
     assert m.graphs["step"]["precision"] == "fp16" and m.graphs["sample"]["precision"] == "fp32"
     step = onnx.load(str(m.graph_path("step")))
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in step.graph.initializer)
-    half = EditPipeline.from_artifacts(art).edit(photos["astronaut"], "make it red", noise=NumpyNoise(2))
-    full = EditPipeline.from_artifacts(tiny_artifact).edit(photos["astronaut"], "make it red", noise=NumpyNoise(2))
+    half = EditPipeline.from_artifacts(art).edit(photos["astronaut"], "make it red", noise=NumpyNoise(2),
+                                                 record=True)
+    full = EditPipeline.from_artifacts(tiny_artifact).edit(photos["astronaut"], "make it red",
+                                                           noise=NumpyNoise(2), record=True)
     agreement = np.mean(np.concatenate([(a == b).ravel() for a, b in zip(half.loop.bits, full.loop.bits)]))
     assert agreement > 0.9, agreement  # fp16 flips a few bits of a random model; fp32 parity is the gate

@@ -7,10 +7,12 @@ from PIL import Image
 
 from varedit_deploy.artifact import read_manifest
 from varedit_deploy.cli import main
+from varedit_deploy.config import from_name
 from varedit_deploy.errors import ArtifactError, ConfigError, InputError
 from varedit_deploy.model.edit import edit as reference_edit
 from varedit_deploy.parity import check_fixture
 from varedit_deploy.runtime.kv_cache import KVCache
+from varedit_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from varedit_deploy.runtime.pipeline import EditPipeline
 from varedit_deploy.runtime.tokenizer import Tokenizer
 from varedit_deploy.sampling import NumpyNoise
@@ -41,9 +43,10 @@ def pipeline(tiny_artifact):
 
 def test_onnxruntime_edit_equals_the_eager_reference(pipeline, tiny_model, photos):
     photo = photos["coffee"]
-    ours = pipeline.edit(photo, "make the cup red", seed=3, cfg=2.0, noise=NumpyNoise(3))
+    ours = pipeline.edit(photo, "make the cup red", seed=3, cfg=2.0, noise=NumpyNoise(3), record=True)
     ref = reference_edit(tiny_model, photo, "make the cup red",
                          sampling=pipeline.config.sampling.__class__(cfg=2.0, tau=1.0, seed=3), noise=NumpyNoise(3))
+    assert len(ours.loop.bits) == len(ref.generation.scales) == 7
     for ours_bits, rec in zip(ours.loop.bits, ref.generation.scales):
         assert np.array_equal(ours_bits, rec.bits.numpy())
     diff = np.abs(np.asarray(ours.image, np.int32) - np.asarray(ref.image, np.int32))
@@ -147,3 +150,97 @@ def test_the_api_enforces_the_sampling_rules_of_the_cli(pipeline, photos):
             pipeline.edit(photos["coffee"], "make it red", **kwargs)
     with pytest.raises(ConfigError, match="seed must be"):
         pipeline.edit(photos["coffee"], "make it red", noise=NumpyNoise(-5))
+
+
+def test_whole_edit_noise_is_the_per_scale_draws():
+    """The loop uploads an edit's noise once; the values are still those of one draw per scale."""
+    from varedit_deploy.sampling import NOISE_SOURCES, draw_edit
+
+    rows = [n * 56 for n in from_name("8b-1024").schedule.tokens]
+    for source in NOISE_SOURCES.values():
+        per_scale = source(11)
+        whole = draw_edit(source(11), rows)
+        assert whole.shape == (sum(rows), 2) and whole.dtype == np.float32
+        assert np.array_equal(whole, np.concatenate([per_scale.draw(r) for r in rows]))
+
+
+class CountingBackend(OnnxRuntimeBackend):
+    """ONNX Runtime, counting the calls that are host synchronisations (`read_all`) and uploads
+    (`write`) on a device backend."""
+
+    def __init__(self, manifest):
+        super().__init__(manifest)
+        self.syncs = self.uploads = 0
+
+    def write(self, dst, src):
+        self.uploads += 1
+        super().write(dst, src)
+
+    def read_all(self, buffers):
+        self.syncs += 1
+        return super().read_all(buffers)
+
+
+@pytest.mark.parametrize("record", [False, True])
+def test_an_edit_synchronises_once_and_uploads_a_fixed_few_times(tiny_artifact, photos, pipeline, record):
+    """At most 2 host synchronisations per edit on a device backend (here: 1, the final read of the image
+    with the bits and logits when asked), and uploads that do not grow with the number of scales:
+    the ids, the pixels, the sampler constants, the whole edit's noise and the zeroed codes."""
+    manifest = read_manifest(tiny_artifact)
+    backend = CountingBackend(manifest)
+    pipe = EditPipeline(manifest, backend)
+    pipe.edit(photos["astronaut"], "make it red", noise=NumpyNoise(4))  # warm-up
+    backend.syncs = backend.uploads = 0
+    ours = pipe.edit(photos["astronaut"], "make it red", noise=NumpyNoise(4), record=record)
+    assert backend.syncs == 1 and backend.uploads == 5
+    assert (ours.loop.bits is not None) == record
+    plain = pipeline.edit(photos["astronaut"], "make it red", noise=NumpyNoise(4), record=True)
+    assert np.array_equal(np.asarray(ours.image), np.asarray(plain.image))
+    if record:
+        assert all(np.array_equal(a, b) for a, b in zip(ours.loop.bits, plain.loop.bits, strict=True))
+
+
+def test_plan_reports_what_the_loop_allocates(tiny_artifact):
+    """`plan`'s fast-path figures are the loop's own allocations, summed (no second formula)."""
+    from varedit_deploy.build.memory_plan import loop_buffer_bytes
+    from varedit_deploy.runtime.loop import ITEMSIZE, ScaleLoop
+
+    manifest = read_manifest(tiny_artifact)
+
+    class Recording(OnnxRuntimeBackend):
+        compute_dtype = "bfloat16"
+
+        def __init__(self):
+            super().__init__(manifest)
+            self.allocated = []
+
+        def empty(self, shape, dtype):
+            self.allocated.append((tuple(shape), dtype))
+            return np.empty(shape, np.float16 if dtype == "bfloat16" else dtype)  # stands in for 2 bytes
+
+    backend = Recording()
+    loop = ScaleLoop(manifest, backend)
+    loop.text_buffers(9)
+    cache = [(s, d) for s, d in backend.allocated if d == "bfloat16" and len(s) == 4]
+    kv, rest = loop_buffer_bytes(manifest.config, "bfloat16", 9)
+    assert kv == sum(np.prod(s) * 2 for s, _ in cache) and len(cache) == 2 * manifest.config.transformer.depth + 2
+    assert kv + rest == sum(int(np.prod(s)) * ITEMSIZE[d] for s, d in backend.allocated)
+    sched, t = manifest.config.schedule, manifest.config.transformer
+    rows = 2 * sched.total_tokens + (t.depth - 1) * (sched.source_tokens + sched.total_tokens)  # spec 3.7
+    assert kv == rows * 2 * 2 * t.dim * 2  # K and V, CFG batch 2, bf16
+
+
+def test_device_array_views_are_offsets_into_one_allocation():
+    """The loop's slices and reshapes on TensorRT's device buffers: pointer arithmetic only (no GPU here,
+    so no allocation: the base is a made-up address and is given back as 0, which frees nothing)."""
+    from varedit_deploy.runtime.gpu import DeviceArray
+
+    base = DeviceArray(1 << 20, (6, 4), np.dtype("float32"))
+    rows = base[2:5]
+    assert rows.ptr == base.ptr + 2 * 16 and rows.shape == (3, 4) and rows.owner is base
+    view = rows.reshape(1, 3, 4)
+    assert view.ptr == rows.ptr and view.shape == (1, 3, 4) and view.owner is base
+    assert rows.reshape((12,)).shape == (12,)
+    with pytest.raises(ValueError, match="cannot view"):
+        rows.reshape(5, 2)
+    base.ptr = 0

@@ -323,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("parity", help="reproduce a golden fixture of the official code and report the differences")
     p.add_argument("--fixture", required=True, type=Path, help="fixture folder (config.json, *.safetensors)")
     p.add_argument("--backend", default="torch", choices=BACKENDS,
-                   help="torch (the reference) or the exported graphs on onnxruntime, tensorrt, tensorrt-rtx")
+                   help="torch (the reference), torch-fast (the fused-kernel fast path, fp32), or the exported "
+                        "graphs on onnxruntime, tensorrt, tensorrt-rtx")
     p.set_defaults(func=_cmd_parity)
 
     p = sub.add_parser("edit", help="edit a photo with an instruction")

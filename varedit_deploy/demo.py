@@ -96,13 +96,13 @@ def run_demo(out: Path, model_name: str = "tiny-2b", image: Path | None = None,
              f"then {timed_edits} timed edits each, interleaved")
     pipe = EditPipeline.from_artifacts(artifacts)
 
-    def on_ort():
-        return pipe.edit(photo, instruction, noise=NumpyNoise(seed))
+    def on_ort(record: bool = False):
+        return pipe.edit(photo, instruction, noise=NumpyNoise(seed), record=record)
 
     def on_reference():
         return reference_edit(model, photo, instruction, noise=NumpyNoise(seed))
 
-    ort_result, ref_result = on_ort(), on_reference()  # warm-up: sessions, first-run allocations, caches
+    ort_result, ref_result = on_ort(record=True), on_reference()  # warm-up: sessions, first-run allocations, caches
     ort_runs, ref_runs = [], []
     for _ in range(timed_edits):
         ort_runs.append(on_ort().timings_ms)

@@ -136,8 +136,8 @@ class FixtureRun:
     source_prefix: np.ndarray
     guided_logits: list[np.ndarray]  # per scale [n * d_tok, 2]
     bits: list[np.ndarray]  # per scale, sampled with the fixture seed's official noise
-    summed: np.ndarray  # [1, d, H, W]
-    decoded: np.ndarray  # [1, 3, S, S]
+    summed: np.ndarray | None  # [1, d, H, W]; None after only the first scales
+    decoded: np.ndarray | None  # [1, 3, S, S]; likewise
 
 
 def compare(fixture: FixtureData, run: FixtureRun, backend: str) -> ParityReport:
@@ -218,19 +218,54 @@ def run_exported(fixture: FixtureData, backend: str) -> FixtureRun:
         prefix = pipe.encode_image(fixture.inputs["source_tensor"][None])
         loop = pipe.loop.run(fixture.text_features, prefix, SamplerInputs.from_params(cfg.sampling),
                              TorchCPUNoise(cfg.sampling.seed), fixture.teacher_bits())
-        decoded = pipe.decode(loop.summed)
-        read = pipe.backend.read
-        run = FixtureRun(None, read(prefix), loop.guided_logits, loop.bits, read(loop.summed), decoded)
+        source_prefix, summed = pipe.loop.collect(loop, [prefix, loop.summed], record=True)
+        run = FixtureRun(None, source_prefix, loop.guided_logits, loop.bits, summed, pipe.decode(loop.summed))
         pipe.close()
     return run
 
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt", "tensorrt-rtx")
+def run_fast_path(fixture: FixtureData, scales: int | None = None) -> FixtureRun:
+    """The torch fast path (preallocated caches, fused Triton kernels) in fp32 under teacher forcing:
+    compiled on a GPU (TF32 off: the fixtures are fp32), in Triton's CPU interpreter elsewhere.
+    `scales` runs only the first scales (summed codes and image are then not produced)."""
+    import contextlib
+    import os
+
+    import torch
+
+    from .model.loaded import VAREditModel
+    from .sampling import SamplerInputs, TorchCPUNoise
+
+    cuda = torch.cuda.is_available()
+    if not cuda:  # read when the kernels are defined, so before the fast path is imported
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from .runtime.pipeline import EditPipeline
+
+    cfg = fixture.config
+    pipe = EditPipeline.from_model(VAREditModel.from_fixture(fixture.folder), device="cuda" if cuda else "cpu",
+                                   dtype=torch.float32)
+    exact = torch.backends.cudnn.flags(enabled=True, allow_tf32=False) if cuda else contextlib.nullcontext()
+    with exact:
+        prefix = pipe.encode_image(fixture.inputs["source_tensor"][None])
+        loop = pipe.loop.run(fixture.text_features, prefix, SamplerInputs.from_params(cfg.sampling),
+                             TorchCPUNoise(cfg.sampling.seed), fixture.teacher_bits(), scales)
+        source_prefix, summed = pipe.loop.collect(loop, [prefix, loop.summed], record=True)
+        decoded = pipe.decode(loop.summed) if scales is None else None
+    pipe.close()
+    return FixtureRun(None, source_prefix, loop.guided_logits, loop.bits, summed if scales is None else None, decoded)
+
+
+BACKENDS = ("torch", "torch-fast", "onnxruntime", "tensorrt", "tensorrt-rtx")
 
 
 def check_fixture(folder: str | Path, backend: str = "torch") -> ParityReport:
     if backend not in BACKENDS:
         raise ConfigError(f"unknown parity backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     fixture = FixtureData.load(folder)
-    run = run_reference(fixture) if backend == "torch" else run_exported(fixture, backend)
+    if backend == "torch":
+        run = run_reference(fixture)
+    elif backend == "torch-fast":
+        run = run_fast_path(fixture)
+    else:
+        run = run_exported(fixture, backend)
     return compare(fixture, run, backend)

@@ -7,6 +7,7 @@ noise source says where E comes from.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -79,6 +80,12 @@ class NumpyNoise:
 
 
 NOISE_SOURCES = {cls.name: cls for cls in (TorchCPUNoise, NumpyNoise)}
+
+
+def draw_edit(noise: NoiseSource, rows: Sequence[int]) -> np.ndarray:
+    """A whole edit's noise at once, [sum(rows), 2], for one upload: one draw per scale in scale
+    order, so the values are those of per-scale draws by construction, for any noise source."""
+    return np.concatenate([noise.draw(r) for r in rows])
 
 
 def make_noise(name: str, seed: int) -> NoiseSource:

@@ -76,11 +76,22 @@ def vae_params(config: ModelConfig) -> int:
     return enc + dec
 
 
+def loop_buffer_bytes(config: ModelConfig, compute_dtype: str, text_len: int) -> tuple[int, int]:
+    """(KV caches, every other buffer) that the scale loop allocates, summed from the loop's own
+    layout: caches and text K/V in `compute_dtype`, the rest as the loop holds it (fp32, int64)."""
+    from ..runtime.loop import loop_layout, text_capacity, text_layout
+
+    t, sched = config.transformer, config.schedule
+    specs = [*loop_layout(t, sched.tokens, sched.starts, sched.source_tokens, sched.latent_side,
+                          compute_dtype).values(),
+             *text_layout(t, text_capacity(text_len), compute_dtype).values()]
+    kv = sum(s.nbytes for s in specs if s.kind == "kv_cache")
+    return kv, sum(s.nbytes for s in specs) - kv
+
+
 def kv_cache_bytes(config: ModelConfig, bytes_per: int) -> int:
     """All layers, K and V, CFG batch 2; layer 0 holds targets plus the pooled SAR references."""
-    t, sched = config.transformer, config.schedule
-    rows = 2 * sched.total_tokens + (t.depth - 1) * (sched.source_tokens + sched.total_tokens)
-    return rows * 2 * 2 * t.dim * bytes_per
+    return loop_buffer_bytes(config, {4: "float32", 2: "bfloat16"}[bytes_per], 0)[0]
 
 
 def activation_bytes(config: ModelConfig, bytes_per: int, text_len: int, fused_attention: bool) -> int:
@@ -135,4 +146,8 @@ def plan_table(config: ModelConfig, device: str | None, memory_gib: float | None
     lines.append("GiB. int8: Orin, Ampere; fp8: Ada, Hopper, Thor (no fp8 tensor cores on Orin). Attention counted "
                  "fused below fp32. Engines built with --weight-streaming can keep part of the transformer "
                  "weights in host memory (slower).")
+    kv, rest = loop_buffer_bytes(config, "bfloat16", text_len)
+    lines.append(f"torch fast path (bf16 caches and text K/V, the loop's own allocation): KV cache {kv / GIB:.2f} GiB, "
+                 f"other loop buffers {rest / GIB:.2f} GiB (fp32 inputs, modulation, logits, codes; "
+                 f"{text_len}-token instruction)")
     return "\n".join(lines)

@@ -29,10 +29,15 @@ def bf16_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> t
     return _round_bf16(F.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1])))
 
 
+def head_temperature(scale_mul: torch.Tensor) -> torch.Tensor:
+    """The learned per-head temperature of cosine attention, exp(min(scale_mul, ln 100)): clamped in
+    the parameter's dtype (bf16 blocks clamp in bf16), exponentiated in fp32 as under autocast."""
+    return scale_mul.clamp_max(MAX_SCALE_MUL).float().exp()
+
+
 def cosine_qk(q: torch.Tensor, k: torch.Tensor, scale_mul: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalise q and k per head and apply the learned per-head temperature to q."""
-    temperature = scale_mul.clamp_max(MAX_SCALE_MUL).exp()
-    return F.normalize(q, dim=-1) * temperature, F.normalize(k, dim=-1)
+    return F.normalize(q, dim=-1) * head_temperature(scale_mul), F.normalize(k, dim=-1)
 
 
 def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

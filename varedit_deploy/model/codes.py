@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from .buffers import constant
 from .resample import bilinear_matrix
 
 
@@ -63,8 +64,8 @@ class NextScaleInput(nn.Module):
         if not self.last:
             up = bilinear_matrix(sched.vae_side(scale), full)
             down = bilinear_matrix(full, sched.vae_side(scale + 1))
-            self.register_buffer("up", torch.from_numpy(up), persistent=False)
-            self.register_buffer("down", torch.from_numpy(down), persistent=False)
+            self.register_buffer("up", constant(up), persistent=False)
+            self.register_buffer("down", constant(down), persistent=False)
 
     def forward(self, bits: torch.Tensor, summed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """bits [1, n, d_tok], summed [1, d, H, W] -> new summed, next tokens [1, n', d_tok] or None."""

@@ -19,7 +19,7 @@ def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     rounding), clamped at 0, two taps, the second clamped to the last input.
     """
     mat = np.zeros((out_size, in_size), dtype=np.float32)
-    scale = np.float32(in_size) / np.float32(out_size)
+    scale = bilinear_scale(in_size, out_size)
     for i in range(out_size):
         # PyTorch's kernel evaluates scale * (i + 0.5) - 0.5 as one fused multiply-add.
         src = max(np.float32(float(scale) * (i + 0.5) - 0.5), np.float32(0.0))
@@ -29,6 +29,11 @@ def bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
         mat[i, lo] += np.float32(1.0) - w_hi
         mat[i, hi] += w_hi
     return mat
+
+
+def bilinear_scale(in_size: int, out_size: int) -> np.float32:
+    """Source pixels per output pixel, as PyTorch's kernel computes it (one float32 division)."""
+    return np.float32(in_size) / np.float32(out_size)
 
 
 def area_matrix(in_size: int, out_size: int) -> np.ndarray:

@@ -35,14 +35,15 @@ def rope_table(head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     cos/sin), so positions match bit for bit.
     """
     half = head_dim // 2
-    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, half, 2, dtype=torch.int64).float() / half))
-    t = torch.arange(_GRID, dtype=torch.int64).float()
+    cpu = torch.device("cpu")  # the same values whatever the model is built on; the caller places them
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, half, 2, dtype=torch.int64, device=cpu).float() / half))
+    t = torch.arange(_GRID, dtype=torch.int64, device=cpu).float()
     freqs = torch.outer(t, inv_freq)  # [grid, half/2]
     pos = torch.from_numpy(_table_positions())
     angles = torch.cat([freqs[pos[:, 0]], freqs[pos[:, 1]]], dim=-1)  # [entries, half]
     pad = -angles.shape[0] % _PAD_TO
-    cos = torch.cat([torch.cos(angles), torch.zeros(pad, half)])
-    sin = torch.cat([torch.sin(angles), torch.zeros(pad, half)])
+    cos = torch.cat([torch.cos(angles), torch.zeros(pad, half, device=cpu)])
+    sin = torch.cat([torch.sin(angles), torch.zeros(pad, half, device=cpu)])
     return cos, sin
 
 

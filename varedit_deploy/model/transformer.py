@@ -27,6 +27,7 @@ from torch import nn
 
 from ..config import ModelConfig, Schedule, TransformerConfig
 from .attention import bf16_flash_attention, cosine_qk, self_attention
+from .buffers import constant
 from .resample import area_matrix
 from .rope import apply_rope, rope_table
 
@@ -56,6 +57,12 @@ def to_heads(cache: torch.Tensor) -> torch.Tensor:
 def to_cache(x: torch.Tensor) -> torch.Tensor:
     """[B, H, L, c] attention layout -> [L, B, H, c] cache layout."""
     return x.permute(2, 0, 1, 3)
+
+
+def fp32_region(x: torch.Tensor):
+    """Autocast off: under bf16 autocast the official code still runs the AdaLN linears on the text
+    condition and the head in fp32 (spec/transformer.md 3.2, 3.5, 3.12). A no-op without autocast."""
+    return torch.autocast(x.device.type, enabled=False)
 
 
 def ada_layer_norm(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dim: int, eps: float) -> torch.Tensor:
@@ -236,15 +243,15 @@ class VAREditTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
 
         cos, sin = rope_table(cfg.head_dim)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_cos", constant(cos), persistent=False)
+        self.register_buffer("rope_sin", constant(sin), persistent=False)
         self._register_sar_pooling()
 
     def _register_sar_pooling(self) -> None:
         """Separable area-pooling matrices from the source grid to each scale (SAR)."""
         src = self.schedule.source_side
         for s, side in enumerate(self.schedule.sides):
-            self.register_buffer(f"sar_pool_{s}", torch.from_numpy(area_matrix(src, side)), persistent=False)
+            self.register_buffer(f"sar_pool_{s}", constant(area_matrix(src, side)), persistent=False)
 
     # ------------------------------------------------------------------ text
     def text_condition(self, text_features: torch.Tensor) -> TextCondition:
@@ -254,9 +261,10 @@ class VAREditTransformer(nn.Module):
         text = self.text_norm(text)
         pooled = self.text_proj_for_sos.ca(text)  # [2, C]
         ca_kv = self.text_proj_for_ca(text)  # [2, Lt, C]
-        shared = self.shared_ada_lin(pooled).view(2, 6, -1)
+        with fp32_region(pooled):
+            shared = self.shared_ada_lin(pooled.float()).view(2, 6, -1)
+            head_modulation = self.head_nm.ada_lin(pooled.float()).view(2, 2, -1)
         modulation = torch.stack([blk.ada_gss.view(6, -1) + shared for blk in self.blocks])
-        head_modulation = self.head_nm.ada_lin(pooled).view(2, 2, -1)
         start = pooled.unsqueeze(1) + self.pos_start + self.lvl_embed.weight[0]
         kvs = [blk.ca.text_kv(ca_kv) for blk in self.blocks]
         text_k = torch.stack([k for k, _ in kvs])
@@ -339,7 +347,8 @@ class VAREditTransformer(nn.Module):
     def logits(self, x: torch.Tensor, head_modulation: torch.Tensor) -> torch.Tensor:
         """AdaLN before the head, then the bit-pair logits [2, n, 2*d_tok] (fp32 in the official code)."""
         scale, shift = head_modulation.unsqueeze(1).unbind(2)
-        return self.head(ada_layer_norm(x, scale, shift, self.cfg.dim, self.cfg.norm_eps))
+        with fp32_region(x):
+            return self.head(ada_layer_norm(x.float(), scale, shift, self.cfg.dim, self.cfg.norm_eps))
 
     def embed_tokens(self, tokens: torch.Tensor, scale: int) -> torch.Tensor:
         """Next-scale input [1, n, d_tok] -> embedded step input [2, n, C] for `scale`."""

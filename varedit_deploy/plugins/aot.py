@@ -1,74 +1,191 @@
-"""Ahead-of-time compilation of the fused kernels to PTX/cubin for given SM targets (no GPU needed).
+"""Ahead-of-time compilation of the fused kernels for SM targets (no GPU needed), and what the compiler made.
 
-The signatures are those a model's shapes imply (head dim, heads, code dims); the result is
-what a TensorRT plugin or a deployment without a JIT compiler ships.
+`release_launches` builds every launch the fast path makes in one edit of a model, on `meta`
+tensors at the model's real shapes, through the same launch builders the runtime calls (same
+tiles, warps, stages and key splits). `compile_launch` compiles one for an SM target with
+Triton's own argument specialisation (integers equal to 1 become constants, multiples of 16 and
+16-byte-aligned pointers are marked divisible, exactly as the JIT does on a GPU), keeps PTX and
+cubin, and reads what matters for speed out of ptxas's report and the SASS: registers, spills,
+shared memory, tensor-core instructions.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import io
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..config import ModelConfig
-from ..model.attention import MAX_SCALE_MUL
 
-DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+# SASS matrix instructions: HMMA (fp16/bf16 mma.sync, sm80+), HGMMA (warpgroup wgmma, sm90a),
+# and their integer/fp8 forms.
+TENSOR_CORE_OPCODES = ("HMMA", "HGMMA", "IMMA", "IGMMA", "QGMMA", "BGMMA", "DMMA")
+# SMs of the devices each target is planned for (the key split depends on it): H100 SXM / H200,
+# L40S, Jetson AGX Orin 64 GB, A100, A10.
+SM_COUNT = {90: 132, 89: 142, 87: 16, 86: 72, 80: 108}
+_SASS_LINE = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[0-9T]+\s+)?([A-Z][A-Z0-9_.]*)", re.M)
 
 
 @dataclass(frozen=True)
 class CompiledKernel:
     name: str
     arch: int
-    ptx: str
-    cubin: bytes
+    config: str  # tiles, split, warps, stages
+    signature: str  # argument types as specialised
+    ptx: str = field(repr=False)
+    cubin: bytes = field(repr=False)
     num_warps: int
-    shared_bytes: int
+    registers: int  # per thread
+    spill_bytes: int  # spill stores per thread (ptxas)
+    stack_bytes: int  # stack frame per thread (ptxas)
+    shared_bytes: int  # dynamic shared memory per block
+    tensor_core_instructions: int  # in the SASS
+    local_memory_instructions: int  # LDL/STL in the SASS
+    instructions: int  # all SASS instructions
+
+    def stats(self) -> dict:
+        return {k: getattr(self, k) for k in ("name", "arch", "config", "signature", "num_warps", "registers",
+                                               "spill_bytes", "stack_bytes", "shared_bytes",
+                                               "tensor_core_instructions", "local_memory_instructions",
+                                               "instructions")}
 
 
-def kernel_sources(config: ModelConfig, cache_dtype: str = "bf16"):
-    """(name, jit function, signature, constexprs) of every fused kernel for this model."""
-    from . import attention, sampler
+def specialise(launch) -> tuple[dict, dict, dict]:
+    """(signature, constexprs, attrs) of a launch, as Triton's JIT binder derives them on a GPU."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
 
-    t = config.transformer
-    cache = f"*{DTYPES[cache_dtype]}"
-    f32 = "*fp32"
-    shape = {"B": 2, "H": t.heads, "C": t.head_dim}
-    return [
-        ("prep_qkv", attention._prep_qkv_kernel,
-         {"qkv_ptr": f32, "scale_mul_ptr": f32, "cos_ptr": f32, "sin_ptr": f32, "q_out_ptr": f32,
-          "k_cache_ptr": cache, "v_cache_ptr": cache, "n": "i32", "slot_start": "i32",
-          "B": "constexpr", "H": "constexpr", "C": "constexpr", "MAX_LOG": "constexpr", "BLOCK_T": "constexpr"},
-         {**shape, "MAX_LOG": MAX_SCALE_MUL, "BLOCK_T": 32}),
-        ("scale_attention", attention._scale_attention_kernel,
-         {"q_ptr": f32, "ka_ptr": cache, "va_ptr": cache, "len_a": "i32", "kb_ptr": cache, "vb_ptr": cache,
-          "len_b": "i32", "out_ptr": cache, "n": "i32", "B": "constexpr", "H": "constexpr", "C": "constexpr",
-          "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "PRECISION": "constexpr", "NATIVE": "constexpr"},
-         {**shape, "BLOCK_M": 64, "BLOCK_N": 64, "PRECISION": "ieee" if cache_dtype == "fp32" else "tf32",
-          "NATIVE": True}),
-        ("sample_bits", sampler._sample_kernel,
-         {"logits_ptr": f32, "noise_ptr": f32, "bits_ptr": "*i64", "rows": "i32", "cfg_weights_ptr": f32,
-          "inv_tau_ptr": f32, "threshold_ptr": f32, "BLOCK": "constexpr"},
-         {"BLOCK": sampler.BLOCK}),
-        ("accumulate_codes", sampler._accumulate_kernel,
-         {"bits_ptr": "*i64", "summed_ptr": f32, "side": "i32", "grid_in": "i32", "full": "i32",
-          "inv_sqrt_d": "fp32", "LAST": "constexpr", "D": "constexpr", "PATCH": "constexpr", "BLOCK": "constexpr"},
-         {"LAST": False, "D": t.codebook_dim, "PATCH": t.patchify, "BLOCK": sampler.BLOCK}),
-        ("next_tokens", sampler._next_tokens_kernel,
-         {"summed_ptr": f32, "tokens_ptr": f32, "next_side": "i32", "grid_out": "i32", "full": "i32",
-          "D": "constexpr", "PATCH": "constexpr", "BLOCK": "constexpr"},
-         {"D": t.codebook_dim, "PATCH": t.patchify, "BLOCK": sampler.BLOCK}),
-    ]
+    signature, constexprs, attrs = {}, {}, {}
+    for p in launch.fn.params:
+        value = launch.args[p.name]
+        if p.is_constexpr:
+            signature[p.name], constexprs[p.name] = "constexpr", value
+            continue
+        kind, attr = native_specialize_impl(BaseBackend, value, p.is_const, not p.do_not_specialize,
+                                            not p.do_not_specialize_on_alignment)
+        signature[p.name] = kind
+        if kind == "constexpr":  # an integer equal to 1
+            constexprs[p.name] = value
+        elif isinstance(attr, str) and attr:
+            attrs[(p.num,)] = BaseBackend.parse_attr(attr)
+    return signature, constexprs, attrs
 
 
-def compile_kernels(config: ModelConfig, archs: tuple[int, ...] = (80, 86, 89, 90),
-                    cache_dtype: str = "bf16") -> list[CompiledKernel]:
+def _sass_counts(cubin: bytes) -> tuple[int, int, int]:
+    """(tensor-core, local-memory, all) instruction counts of a cubin's SASS."""
+    import triton
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        sass = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-sass", str(path)], check=True,
+                              capture_output=True, text=True).stdout
+    opcodes = [op.split(".")[0] for op in _SASS_LINE.findall(sass)]
+    if not opcodes:
+        raise RuntimeError("cuobjdump printed no SASS instructions")
+    return (sum(op in TENSOR_CORE_OPCODES for op in opcodes), sum(op in ("LDL", "STL") for op in opcodes),
+            len(opcodes))
+
+
+def _ptxas_numbers(log: str, name: str) -> tuple[int, int, int]:
+    """(registers, spill store bytes, stack frame bytes) from ptxas -v for entry `name`."""
+    entry = log[log.index(f"Function properties for {name}"):]
+    frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", entry)
+    regs = re.search(r"Used (\d+) registers", entry)
+    if not (frame and regs):
+        raise RuntimeError(f"no ptxas statistics for {name} in:\n{log}")
+    return int(regs.group(1)), int(frame.group(2)), int(frame.group(1))
+
+
+def compile_launch(launch, arch: int) -> CompiledKernel:
+    """Compile one launch for sm_`arch` (always freshly, so that ptxas reports) and read its statistics."""
     import triton
     from triton.backends.compiler import GPUTarget
 
+    signature, constexprs, attrs = specialise(launch)
+    src = triton.compiler.ASTSource(fn=launch.fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    log = io.StringIO()
+    with triton.knobs.compilation.scope(), triton.knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+        triton.knobs.compilation.always_compile = True
+        triton.knobs.nvidia.dump_ptxas_log = True
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                           options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
+    registers, spills, stack = _ptxas_numbers(log.getvalue(), k.metadata.name)
+    tensor_core, local, total = _sass_counts(k.asm["cubin"])
+    sig = ",".join(v if v != "constexpr" else f"{constexprs[n]!r}" for n, v in signature.items()
+                   if n in constexprs or v != "constexpr")
+    return CompiledKernel(launch.name, arch, launch.config(), sig, k.asm["ptx"], k.asm["cubin"], k.metadata.num_warps,
+                          registers, spills, stack, k.metadata.shared, tensor_core, local, total)
+
+
+@dataclass(frozen=True)
+class PlannedLaunch:
+    scale: int
+    layer: str  # "0" (SAR + targets), ">=1" (source + targets) or "-" for the sampler kernels
+    launch: object  # KernelLaunch
+
+
+def release_launches(config: ModelConfig, cache_dtype, sm_count: int) -> list[PlannedLaunch]:
+    """Every kernel launch of one edit of `config` with `cache_dtype` caches, on meta tensors."""
+    import torch
+
+    from . import attention, sampler
+
+    t, sched = config.transformer, config.schedule
+    meta, f32 = torch.device("meta"), torch.float32
+    b, h, c = 2, t.heads, t.head_dim
+    total = sched.total_tokens
+    temperature = torch.empty(h, device=meta, dtype=f32)
+    cos = torch.empty(sched.source_tokens + total, c // 2, device=meta, dtype=f32)
+    sar = [torch.empty(total, b, h, c, device=meta, dtype=cache_dtype) for _ in range(2)]
+    caches = {"0": [torch.empty(total, b, h, c, device=meta, dtype=cache_dtype) for _ in range(2)],
+              ">=1": [torch.empty(sched.source_tokens + total, b, h, c, device=meta, dtype=cache_dtype)
+                      for _ in range(2)]}
+    summed = torch.empty(1, t.codebook_dim, sched.latent_side, sched.latent_side, device=meta, dtype=f32)
     out = []
-    for name, fn, signature, constexprs in kernel_sources(config, cache_dtype):
-        for arch in archs:
-            src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-            k = triton.compile(src, target=GPUTarget("cuda", arch, 32))
-            out.append(CompiledKernel(name, arch, k.asm["ptx"], k.asm["cubin"], k.metadata.num_warps,
-                                      k.metadata.shared))
+    for s, (n, start) in enumerate(zip(sched.tokens, sched.starts)):
+        for layer, (k_cache, v_cache) in caches.items():
+            past = start + (0 if layer == "0" else sched.source_tokens)
+            qkv = torch.empty(b, n, 3, h, c, device=meta, dtype=f32)
+            prep, q = attention.prep_qkv_launch(qkv, temperature, cos[:n], cos[:n], k_cache, v_cache, past)
+            segment_a = (sar[0][start:start + n], sar[1][start:start + n]) if layer == "0" else None
+            launches, _ = attention.scale_attention_launches(q, segment_a, (k_cache[:past + n], v_cache[:past + n]),
+                                                              sm_count=sm_count)
+            out += [PlannedLaunch(s, layer, x) for x in (prep, *launches)]
+        logits = torch.empty(b, n, t.num_logits, device=meta, dtype=f32)
+        noise = torch.empty(n * t.d_tok, 2, device=meta, dtype=f32)
+        bits = torch.empty(1, n, t.d_tok, device=meta, dtype=torch.int64)
+        scalars = torch.empty(4, device=meta, dtype=f32)
+        out.append(PlannedLaunch(s, "-", sampler.sample_bits_launch(logits, noise, scalars[0:2], scalars[2:3],
+                                                                    scalars[3:4], bits)))
+        out.append(PlannedLaunch(s, "-", sampler.accumulate_codes_launch(bits, summed, config, s)))
+        if s + 1 < sched.num_scales:
+            out.append(PlannedLaunch(s, "-", sampler.next_tokens_launch(summed, config, s + 1)[0]))
+    return out
+
+
+def compile_release(config: ModelConfig, cache_dtype, arch: int, kernels=None, progress=None,
+                    compiled: dict | None = None) -> list[tuple[PlannedLaunch, CompiledKernel]]:
+    """Compile every distinct launch of one edit for sm_`arch`, planned for that target's usual SM
+    count; `kernels` selects by kernel name; `compiled` (shared between calls) compiles each
+    identical specialisation once."""
+    planned = release_launches(config, cache_dtype, SM_COUNT.get(arch, 132))
+    compiled = {} if compiled is None else compiled
+    out = []
+    for p in planned:
+        if kernels and p.launch.name not in kernels:
+            continue
+        signature, constexprs, attrs = specialise(p.launch)
+        key = (arch, p.launch.name, p.launch.config(), tuple(signature.items()), repr(sorted(constexprs.items())),
+               repr(sorted(attrs.items())))
+        if key not in compiled:
+            compiled[key] = compile_launch(p.launch, arch)
+            if progress:
+                progress(f"sm{arch} {config.name} {p.launch.name} {p.launch.config()}: "
+                         f"{compiled[key].registers} registers, {compiled[key].spill_bytes} B spilled")
+        out.append((p, compiled[key]))
     return out

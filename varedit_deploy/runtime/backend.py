@@ -1,13 +1,18 @@
 """The interface every backend implements; the scale loop knows nothing else about them.
 
 A backend allocates the loop's buffers where its graphs run (host memory for ONNX Runtime on
-the CPU, device memory for TensorRT), and runs one graph with inputs read in place and
+the CPU, device memory for TensorRT and torch), and runs one graph with inputs read in place and
 outputs written into buffers the caller preallocated (views into the KV cache included), so
-nothing is allocated or copied per step. `write`/`read` are the only host transfers.
+nothing is allocated or copied per step. `write` and `read_all` are the only host transfers:
+`write` returns at once (a device backend stages the source and copies it asynchronously), and
+`read_all` is the one host synchronisation, however many buffers it reads. `mark` records a
+point in the backend's stream of work (a host clock here, a CUDA event on device backends) and
+`seconds` measures between two marks once a later `read_all` has returned.
 """
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 
@@ -30,6 +35,8 @@ class GraphRunner(ABC):
 
 class Backend(ABC):
     name: str
+    # What the KV caches and text K/V are held in: the dtype the graphs compute attention in.
+    compute_dtype: str = "float32"
 
     def __init__(self, manifest: Manifest):
         self.manifest = manifest
@@ -44,17 +51,30 @@ class Backend(ABC):
     @abstractmethod
     def _load(self, name: str) -> GraphRunner: ...
 
-    def empty(self, shape: tuple[int, ...], dtype) -> np.ndarray:
-        """A buffer the graphs can read and write in place; axis-0 slices stay contiguous views."""
-        return np.empty(shape, dtype)
+    def empty(self, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+        """A buffer the graphs can read and write in place; axis-0 slices stay contiguous views.
+        `dtype` is a numpy name ("float32", "int64") or the backend's `compute_dtype`."""
+        return np.empty(shape, np.dtype(dtype))
 
     def write(self, dst, src: np.ndarray) -> None:
-        """Copy host data into a buffer (or a view of one)."""
+        """Copy host data into a buffer (or a view of one); `src` may be reused at once."""
         np.copyto(dst, src, casting="same_kind")
 
+    def read_all(self, buffers) -> list[np.ndarray]:
+        """Host copies of the buffers, after every graph run so far has finished: one synchronisation."""
+        return [np.array(b, copy=True) for b in buffers]
+
     def read(self, src) -> np.ndarray:
-        """A host copy of a buffer."""
-        return np.array(src, copy=True)
+        """A host copy of one buffer (a synchronisation of its own: prefer one `read_all`)."""
+        return self.read_all([src])[0]
+
+    def mark(self) -> object:
+        """A point in the backend's work, for timing; graphs here run synchronously, so the host clock."""
+        return time.perf_counter()
+
+    def seconds(self, start, end) -> float:
+        """Seconds between two marks (valid once a `read_all` issued after both has returned)."""
+        return end - start
 
     def close(self) -> None:
         """Release every loaded graph; `with backend:` calls this on exit."""

@@ -76,6 +76,13 @@ class DeviceArray:
         return DeviceArray(self.ptr + start * row, (max(stop - start, 0), *self.shape[1:]), self.dtype,
                            self.owner or self)
 
+    def reshape(self, *shape) -> "DeviceArray":
+        """The same bytes with another shape (a view); `reshape(2, 3)` or `reshape((2, 3))` as numpy."""
+        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], tuple) else tuple(shape)
+        if int(np.prod(shape)) != int(np.prod(self.shape)):
+            raise ValueError(f"cannot view {self.shape} as {shape}")
+        return DeviceArray(self.ptr, shape, self.dtype, self.owner or self)
+
     def free(self) -> None:
         """Release the allocation now (views of it become invalid); later calls do nothing."""
         if self.owner is None and self.ptr:
@@ -128,11 +135,12 @@ class Stream:
         self.synchronize()  # src may be a temporary
 
     def copy_to_host(self, src: DeviceArray) -> np.ndarray:
+        """Enqueue a copy into a new host array, valid after the next `synchronize` (into pageable
+        memory CUDA completes the copy before returning, but the stream order is what we rely on)."""
         out = np.empty(src.shape, src.dtype)
         rt = cudart()
         check(rt.cudaMemcpyAsync(out.ctypes.data, src.ptr, src.nbytes, rt.cudaMemcpyKind.cudaMemcpyDeviceToHost,
                                  self.handle))
-        self.synchronize()
         return out
 
     def capture(self, enqueue: Callable[[], None]) -> CudaGraph:

@@ -23,18 +23,33 @@ class KVCache:
     starts: tuple[int, ...]
     tokens: tuple[int, ...]
 
+    @staticmethod
+    def layout(depth: int, heads: int, head_dim: int, source_tokens: int, starts: tuple[int, ...],
+               tokens: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        """Shape of every cache buffer by name: k.{i}, v.{i} per layer, then sar_k and sar_v."""
+        total = starts[-1] + tokens[-1]
+        lengths = [total] + [source_tokens + total] * (depth - 1)
+        shapes = {}
+        for i, n in enumerate(lengths):
+            shapes[f"k.{i}"] = shapes[f"v.{i}"] = (n, 2, heads, head_dim)
+        shapes["sar_k"] = shapes["sar_v"] = (total, 2, heads, head_dim)
+        return shapes
+
+    @classmethod
+    def from_buffers(cls, buffers: dict, source_tokens: int, starts: tuple[int, ...],
+                     tokens: tuple[int, ...]) -> "KVCache":
+        """The cache over buffers allocated by `layout` (every byte is written before it is read)."""
+        depth = sum(name.startswith("k.") for name in buffers)
+        return cls([buffers[f"k.{i}"] for i in range(depth)], [buffers[f"v.{i}"] for i in range(depth)],
+                   buffers["sar_k"], buffers["sar_v"], source_tokens, tuple(starts), tuple(tokens))
+
     @classmethod
     def allocate(cls, depth: int, heads: int, head_dim: int, source_tokens: int,
-                 starts: tuple[int, ...], tokens: tuple[int, ...], dtype=np.float32, empty=np.empty) -> "KVCache":
-        """`empty(shape, dtype)` makes one buffer (host or device); every byte is written before it is read."""
-        total = starts[-1] + tokens[-1]
-
-        def buf(n: int):
-            return empty((n, 2, heads, head_dim), dtype)
-
-        lengths = [total] + [source_tokens + total] * (depth - 1)
-        return cls([buf(n) for n in lengths], [buf(n) for n in lengths], buf(total), buf(total),
-                   source_tokens, tuple(starts), tuple(tokens))
+                 starts: tuple[int, ...], tokens: tuple[int, ...], dtype: str = "float32", empty=np.empty) -> "KVCache":
+        """`empty(shape, dtype)` makes one buffer (host or device)."""
+        shapes = cls.layout(depth, heads, head_dim, source_tokens, starts, tokens)
+        return cls.from_buffers({name: empty(shape, dtype) for name, shape in shapes.items()},
+                                source_tokens, starts, tokens)
 
     def rows(self, kind: str, layer: int, scale: int = 0) -> tuple[int, int]:
         """Row range [first, end) of a view: 'past', 'slot', 'source' (layers >= 1) or 'sar'."""

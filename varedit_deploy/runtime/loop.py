@@ -1,36 +1,99 @@
 """The scale loop on any backend: text condition, source pass, then step/sample/next per scale.
 
 All buffers (KV caches, logits, bits, next inputs, summed codes) are allocated by the backend
-once per pipeline from the manifest's schedule and reused by every edit; each graph reads and
-writes them in place. Host transfers: the text features and source prefix in, each scale's
-noise in, the bits and guided logits out (for the caller), the summed codes out.
+once per pipeline from `loop_layout`, the one list of what the loop holds (the memory plan sums
+the same list), and reused by every edit; each graph reads and writes them in place. The KV
+caches and text K/V are held in the backend's compute dtype (bf16 on the torch fast path, as the
+official code holds them); everything the official code keeps in fp32 (residual inputs, AdaLN
+modulation, logits, codes) stays fp32.
+
+Host transfers per edit: uploads (the sampler constants, the whole edit's noise, teacher bits
+when given, zeroed codes) are queued before the first graph, and nothing is read back until
+`collect`, which reads the caller's buffers (the decoded image), the bits and guided logits when
+asked, and every stage's timing in one synchronisation.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import accumulate
+from math import prod
 
 import numpy as np
 
 from ..artifact import Manifest
-from ..sampling import NoiseSource, SamplerInputs
-from ..timings import ms_since
+from ..config import TransformerConfig
+from ..sampling import NoiseSource, SamplerInputs, draw_edit
 from .backend import Backend
 from .kv_cache import KVCache
 
-# Called after each scale with (scale, summed codes buffer): previews, cancellation and deadlines
-# happen between scales; an exception raised by the hook ends the edit there.
+# Called after each scale's work is queued, with (scale, summed codes buffer): previews, cancellation
+# and deadlines happen between scales; an exception raised by the hook ends the edit there. Reading
+# the buffer is a host synchronisation on a device backend: the hook decides whether it needs one.
 ScaleHook = Callable[[int, object], None]
+
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8}
+TEXT_CHUNK = 64  # text buffers grow in steps of this many tokens, so their addresses rarely change
+
+
+@dataclass(frozen=True)
+class BufferSpec:
+    shape: tuple[int, ...]
+    dtype: str
+    kind: str  # "kv_cache" or "activations"
+
+    @property
+    def nbytes(self) -> int:
+        return prod(self.shape) * ITEMSIZE[self.dtype]
+
+
+def loop_layout(t: TransformerConfig, tokens: tuple[int, ...], starts: tuple[int, ...], source_tokens: int,
+                latent_side: int, compute_dtype: str) -> dict[str, BufferSpec]:
+    """Every buffer the loop allocates for a pipeline, by name (text buffers: `text_layout`)."""
+    cache = KVCache.layout(t.depth, t.heads, t.head_dim, source_tokens, starts, tokens)
+    specs = {f"cache.{name}": BufferSpec(shape, compute_dtype, "kv_cache") for name, shape in cache.items()}
+
+    def act(shape, dtype="float32"):
+        return BufferSpec(tuple(shape), dtype, "activations")
+
+    for s, n in enumerate(tokens):
+        specs[f"x.{s}"] = act((2, n, t.dim))  # scale 0 is fed the start token
+        specs[f"logits.{s}"] = act((2, n, t.num_logits))
+        specs[f"bits.{s}"] = act((1, n, t.d_tok), "int64")
+        specs[f"guided.{s}"] = act((n * t.d_tok, 2))
+    rows = sum(tokens)
+    specs["noise"] = act((rows * t.d_tok, 2))  # the whole edit's, uploaded at once
+    specs["teacher"] = act((rows, t.d_tok), "int64")
+    specs["summed.0"] = specs["summed.1"] = act((1, t.codebook_dim, latent_side, latent_side))
+    specs["sampler"] = act((4,))  # cfg weights [2], 1/tau, drop threshold
+    specs["modulation"] = act((t.depth, 2, 6, t.dim))
+    specs["head_modulation"] = act((2, 2, t.dim))
+    specs["prefix"] = act((1, source_tokens, t.d_tok))
+    return specs
+
+
+def text_capacity(length: int) -> int:
+    """Tokens the text buffers are allocated for, for an instruction of `length` tokens."""
+    return -(-length // TEXT_CHUNK) * TEXT_CHUNK
+
+
+def text_layout(t: TransformerConfig, length: int, compute_dtype: str) -> dict[str, BufferSpec]:
+    """T5 features and per-layer text K/V of an instruction of `length` tokens."""
+    kv = (t.depth, 2, t.heads, length, t.head_dim)
+    return {"features": BufferSpec((1, length, t.text_channels), "float32", "activations"),
+            "text_k": BufferSpec(kv, compute_dtype, "activations"),
+            "text_v": BufferSpec(kv, compute_dtype, "activations")}
 
 
 @dataclass
 class LoopOutput:
     summed: object  # [1, d, H, W]: the loop's buffer (host or device), valid until the next run
-    bits: list[np.ndarray] = field(default_factory=list)  # per scale [1, n, d_tok], as sampled
-    guided_logits: list[np.ndarray] = field(default_factory=list)  # per scale [n * d_tok, 2]
-    timings_ms: dict[str, float] = field(default_factory=dict)  # see varedit_deploy.timings
+    scales: int = 0  # how many scales ran
+    marks: list[tuple[str, object, object]] = field(default_factory=list)  # (stage, start, end)
+    bits: list[np.ndarray] | None = None  # per scale [1, n, d_tok]; only after `collect(record=True)`
+    guided_logits: list[np.ndarray] | None = None  # per scale [n * d_tok, 2], likewise
+    timings_ms: dict[str, float] = field(default_factory=dict)  # per stage, after `collect` (varedit_deploy.timings)
 
 
 class ScaleLoop:
@@ -40,35 +103,44 @@ class ScaleLoop:
         self.tcfg, sched = cfg.transformer, manifest.data["schedule"]
         self.tokens, self.starts = tuple(sched["tokens"]), tuple(sched["starts"])
         self.source_tokens, self.latent_side = sched["source_tokens"], sched["latent_side"]
-        t, empty, f32 = self.tcfg, backend.empty, np.float32
-        self.cache = KVCache.allocate(t.depth, t.heads, t.head_dim, self.source_tokens, self.starts, self.tokens,
-                                      empty=empty)
-        self.x = [empty((2, n, t.dim), f32) for n in self.tokens]
-        self.logits = [empty((2, n, t.num_logits), f32) for n in self.tokens]
-        self.bits = [empty((1, n, t.d_tok), np.int64) for n in self.tokens]
-        self.guided = [empty((n * t.d_tok, 2), f32) for n in self.tokens]
-        self.noise = [empty((n * t.d_tok, 2), f32) for n in self.tokens]
-        self.teacher = [empty((1, n, t.d_tok), np.int64) for n in self.tokens]
-        self.summed = [empty((1, t.codebook_dim, self.latent_side, self.latent_side), f32) for _ in range(2)]
-        self.sampler_inputs = [empty((2,), f32), empty((1,), f32), empty((1,), f32)]
-        self.modulation = empty((t.depth, 2, 6, t.dim), f32)
-        self.head_modulation = empty((2, 2, t.dim), f32)
-        self.prefix = empty((1, self.source_tokens, t.d_tok), f32)
-        self._text: dict[int, tuple] = {}  # per instruction length: features, text_k, text_v
+        t = self.tcfg
+        specs = loop_layout(t, self.tokens, self.starts, self.source_tokens, self.latent_side, backend.compute_dtype)
+        buf = {name: backend.empty(spec.shape, spec.dtype) for name, spec in specs.items()}
+        self.cache = KVCache.from_buffers({k.removeprefix("cache."): v for k, v in buf.items() if k.startswith("cache.")},
+                                          self.source_tokens, self.starts, self.tokens)
+        scales = range(len(self.tokens))
+        self.x, self.logits = [buf[f"x.{s}"] for s in scales], [buf[f"logits.{s}"] for s in scales]
+        self.bits, self.guided = [buf[f"bits.{s}"] for s in scales], [buf[f"guided.{s}"] for s in scales]
+        rows = [0, *accumulate(self.tokens)]
+        self.noise = [buf["noise"][a * t.d_tok:b * t.d_tok] for a, b in zip(rows, rows[1:])]
+        self.teacher = [buf["teacher"][a:b].reshape(1, b - a, t.d_tok) for a, b in zip(rows, rows[1:])]
+        self._noise_all, self._teacher_all, self._sampler = buf["noise"], buf["teacher"], buf["sampler"]
+        self.summed = [buf["summed.0"], buf["summed.1"]]
+        self.sampler_inputs = [buf["sampler"][0:2], buf["sampler"][2:3], buf["sampler"][3:4]]
+        self.modulation, self.head_modulation, self.prefix = buf["modulation"], buf["head_modulation"], buf["prefix"]
+        self._text_capacity = 0
+        self._text_flat: dict[str, object] = {}
+        self._text: dict[int, tuple] = {}  # per instruction length: features, text_k, text_v (views)
 
     def text_buffers(self, length: int) -> tuple:
-        """Features [1, Lt, Ct5] and per-layer text K/V for an instruction of `length` tokens."""
+        """Features [1, Lt, Ct5] and per-layer text K/V for an instruction of `length` tokens: views
+        of buffers sized for the longest instruction so far, so that addresses (and the graphs
+        captured on them) stay put from one instruction length to the next."""
+        if length > self._text_capacity:
+            self._text_capacity = text_capacity(length)
+            specs = text_layout(self.tcfg, self._text_capacity, self.backend.compute_dtype)
+            self._text_flat = {name: self.backend.empty((prod(s.shape),), s.dtype) for name, s in specs.items()}
+            self._text.clear()
         if length not in self._text:
-            t = self.tcfg
-            kv = (t.depth, 2, t.heads, length, t.head_dim)
-            self._text[length] = (self.backend.empty((1, length, t.text_channels), np.float32),
-                                  self.backend.empty(kv, np.float32), self.backend.empty(kv, np.float32))
+            specs = text_layout(self.tcfg, length, self.backend.compute_dtype)
+            self._text[length] = tuple(self._text_flat[name][:prod(s.shape)].reshape(s.shape)
+                                       for name, s in specs.items())
         return self._text[length]
 
-    def _timed(self, timings: dict[str, float], key: str, graph: str, inputs, outputs) -> None:
-        t0 = time.perf_counter()
+    def _run(self, marks: list, key: str, graph: str, inputs, outputs) -> None:
+        start = self.backend.mark()
         self.backend.graph(graph).run(inputs, outputs)
-        timings[key] = timings.get(key, 0.0) + ms_since(t0)
+        marks.append((key, start, self.backend.mark()))
 
     def run(
         self,
@@ -77,34 +149,41 @@ class ScaleLoop:
         sampler: SamplerInputs,
         noise: NoiseSource,
         teacher_bits: list[np.ndarray] | None = None,
+        scales: int | None = None,
         on_scale: ScaleHook | None = None,
     ) -> LoopOutput:
+        """Queue one edit's transformer work; nothing is read back before `collect`. `scales` stops
+        after that many scales (a teacher-forced check of the first scales of a long schedule)."""
         t, be = self.tcfg, self.backend
-        timings: dict[str, float] = {}
         features, text_k, text_v = self.text_buffers(text_features.shape[1])
         if features is not text_features:
             be.write(features, text_features)
         if source_prefix is not self.prefix:
             be.write(self.prefix, source_prefix)
-        for dst, src in zip(self.sampler_inputs, sampler.arrays()):
-            be.write(dst, src)
+        be.write(self._sampler, np.concatenate(sampler.arrays()))
+        be.write(self._noise_all, draw_edit(noise, [n * t.d_tok for n in self.tokens]))
+        if teacher_bits is not None:
+            be.write(self._teacher_all, np.concatenate([np.asarray(b, np.int64).reshape(-1, t.d_tok)
+                                                        for b in teacher_bits]))
+        summed_in, summed_out = self.summed
+        be.write(summed_in, np.zeros((1, t.codebook_dim, self.latent_side, self.latent_side), np.float32))
         cfg_weights, inv_tau, threshold = self.sampler_inputs
-        self._timed(timings, "text_condition", "text_cond", {"text_features": features},
-                    {"start_token": self.x[0], "modulation": self.modulation,  # scale 0 is fed the start token
-                     "head_modulation": self.head_modulation, "text_k": text_k, "text_v": text_v})
+        out = LoopOutput(summed_in)
+        marks = out.marks
+        self._run(marks, "text_condition", "text_cond", {"text_features": features},
+                  {"start_token": self.x[0], "modulation": self.modulation,  # scale 0 is fed the start token
+                   "head_modulation": self.head_modulation, "text_k": text_k, "text_v": text_v})
 
         src_out = {"sar_k": self.cache.sar_k, "sar_v": self.cache.sar_v}
         for i in range(1, t.depth):
             src_out[f"source_k_{i}"], src_out[f"source_v_{i}"] = self.cache.source(i)
-        self._timed(timings, "source_pass", "source_pass",
-                    {"source_prefix": self.prefix, "modulation": self.modulation, "text_k": text_k,
-                     "text_v": text_v}, src_out)
+        self._run(marks, "source_pass", "source_pass",
+                  {"source_prefix": self.prefix, "modulation": self.modulation, "text_k": text_k,
+                   "text_v": text_v}, src_out)
 
-        summed_in, summed_out = self.summed
-        be.write(summed_in, np.zeros((1, t.codebook_dim, self.latent_side, self.latent_side), np.float32))
-        out = LoopOutput(summed_in)
-        for s, n in enumerate(self.tokens):
-            ts = time.perf_counter()
+        out.scales = len(self.tokens) if scales is None else scales
+        for s in range(out.scales):
+            first = len(marks)
             sar_k, sar_v = self.cache.sar(s)
             step_in = {"x": self.x[s], "modulation": self.modulation, "head_modulation": self.head_modulation,
                        "text_k": text_k, "text_v": text_v, "sar_k": sar_k, "sar_v": sar_v}
@@ -112,27 +191,33 @@ class ScaleLoop:
             for i in range(t.depth):
                 step_in[f"past_k_{i}"], step_in[f"past_v_{i}"] = self.cache.past(i, s)
                 step_out[f"new_k_{i}"], step_out[f"new_v_{i}"] = self.cache.slot(i, s)
-            self._timed(timings, "step", "step", step_in, step_out)
-
-            be.write(self.noise[s], noise.draw(n * t.d_tok))
-            self._timed(timings, "sample", "sample",
-                        {"logits": self.logits[s], "noise": self.noise[s], "cfg_weights": cfg_weights,
-                         "inv_tau": inv_tau, "drop_threshold": threshold},
-                        {"bits": self.bits[s], "guided_logits": self.guided[s]})
-            out.bits.append(be.read(self.bits[s]))
-            out.guided_logits.append(be.read(self.guided[s]))
-
-            fed = self.bits[s]
-            if teacher_bits is not None:
-                be.write(self.teacher[s], np.asarray(teacher_bits[s], np.int64))
-                fed = self.teacher[s]
+            self._run(marks, "step", "step", step_in, step_out)
+            self._run(marks, "sample", "sample",
+                      {"logits": self.logits[s], "noise": self.noise[s], "cfg_weights": cfg_weights,
+                       "inv_tau": inv_tau, "drop_threshold": threshold},
+                      {"bits": self.bits[s], "guided_logits": self.guided[s]})
             next_out = {"summed_codes_out": summed_out}
             if s + 1 < len(self.tokens):
                 next_out["x_next"] = self.x[s + 1]
-            self._timed(timings, "next_input", f"next_input_{s}", {"bits": fed, "summed_codes": summed_in}, next_out)
+            fed = self.bits[s] if teacher_bits is None else self.teacher[s]
+            self._run(marks, "next_input", f"next_input_{s}", {"bits": fed, "summed_codes": summed_in}, next_out)
             summed_in, summed_out = summed_out, summed_in
-            timings[f"scale_{s}"] = ms_since(ts)
+            marks.append((f"scale_{s}", marks[first][1], marks[-1][2]))
             if on_scale is not None:
                 on_scale(s, summed_in)
-        out.summed, out.timings_ms = summed_in, timings
+        out.summed = summed_in
         return out
+
+    def collect(self, out: LoopOutput, buffers=(), record: bool = False) -> list[np.ndarray]:
+        """One host synchronisation: host copies of `buffers`, and (when `record`) every scale's
+        bits and guided logits into `out`; then `out.timings_ms` from the marks (stages summed)."""
+        buffers, ran = list(buffers), out.scales
+        wanted = buffers + (self.bits[:ran] + self.guided[:ran] if record else [])
+        host = self.backend.read_all(wanted)
+        if record:
+            out.bits = host[len(buffers):len(buffers) + ran]
+            out.guided_logits = host[len(buffers) + ran:]
+        out.timings_ms = {}
+        for key, start, end in out.marks:
+            out.timings_ms[key] = out.timings_ms.get(key, 0.0) + self.backend.seconds(start, end) * 1e3
+        return host[:len(buffers)]

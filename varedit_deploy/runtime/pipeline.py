@@ -1,7 +1,9 @@
 """The Python API: `EditPipeline.from_artifacts(ART).edit(image, instruction, cfg=, tau=, seed=)`.
 
 Split by lifetime like onnxruntime-genai: the pipeline (graphs, buffers) is loaded once; each
-`edit` takes its own sampling options and noise. Imports only numpy, Pillow and the backend.
+`edit` takes its own sampling options and noise. An edit queues every graph and reads back once
+at the end (the image, plus bits and guided logits when `record=True`): on a device backend that
+is one host synchronisation per edit. Imports only numpy, Pillow and the backend.
 `edit_batch` is the entry point of a server's scheduler; optional caches skip the text and
 VAE encoders for instructions and photos seen before.
 """
@@ -23,6 +25,7 @@ from ..config import ModelConfig, SamplingConfig
 from ..errors import ArtifactError, InputError
 from ..imaging import as_rgb, postprocess, preprocess
 from ..sampling import NoiseSource, SamplerInputs, make_noise
+from ..timings import STAGES, ms_since
 from .backend import Backend, make_backend
 from .loop import LoopOutput, ScaleHook, ScaleLoop
 from .preview import PreviewProjection
@@ -46,6 +49,7 @@ class EditRequest:
     sampling: SamplingConfig | None = None
     noise: str | NoiseSource = "numpy"
     on_scale: ScaleHook | None = None
+    record: bool = False
 
 
 class EditPipeline:
@@ -56,7 +60,7 @@ class EditPipeline:
         for name in manifest.graphs:  # load everything now: fail at load time, not mid-edit
             backend.graph(name)
         self.loop = ScaleLoop(manifest, backend)
-        self._pixels = self._image = None
+        self._pixels = self._image = self._ids = None
         token_file = manifest.tokenizer_file
         self.tokenizer = tokenizer or (Tokenizer(token_file) if token_file is not None else None)
         self.text_cache, self.image_cache = StageCache(text_cache_bytes), StageCache(image_cache_bytes)
@@ -108,7 +112,9 @@ class EditPipeline:
         if cached is not None:
             self.backend.write(features, cached)
             return features
-        ids_buffer = self.backend.empty(ids.shape, np.int64)
+        if self._ids is None:  # one buffer for every instruction: its address never changes
+            self._ids = self.backend.empty((self.config.transformer.text_maxlen,), "int64")
+        ids_buffer = self._ids[:ids.shape[1]].reshape(ids.shape)
         self.backend.write(ids_buffer, ids)
         self.backend.graph("text_encoder").run({"input_ids": ids_buffer}, {"text_features": features})
         if self.text_cache.enabled:
@@ -121,7 +127,7 @@ class EditPipeline:
         if pixels.shape != (1, 3, size, size):
             raise InputError(f"image tensor must be [1, 3, {size}, {size}], got {list(pixels.shape)}")
         if self._pixels is None:
-            self._pixels = self.backend.empty((1, 3, size, size), np.float32)
+            self._pixels = self.backend.empty((1, 3, size, size), "float32")
         self.backend.write(self._pixels, pixels)
         self.backend.graph("vae_encoder").run({"image": self._pixels}, {"source_prefix": self.loop.prefix})
         return self.loop.prefix
@@ -139,13 +145,17 @@ class EditPipeline:
         self.image_cache.put(key, self.backend.read(prefix))
         return prefix
 
-    def decode(self, summed) -> np.ndarray:
-        """Summed codes (a loop buffer) -> image [1, 3, S, S] on the host."""
+    def _decode(self, summed):
+        """Queue the VAE decoder: summed codes (a loop buffer) -> the image buffer [1, 3, S, S]."""
         size = self.config.image_size
         if self._image is None:
-            self._image = self.backend.empty((1, 3, size, size), np.float32)
+            self._image = self.backend.empty((1, 3, size, size), "float32")
         self.backend.graph("vae_decoder").run({"summed_codes": summed}, {"image": self._image})
-        return self.backend.read(self._image)
+        return self._image
+
+    def decode(self, summed) -> np.ndarray:
+        """Summed codes (a loop buffer) -> image [1, 3, S, S] on the host."""
+        return self.backend.read(self._decode(summed))
 
     # --------------------------------------------------------------- edit
     def edit(
@@ -158,31 +168,36 @@ class EditPipeline:
         cfg: float | None = None,
         tau: float | None = None,
         seed: int | None = None,
+        record: bool = False,
         on_scale: ScaleHook | None = None,
     ) -> EditResult:
-        """Edit `image` by `instruction`; keyword overrides apply on top of `sampling`.
-
+        """Edit `image` by `instruction`; keyword overrides apply on top of `sampling`. With `record`,
+        `result.loop` also holds every scale's bits and guided logits (read back with the image).
         `on_scale(scale, summed)` runs after every scale (see `preview_image`); an exception it
-        raises ends the edit there.
-        """
+        raises ends the edit there."""
         sampling = sampling or self.config.sampling
         overrides = {k: v for k, v in (("cfg", cfg), ("tau", tau), ("seed", seed)) if v is not None}
         sampling = dataclasses.replace(sampling, **overrides)
         noise_source = make_noise(noise, sampling.seed) if isinstance(noise, str) else noise
         img = as_rgb(image)
+        mark = self.backend.mark
         t0 = time.perf_counter()
+        m0 = mark()
         features = self.encode_text(instruction)
-        t1 = time.perf_counter()
+        m1 = mark()
         prefix = self.encode_photo(img)
-        t2 = time.perf_counter()
+        m2 = mark()
         loop = self.loop.run(features, prefix, SamplerInputs.from_params(sampling), noise_source, on_scale=on_scale)
-        t3 = time.perf_counter()
-        result = postprocess(self.decode(loop.summed), img.size)
-        t4 = time.perf_counter()
-        timings = {"text_encoder": (t1 - t0) * 1e3, "vae_encoder": (t2 - t1) * 1e3, "transformer": (t3 - t2) * 1e3,
-                   "vae_decoder": (t4 - t3) * 1e3}
-        timings.update(loop.timings_ms)
-        timings["total"] = (t4 - t0) * 1e3
+        m3 = mark()
+        image_buffer = self._decode(loop.summed)
+        m4 = mark()
+        loop.marks += [("text_encoder", m0, m1), ("vae_encoder", m1, m2), ("transformer", m2, m3),
+                       ("vae_decoder", m3, m4)]
+        (pixels,) = self.loop.collect(loop, [image_buffer], record=record)
+        result = postprocess(pixels, img.size)
+        timings = {k: loop.timings_ms[k] for k in STAGES}
+        timings.update((k, v) for k, v in loop.timings_ms.items() if k not in timings)
+        timings["total"] = ms_since(t0)  # wall clock: host work, transfers and the wait included
         return EditResult(result, timings, loop)
 
     def edit_batch(self, requests: Sequence[EditRequest]) -> list[EditResult | Exception]:
@@ -194,7 +209,8 @@ class EditPipeline:
         results: list[EditResult | Exception] = []
         for r in requests:
             try:
-                results.append(self.edit(r.image, r.instruction, r.sampling, r.noise, on_scale=r.on_scale))
+                results.append(self.edit(r.image, r.instruction, r.sampling, r.noise, record=r.record,
+                                          on_scale=r.on_scale))
             except Exception as e:  # noqa: BLE001 - returned to its caller, never lost
                 results.append(e)
         return results

@@ -192,8 +192,10 @@ class TensorRTBackend(Backend):
     def write(self, dst: DeviceArray, src: np.ndarray) -> None:
         self.stream.copy_to_device(dst, src)
 
-    def read(self, src: DeviceArray) -> np.ndarray:
-        return self.stream.copy_to_host(src)
+    def read_all(self, buffers) -> list[np.ndarray]:
+        out = [self.stream.copy_to_host(b) for b in buffers]
+        self.stream.synchronize()
+        return out
 
     def memory_report(self) -> dict[str, dict[str, Any]]:
         """Per loaded engine: activation bytes shared by its contexts (see TrtGraph.memory_report)."""

@@ -1,0 +1,163 @@
+"""The torch fast path (TorchBackend: preallocated caches, fused Triton kernels).
+
+On a CPU Triton's interpreter runs the kernels, on a GPU host the compiled kernels do. The fp32
+path is held to the golden fixtures like the reference; the bf16 autocast branch reports its
+agreement with the fp32 reference and must stay within bounds derived from bf16 (on the CPU here;
+on GPUs with CUDA graphs in test_gpu.py).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import fixture_dir
+from varedit_deploy.config import from_name
+from varedit_deploy.model.codes import NextScaleInput
+from varedit_deploy.model.loaded import VAREditModel
+from varedit_deploy.parity import LOGIT_TOL, FixtureData, compare, run_fast_path
+from varedit_deploy.runtime.gpu import gpu_available
+from varedit_deploy.sampling import SamplerInputs, TorchCPUNoise, draw_edit
+
+@pytest.mark.parametrize("name", ["tiny-2b", "8b-1024"])
+def test_every_parameter_and_buffer_is_built_on_the_requested_device(name):
+    """Tables made on the CPU (RoPE, SAR pooling, resampling) follow `with torch.device(...)` like the
+    weights: a model built for a GPU has no CPU buffer left in it. Built on `meta`: no memory at all."""
+    config = from_name(name)
+    with torch.device("meta"):
+        model = VAREditModel.empty(config)
+        steps = [NextScaleInput(config, s) for s in range(config.schedule.num_scales)]
+    tensors = [(f"{type(m).__name__}.{n}", t) for m in (model.transformer, model.vae, *steps)
+               for n, t in (*m.named_parameters(), *m.named_buffers())]
+    names = {n for n, _ in tensors}
+    assert {"VAREditTransformer.rope_cos", "VAREditTransformer.sar_pool_0", "NextScaleInput.up"} <= names
+    elsewhere = [n for n, t in tensors if t.device.type != "meta"]
+    assert not elsewhere, elsewhere
+
+
+def official_margins(fixture: FixtureData) -> list[np.ndarray]:
+    """Per scale and bit, how far the official logits and noise were from drawing the other bit, in
+    logit units: the sampling comparison log(p1/E1) > log(p0/E0) and the two top-p thresholds."""
+    t, sched = fixture.config.transformer, fixture.config.schedule
+    noise = draw_edit(TorchCPUNoise(fixture.config.sampling.seed), [n * t.d_tok for n in sched.tokens])
+    threshold = float(SamplerInputs.from_params(fixture.config.sampling).drop_threshold[0])
+    edge = np.log(threshold / (1 - threshold))  # p <= threshold  <=>  logit difference <= edge
+    margins, first = [], 0
+    for s, n in enumerate(sched.tokens):
+        logits = fixture.expected[f"logits_{s}"].reshape(-1, 2).astype(np.float64)
+        e = noise[first:first + n * t.d_tok].astype(np.float64)
+        first += n * t.d_tok
+        d = logits[:, 1] - logits[:, 0]
+        margins.append(np.minimum.reduce([np.abs(d - np.log(e[:, 1] / e[:, 0])), np.abs(d + edge), np.abs(d - edge)]))
+    return margins
+
+
+# Triton's interpreter needs tens of minutes for the last scales at 1024 px (4096 queries over 14.6k
+# keys, per layer): on the CPU the 1024-px fixture runs its first 7 scales (the 4096-token source, the
+# 13-scale RoPE offsets and SAR pooling, key ranges of ~4.4k split across blocks); GPUs run all 13.
+SCALES_ON_CPU = {"tiny-8b-1024": 7}
+
+
+@pytest.mark.parametrize("name", ["tiny-2b", "tiny-8b", "tiny-8b-1024"])
+def test_fast_path_reproduces_the_official_fixtures(name):
+    """fp32 fast path, teacher-forced on the fixture's bits with the official noise: logits within the
+    parity tolerance at every scale, and every sampled bit equal to the official one unless its
+    official margin is below the logit tolerance (1024 px has a few near-ties; fixtures README)."""
+    fixture = FixtureData.load(fixture_dir(name))
+    scales = None if gpu_available() else SCALES_ON_CPU.get(name)
+    run = run_fast_path(fixture, scales)
+    assert len(run.bits) == (scales or fixture.config.schedule.num_scales)
+    errors, unexplained = [], []
+    for s, (logits, bits, margin) in enumerate(zip(run.guided_logits, run.bits, official_margins(fixture))):
+        ref = fixture.expected[f"logits_{s}"].reshape(-1, 2)
+        errors.append(float(np.abs(logits.reshape(-1, 2) - ref).max() / np.abs(ref).max()))
+        differ = bits.reshape(-1) != fixture.expected[f"sampled_{s}"].reshape(-1)
+        tolerance = LOGIT_TOL * np.abs(ref).max()
+        unexplained += [(s, int(i), float(margin[i])) for i in np.flatnonzero(differ) if margin[i] >= tolerance]
+    assert max(errors) <= LOGIT_TOL, errors
+    assert not unexplained, unexplained
+    if scales is None:
+        report = compare(fixture, run, "torch-fast")
+        assert all(t.ok for t in report.tensors), report.table()
+
+
+@pytest.mark.skipif(gpu_available(), reason="fp32 in the interpreter; GPU hosts run bf16: tests/test_gpu.py")
+def test_fast_path_edit_equals_the_eager_reference(tiny_model, photos):
+    """A whole edit through the torch backend in fp32 (T5 on the real tokens, the VAE, fused kernels,
+    the shared scale loop) samples the reference's bits and decodes its image."""
+    from varedit_deploy.model.edit import edit
+    from varedit_deploy.runtime.pipeline import EditPipeline
+    from varedit_deploy.sampling import NumpyNoise
+
+    ref = edit(tiny_model, photos["chelsea"], "make it red", noise=NumpyNoise(5))
+    pipe = EditPipeline.from_model(tiny_model, device="cpu", dtype=torch.float32)  # fp32: no casts
+    ours = pipe.edit(photos["chelsea"], "make it red", noise=NumpyNoise(5), record=True)
+    for a, rec in zip(ours.loop.bits, ref.generation.scales, strict=True):
+        assert np.array_equal(a, rec.bits.numpy())
+    assert np.abs(np.asarray(ours.image, np.int32) - np.asarray(ref.image, np.int32)).max() <= 2
+    assert {"text_encoder", "vae_encoder", "transformer", "vae_decoder", "step", "scale_6", "total"} <= set(ours.timings_ms)
+
+
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=pytest.mark.skipif(gpu_available(), reason="interpreter only where there is no GPU")),
+    pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_bf16_autocast_branch_agrees_with_the_fp32_reference(tiny_text_dir, photos, device):
+    """The branch GPUs run (bf16 blocks under autocast, bf16 caches and text K/V; on the CPU with CPU
+    autocast and the interpreter), teacher-forced on the fp32 reference's bits: the head runs in fp32
+    with autocast off, and logits and bits agree with fp32 as closely as bf16 blocks allow."""
+    from varedit_deploy.imaging import as_rgb, preprocess
+    from varedit_deploy.model.edit import edit
+    from varedit_deploy.runtime.pipeline import EditPipeline
+    from varedit_deploy.sampling import NumpyNoise
+
+    def fresh():
+        model = VAREditModel.random(from_name("tiny-2b"), seed=1)
+        model.attach_text_encoder(tiny_text_dir, "fp32")
+        return model
+
+    photo, instruction = photos["coffee"], "make it red"
+    ref = edit(fresh(), photo, instruction, noise=NumpyNoise(7)).generation  # fp32, CPU
+    model = fresh()
+    pipe = EditPipeline.from_model(model, device=device, dtype=torch.bfloat16)
+    head = []
+    hook = model.transformer.head.register_forward_hook(
+        lambda m, i, o: head.append((i[0].dtype, o.dtype, torch.is_autocast_enabled(device))))
+    features = pipe.encode_text(instruction)
+    prefix = pipe.encode_image(preprocess(as_rgb(photo), model.config.image_size))
+    loop = pipe.loop.run(features, prefix, SamplerInputs.from_params(model.config.sampling), NumpyNoise(7),
+                         [r.bits.numpy() for r in ref.scales])
+    pipe.loop.collect(loop, record=True)
+    hook.remove()
+    text_k = pipe.loop.text_buffers(features.shape[1])[1]
+    assert pipe.loop.cache.k[1].dtype == text_k.dtype == torch.bfloat16 and pipe.loop.cache.k[1].device.type == device
+    assert head and all(h == (torch.float32, torch.float32, False) for h in head), head
+    errors = [np.abs(ours - r.guided_logits.numpy()).max() / np.abs(r.guided_logits.numpy()).max()
+              for ours, r in zip(loop.guided_logits, ref.scales, strict=True)]
+    agree = np.mean(np.concatenate([(ours == r.bits.numpy()).ravel() for ours, r in zip(loop.bits, ref.scales)]))
+    print(f"bf16 vs fp32, teacher-forced: logit error per scale {np.round(errors, 4).tolist()}, bits agree {agree:.4f}")
+    # A few bf16 roundings of the block weights and activations per layer move a logit by a few
+    # percent of the largest one at most; bits whose margin is smaller than that may flip.
+    bf16 = torch.finfo(torch.bfloat16).eps
+    assert max(errors) <= 8 * bf16, errors
+    assert agree >= 0.99, agree
+    pipe.close()
+
+
+def test_pytest_m_gpu_selects_the_fast_path_tests_without_tensorrt():
+    """`pytest -m gpu` on a GPU host without TensorRT (the GPU machines we are lent): the fast-path tests
+    carry `gpu` alone, so the conftest skips none of them there; only TensorRT tests also carry `trt`."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def collected(marks: str) -> set[str]:
+        out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                              "-m", marks, "tests/test_gpu.py", "tests/test_fast_path.py"],
+                             cwd=Path(__file__).resolve().parents[1],
+                             capture_output=True, text=True, check=True).stdout
+        return {line.split("::")[1] for line in out.splitlines() if "::" in line}
+
+    fast_path = {"test_torch_fast_path_bf16_with_cuda_graphs_replays_identically",
+                 "test_torch_fast_path_edit_synchronises_the_host_at_most_twice",
+                 "test_bf16_autocast_branch_agrees_with_the_fp32_reference[cuda]"}
+    assert collected("gpu and not trt") == fast_path
+    assert fast_path < collected("gpu") and not fast_path & collected("trt")
