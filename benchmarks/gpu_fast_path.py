@@ -92,11 +92,11 @@ def official_order_edit(model, photo, noise) -> tuple[dict[str, float], list, li
             prefix = latent_to_tokens(model.vae.encoder(pixels), cfg.transformer.patchify)
         mark("vae_encoder")
         cond = tr.text_condition(feats)
-        src = tr.source_pass(prefix, cond.modulation, cond.text_k, cond.text_v)
+        src = tr.source_pass(prefix, cond)
         mark("source_pass")
         h, c = cfg.transformer.heads, cfg.transformer.head_dim
-        past_k = [torch.zeros(0, 2, h, c, device="cuda"), *src.layer_k]
-        past_v = [torch.zeros(0, 2, h, c, device="cuda"), *src.layer_v]
+        past_k = [torch.zeros(0, 2, h, c, device="cuda"), *src.layer_k[1:]]
+        past_v = [torch.zeros(0, 2, h, c, device="cuda"), *src.layer_v[1:]]
         x = cond.start_token
         summed = torch.zeros(1, cfg.vae.codebook_dim, sched.latent_side, sched.latent_side, device="cuda")
         cw, it, th = (torch.from_numpy(a).cuda() for a in SamplerInputs.from_params(cfg.sampling).arrays())

@@ -10,7 +10,7 @@ from varedit_deploy.cli import main
 from varedit_deploy.errors import ArtifactError, InputError
 from varedit_deploy.model.edit import edit as reference_edit
 from varedit_deploy.parity import check_fixture
-from varedit_deploy.runtime.kv_cache import KVCache
+from varedit_deploy.runtime.kv_cache import SOURCE, KVCache
 from varedit_deploy.runtime.pipeline import EditPipeline
 from varedit_deploy.runtime.tokenizer import Tokenizer
 from varedit_deploy.sampling import NumpyNoise
@@ -24,13 +24,19 @@ def test_onnxruntime_reproduces_the_official_fixtures(golden):
 
 def test_kv_cache_views_are_contiguous_prefixes_and_slots():
     cache = KVCache.allocate(depth=3, heads=2, head_dim=8, source_tokens=16, starts=(0, 1, 5), tokens=(1, 4, 16))
-    assert cache.k[0].shape == (21, 2, 2, 8) and cache.k[1].shape == (37, 2, 2, 8)
-    past, _ = cache.past(1, 2)
-    slot, _ = cache.slot(1, 2)
-    assert past.shape[0] == 21 and slot.shape[0] == 16
-    assert past.flags.c_contiguous and slot.flags.c_contiguous
-    assert slot.ctypes.data == past.ctypes.data + past.nbytes  # the slot starts where the past ends
-    assert np.shares_memory(cache.source(2)[0], cache.k[2]) and cache.source(2)[0].shape[0] == 16
+    assert all(k.shape == (37, 2, 2, 8) for k in cache.k)  # every layer: source rows, then the targets
+    for layer, first in ((0, 16), (1, 0)):  # layer 0 attends over its targets only (the SAR replaces its source)
+        past, _ = cache.past(layer, 2)
+        slot, _ = cache.slot(layer, 2)
+        assert past.shape[0] == 21 - first and slot.shape[0] == 16
+        assert past.flags.c_contiguous and slot.flags.c_contiguous
+        assert past.ctypes.data == cache.k[layer].ctypes.data + first * 2 * 2 * 8 * 4
+        assert slot.ctypes.data == past.ctypes.data + past.nbytes  # the slot starts where the past ends
+    for layer in range(3):  # the source pass: empty past, no SAR, its slot is the source rows
+        assert cache.past(layer, SOURCE)[0].shape[0] == 0 and cache.sar(SOURCE)[0].shape[0] == 0
+        slot = cache.slot(layer, SOURCE)[0]
+        assert slot.ctypes.data == cache.k[layer].ctypes.data and slot.shape[0] == 16
+        assert np.shares_memory(cache.source(layer)[0], slot)
     assert cache.sar(1)[0].shape[0] == 4
 
 

@@ -18,7 +18,7 @@ from typing import Any
 from .config import ModelConfig
 from .errors import ArtifactError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the source pass runs the step graph (source_embed, sar_pool)
 MANIFEST = "manifest.json"
 # Files up to this size are hashed on every load; larger ones (external weights) are checked by
 # size on load and hashed in full by `varedit-deploy inspect`.

@@ -77,9 +77,10 @@ def vae_params(config: ModelConfig) -> int:
 
 
 def kv_cache_bytes(config: ModelConfig, bytes_per: int) -> int:
-    """All layers, K and V, CFG batch 2; layer 0 holds targets plus the pooled SAR references."""
+    """All layers, K and V, CFG batch 2: every layer holds the source and every target scale
+    (runtime/kv_cache.py), plus the pooled SAR references of layer 0."""
     t, sched = config.transformer, config.schedule
-    rows = 2 * sched.total_tokens + (t.depth - 1) * (sched.source_tokens + sched.total_tokens)
+    rows = t.depth * (sched.source_tokens + sched.total_tokens) + sched.total_tokens
     return rows * 2 * 2 * t.dim * bytes_per
 
 
@@ -87,8 +88,8 @@ def activation_bytes(config: ModelConfig, bytes_per: int, text_len: int, fused_a
     """Peak of one graph: the largest step (or the source pass) or the VAE decoder."""
     t, sched = config.transformer, config.schedule
     worst = 0
-    for n, start in zip(sched.tokens + (sched.source_tokens,), sched.starts + (0,)):
-        keys = sched.source_tokens + start + n
+    calls = [(n, sched.source_tokens + start + n) for n, start in zip(sched.tokens, sched.starts)]
+    for n, keys in calls + [(sched.source_tokens, sched.source_tokens)]:  # (queries, keys); then the source pass
         hidden = 2 * n * (3 * t.dim + t.mlp_hidden + 2 * t.dim) * bytes_per
         scores = 0 if fused_attention else 2 * t.heads * n * max(keys, text_len) * 4  # fp32 scores
         worst = max(worst, hidden + scores)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import numpy as np
 
 # Graphs whose weights and matrix work are lowered; the small ones (text condition, sampler,
-# next-scale inputs with the running code sum) stay fp32 in every engine set.
-HALF_GRAPHS = ("text_encoder", "vae_encoder", "vae_decoder", "source_pass", "step")
+# next-scale inputs with the running code sum, source embedding, SAR pooling) stay fp32 in every
+# engine set.
+HALF_GRAPHS = ("text_encoder", "vae_encoder", "vae_decoder", "step")
 KEEP_FP32_OPS = ["LayerNormalization", "InstanceNormalization", "Softmax", "ReduceL2", "ReduceMean", "Pow",
                  "Sqrt", "Exp", "Range", "Shape", "Resize"]
 

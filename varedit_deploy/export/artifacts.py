@@ -53,6 +53,8 @@ def schedule_record(model: VAREditModel) -> dict[str, Any]:
              "sample_rows": n * tcfg.d_tok}
             for s, (n, start) in enumerate(zip(sched.tokens, sched.starts))
         ],
+        # The source pass is a run of the step graph: the source tokens, no SAR, an empty past.
+        "source_pass": {"tokens": sched.source_tokens, "sar_tokens": 0, "past_targets": 0, "past_len": 0},
     }
 
 

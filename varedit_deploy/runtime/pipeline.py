@@ -56,7 +56,7 @@ class EditPipeline:
         from ..export.artifacts import schedule_record
         from .torch_backend import TorchBackend
 
-        names = ["text_cond", "vae_encoder", "vae_decoder", "source_pass", "step", "sample",
+        names = ["text_cond", "vae_encoder", "vae_decoder", "source_embed", "sar_pool", "step", "sample",
                  *[f"next_input_{s}" for s in range(model.config.schedule.num_scales)]]
         if model.text_encoder is not None:
             names.insert(0, "text_encoder")

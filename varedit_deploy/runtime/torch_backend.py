@@ -99,7 +99,7 @@ class TorchBackend(Backend):
             scale = int(name.rsplit("_", 1)[1])
             return TorchGraph(name, lambda i, o: self._next_input(scale, i, o), self.cuda_graphs)
         fn = getattr(self, f"_{name}")
-        eager = name in ("text_encoder", "text_cond", "vae_encoder", "vae_decoder", "source_pass")
+        eager = name in ("text_encoder", "text_cond", "vae_encoder", "vae_decoder", "source_embed", "sar_pool")
         return TorchGraph(name, fn, self.cuda_graphs and not eager)  # once-per-edit graphs need no capture
 
     def _autocast(self):
@@ -124,21 +124,20 @@ class TorchBackend(Backend):
         with self._autocast():  # the official decoder runs under bf16 autocast
             o["image"].copy_(self.model.vae.decoder(i["summed_codes"]).float())
 
-    def _source_pass(self, i, o) -> None:
+    def _source_embed(self, i, o) -> None:
         tr = self.model.transformer
-        with self._autocast():
-            out = tr.source_pass(i["source_prefix"], i["modulation"], i["text_k"], i["text_v"])
-        o["sar_k"].copy_(out.sar_k)
-        o["sar_v"].copy_(out.sar_v)
-        for layer, (k, v) in enumerate(zip(out.layer_k, out.layer_v), start=1):
-            o[f"source_k_{layer}"].copy_(k)
-            o[f"source_v_{layer}"].copy_(v)
+        o["x"].copy_(tr.embed_tokens(i["source_prefix"], tr.schedule.num_scales - 1))
+
+    def _sar_pool(self, i, o) -> None:
+        sar_k, sar_v = self.model.transformer.sar_pool(i["source_k"], i["source_v"])
+        o["sar_k"].copy_(sar_k)
+        o["sar_v"].copy_(sar_v)
 
     def _step(self, i, o) -> None:
         tr = self.model.transformer
         x = i["x"]
         n = x.shape[1]
-        cos, sin = tr.step_rope(i["past_k_0"].shape[0], n)
+        cos, sin = tr.step_rope(i["past_k_1"].shape[0], n)  # the source pass too: see VAREditTransformer.step
         with self._autocast():
             for layer, blk in enumerate(tr.blocks):
                 past = i[f"past_k_{layer}"].shape[0]
