@@ -38,7 +38,8 @@ def build(name: str, seed: int = 0):
     from transformers import T5Config, T5EncoderModel
 
     from varedit_deploy.config import from_name
-    from varedit_deploy.model.loaded import VAREditModel, randomize
+    from varedit_deploy.model.loaded import VAREditModel
+    from varedit_deploy.model.weights import randomize
     from varedit_deploy.model.text import T5TextEncoder
     from varedit_deploy.model.tiny_text import write_tokenizer
 

@@ -56,7 +56,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     if args.artifacts is not None:
         from .runtime.pipeline import EditPipeline
 
-        pipe = EditPipeline.from_artifacts(args.artifacts, backend=args.backend or "onnxruntime")
+        pipe = EditPipeline.from_artifacts(args.artifacts, backend=args.backend or "onnxruntime", verify=args.verify)
         sampling = _sampling_from(args, pipe.config.sampling)
         result = pipe.edit(image, args.instruction, sampling=sampling, noise=args.noise or "numpy")
     else:
@@ -93,26 +93,26 @@ def _edit_reference(args: argparse.Namespace, image):
     return edit(model, image, args.instruction, sampling, noise)
 
 
-def _load_model_for(args: argparse.Namespace):
-    """The model named by --checkpoint-dir/--fixture/--random-weights (exactly one)."""
+def _export_source(args: argparse.Namespace):
+    """What --checkpoint-dir/--fixture/--random-weights name (exactly one), read lazily: release
+    files memory-mapped, random weights drawn tensor by tensor in the export precision."""
     from .config import from_name
     from .errors import InputError
+    from .export.source import ExportSource
     from .model.loaded import VAREditModel
 
     chosen = [x for x in (args.checkpoint_dir, args.fixture, args.random_weights or None) if x is not None]
     if len(chosen) != 1:
         raise InputError("give exactly one model source: --checkpoint-dir DIR, --fixture DIR or --random-weights")
     if args.fixture is not None:
-        return VAREditModel.from_fixture(args.fixture)
+        return ExportSource.from_model(VAREditModel.from_fixture(args.fixture))
     config = from_name(args.model)
     if args.checkpoint_dir is not None:
-        return VAREditModel.from_release(args.checkpoint_dir, config, text_precision="fp32")
+        return ExportSource.from_release(args.checkpoint_dir, config)
     from .model.tiny_text import write_tiny_text_encoder
 
-    model = VAREditModel.random(config, seed=0)
-    text_dir = args.out.parent / f".{args.out.name}.t5"
-    model.attach_text_encoder(write_tiny_text_encoder(text_dir, config.transformer.text_channels), "fp32")
-    return model
+    text_dir = write_tiny_text_encoder(args.out.parent / f".{args.out.name}.t5", config.transformer.text_channels)
+    return ExportSource.random(config, seed=0, text_folder=text_dir, precision=args.precision)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -121,10 +121,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     from .export.artifacts import export_artifacts
 
-    model = _load_model_for(args)
     command = "varedit-deploy " + " ".join(shlex.quote(a) for a in args.argv)
     try:
-        export_artifacts(model, args.out, precision=args.precision, source={"command": command})
+        export_artifacts(_export_source(args), args.out, precision=args.precision, source={"command": command})
     finally:
         shutil.rmtree(args.out.parent / f".{args.out.name}.t5", ignore_errors=True)
     return 0
@@ -133,7 +132,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .artifact import read_manifest
 
-    manifest = read_manifest(args.artifacts, verify=False)
+    manifest = read_manifest(args.artifacts, verify="none")
     data = manifest.data
     cfg = manifest.config
     sched = data["schedule"]
@@ -148,7 +147,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         print(f"  {name:<14} {mb:>9.2f} {sum(g['ops'].values()):>5}  {', '.join(g['tensorrt_unsupported_ops']) or '-'}")
     tok = data.get("tokenizer", {}).get("files", [])
     print(f"  tokenizer: {', '.join(f['path'] for f in tok) or 'none (fixture export: starts at text_cond)'}")
-    problems = manifest.verify(full=True)
+    problems = manifest.verify("full")
     if problems:
         print("DAMAGED: " + "; ".join(problems))
         return 1
@@ -176,10 +175,20 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from .build.memory_plan import DEVICES, plan_table
+    from .build.memory_plan import DEVICES, artifact_table, plan_table
     from .config import from_name
     from .errors import InputError
 
+    if args.artifacts is not None:
+        from .artifact import read_manifest
+
+        manifest = read_manifest(args.artifacts, verify="size")
+        engines = args.engines or sorted(p.parent for p in (manifest.folder / "engines").glob("*/engines.json"))
+        missing = [str(e) for e in engines if not (e / "engines.json").is_file()]
+        if missing:
+            raise InputError(f"no engines.json in {', '.join(missing)} (build engines with `varedit-deploy build`)")
+        print(artifact_table(manifest, engines))
+        return 0
     if (args.device is None) == (args.memory_gib is None):
         raise InputError(f"give --device ({', '.join(DEVICES)}) or --memory-gib N")
     print(plan_table(from_name(args.model), args.device, args.memory_gib, args.workspace, args.text_len))
@@ -215,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "or with --artifacts: onnxruntime (default), tensorrt, tensorrt-rtx")
     p.add_argument("--text-precision", default="fp16", choices=["fp16", "bf16", "fp32"],
                    help="T5 precision (fp16 with fp32 FFN output, as official)")
+    p.add_argument("--verify", default="quick", choices=["size", "quick", "full"],
+                   help="artifact check before loading: quick (default: sizes, and each large file's sha256 once, "
+                        "then trusted while unchanged), full (every sha256 now) or size")
     p.add_argument("--image", required=True, type=Path)
     p.add_argument("--instruction", required=True)
     p.add_argument("--out", required=True, type=Path)
@@ -245,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-gib", type=float, help="memory available to the process")
     p.add_argument("--workspace", type=float, default=1.0, help="TensorRT workspace in GiB (default 1)")
     p.add_argument("--text-len", type=int, default=77, help="instruction tokens to plan for (default 77)")
+    p.add_argument("--artifacts", type=Path, help="an exported artifact: what it and its engines really hold, "
+                                                  "beside the estimate")
+    p.add_argument("--engines", type=Path, nargs="+", help="engine folders to report (default: ARTIFACTS/engines/*)")
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("inspect", help="show what an artifact holds and verify every file's hash")

@@ -114,7 +114,10 @@ def step_io_names(depth: int) -> tuple[list[str], list[str]]:
 
 
 def graph_specs(model: VAREditModel, t5: nn.Module | None) -> list[GraphSpec]:
-    """Specs for every graph of `model`; `t5` (fp32 T5 encoder) is None for fixtures without T5."""
+    """Specs for every graph of `model`; `t5` (fp32 T5 encoder) is None for fixtures without T5.
+
+    The modules may be skeletons (parameters on `meta`): the examples are made without running
+    them, at magnitudes like a real edit's."""
     cfg = model.config
     tcfg, sched = cfg.transformer, cfg.schedule
     tr = model.transformer
@@ -122,13 +125,13 @@ def graph_specs(model: VAREditModel, t5: nn.Module | None) -> list[GraphSpec]:
     depth, h, c, dim = tcfg.depth, tcfg.heads, tcfg.head_dim, tcfg.dim
     lt = 5  # example text length; the axis is dynamic
 
-    def rand(*shape):
-        return torch.randn(*shape, generator=g)
+    def rand(*shape, scale: float = 1.0):
+        return torch.randn(*shape, generator=g) * scale
 
     text = rand(1, lt, tcfg.text_channels)
-    with torch.inference_mode():
-        cond = tr.text_condition(text)
-    cond = [t.clone() for t in cond]
+    # What text_condition returns (its start token is not needed here).
+    modulation, head_modulation = rand(depth, 2, 6, dim, scale=0.3), rand(2, 2, dim, scale=0.3)
+    text_k, text_v = rand(depth, 2, h, lt, c), rand(depth, 2, h, lt, c)
     text_axes = {3: "text_len"}
     specs = []
     if t5 is not None:
@@ -165,7 +168,7 @@ def graph_specs(model: VAREditModel, t5: nn.Module | None) -> list[GraphSpec]:
         axes[name] = {0: "tokens"}
     specs.append(GraphSpec(
         "step", StepGraph(tr),
-        (rand(2, n, dim), cond[1], cond[2], cond[3], cond[4], rand(n, 2, h, c), rand(n, 2, h, c), *past),
+        (rand(2, n, dim), modulation, head_modulation, text_k, text_v, rand(n, 2, h, c), rand(n, 2, h, c), *past),
         step_in, step_out, axes,
     ))
     rows = n * tcfg.d_tok

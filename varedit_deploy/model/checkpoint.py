@@ -31,7 +31,9 @@ _VAE_WRAPPER = re.compile(r"\.(conv|norm)\.(weight|bias)$")
 
 
 def read_state_file(path: str | Path) -> Mapping[str, object]:
-    """A `.pth` (torch.save) or `.safetensors` file -> its top-level dict, on the CPU."""
+    """A `.pth` (torch.save) or `.safetensors` file -> its top-level dict, on the CPU.
+
+    Both are memory-mapped: a tensor costs memory only when it is read."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
@@ -45,7 +47,7 @@ def read_state_file(path: str | Path) -> Mapping[str, object]:
         raise CheckpointError(f"checkpoint {path}: cannot be read ({type(e).__name__}: {e})") from None
 
 
-def _unnest(state: Mapping[str, object], source: str) -> dict[str, torch.Tensor]:
+def unnest(state: Mapping[str, object], source: str) -> dict[str, torch.Tensor]:
     """Descend through trainer nesting to the dict of tensors; strip DDP `module.` prefixes."""
     while not any(isinstance(v, torch.Tensor) for v in state.values()):
         key = next((k for k in _NESTING_KEYS if isinstance(state.get(k), Mapping)), None)
@@ -117,9 +119,19 @@ def official_to_ours_vae(state: dict[str, torch.Tensor], expected: set[str]) -> 
     return out
 
 
-def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Copy `state` into `module`, failing with the name of every missing/unknown/misshaped tensor."""
-    expected = module.state_dict()
+def _expected(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state names, a tied tensor (T5's shared embedding) under its first name only."""
+    seen, out = set(), {}
+    for k, v in module.state_dict(keep_vars=True).items():
+        if id(v) not in seen:
+            seen.add(id(v))
+            out[k] = v
+    return out
+
+
+def check_state(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Fail with the name of every missing, unknown or misshaped tensor of `state` for `module`."""
+    expected = _expected(module)
     missing = sorted(set(expected) - set(state))
     unknown = sorted(set(state) - set(expected))
     misshaped = [
@@ -134,16 +146,23 @@ def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: st
             problems.append(f"{label}: {shown}")
     if problems:
         raise CheckpointError(f"{source} does not match the model configuration; " + "; ".join(problems))
-    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
+
+
+def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Put `state` into `module` after `check_state`."""
+    check_state(module, state, source)
+    expected = _expected(module)
+    # assign: the module takes the (memory-mapped) tensors themselves; a dtype change converts one tensor
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True, assign=True)
 
 
 def load_transformer_weights(model: nn.Module, raw: Mapping[str, object], text_maxlen: int, source: str) -> None:
-    load_strict(model, official_to_ours_transformer(_unnest(raw, source), text_maxlen), source)
+    load_strict(model, official_to_ours_transformer(unnest(raw, source), text_maxlen), source)
 
 
 def load_vae_weights(model: nn.Module, raw: Mapping[str, object], source: str) -> None:
     state = raw["vae"] if isinstance(raw.get("vae"), Mapping) else raw
-    state = _unnest(state, source)  # type: ignore[arg-type]
+    state = unnest(state, source)  # type: ignore[arg-type]
     load_strict(model, official_to_ours_vae(state, set(model.state_dict())), source)
 
 

@@ -41,6 +41,10 @@ class Backend(ABC):
     @abstractmethod
     def _load(self, name: str) -> GraphRunner: ...
 
+    def release(self, name: str) -> None:
+        """Free graph `name` (its weights and buffers); the next use loads it again."""
+        self._graphs.pop(name, None)
+
     def empty(self, shape: tuple[int, ...], dtype) -> np.ndarray:
         """A buffer the graphs can read and write in place; axis-0 slices stay contiguous views."""
         return np.empty(shape, dtype)

@@ -32,21 +32,28 @@ class EditResult:
 
 
 class EditPipeline:
-    def __init__(self, manifest: Manifest, backend: Backend, tokenizer=None):
+    def __init__(self, manifest: Manifest, backend: Backend, tokenizer=None, keep_text_encoder: bool = True):
+        """`keep_text_encoder=False` frees T5 after each encoding (it runs once per edit, before
+        everything else): the memory peak is the larger phase instead of both together."""
         self.manifest, self.backend = manifest, backend
         self.config: ModelConfig = manifest.config
+        self.keep_text_encoder = keep_text_encoder
         for name in manifest.graphs:  # load everything now: fail at load time, not mid-edit
             backend.graph(name)
+        if not keep_text_encoder:
+            backend.release("text_encoder")
         self.loop = ScaleLoop(manifest, backend)
         self._pixels = self._image = None
         token_file = manifest.tokenizer_file
         self.tokenizer = tokenizer or (Tokenizer(token_file) if token_file is not None else None)
 
     @classmethod
-    def from_artifacts(cls, folder: str | Path, backend: str = "onnxruntime", verify: bool = True,
-                       **backend_options) -> "EditPipeline":
+    def from_artifacts(cls, folder: str | Path, backend: str = "onnxruntime", verify: str = "quick",
+                       keep_text_encoder: bool = True, **backend_options) -> "EditPipeline":
+        """`verify`: "quick" (sizes; sha256 of small files and of large ones once, then stamped),
+        "full" (every sha256 now), "size" or "none"."""
         manifest = read_manifest(folder, verify=verify)
-        return cls(manifest, make_backend(backend, manifest, **backend_options))
+        return cls(manifest, make_backend(backend, manifest, **backend_options), keep_text_encoder=keep_text_encoder)
 
     @classmethod
     def from_model(cls, model, device: str = "cuda", dtype=None, cuda_graphs: bool | None = None) -> "EditPipeline":
@@ -85,6 +92,8 @@ class EditPipeline:
         ids_buffer = self.backend.empty(ids.shape, np.int64)
         self.backend.write(ids_buffer, ids)
         self.backend.graph("text_encoder").run({"input_ids": ids_buffer}, {"text_features": features})
+        if not self.keep_text_encoder:
+            self.backend.release("text_encoder")
         return features
 
     def encode_image(self, pixels: np.ndarray):
