@@ -219,3 +219,28 @@ def test_text_encoder_can_be_released_after_encoding(tiny_artifact, photos):
         freed = pipe.edit(photos["coffee"], "make it red", noise=NumpyNoise(4))
         assert "text_encoder" not in pipe.backend._graphs
         assert all(np.array_equal(a, b) for a, b in zip(keep.loop.bits, freed.loop.bits))
+
+
+def test_lowering_at_build_time_streams_external_weights(external_artifact, tmp_path):
+    """`build --precision fp16` on an fp32 artifact converts tensor by tensor, to what lowering
+    the whole loaded graph gives."""
+    from varedit_deploy.build.precision import lower_graph
+
+    path = read_manifest(external_artifact).graph_path("step")
+    lower_graph(path, "fp16", tmp_path / "step.onnx")
+    streamed = onnx.load(str(tmp_path / "step.onnx"))
+    whole = to_half(onnx.load(str(path)), "fp16")
+    assert (tmp_path / "step.onnx.data").is_file()
+    assert ({t.name: onnx.numpy_helper.to_array(t).tobytes() for t in streamed.graph.initializer}
+            == {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in whole.graph.initializer})
+    onnx.checker.check_model(str(tmp_path / "step.onnx"), full_check=True)
+
+
+def test_plan_offers_t5_on_the_cpu_or_released(capsys):
+    from varedit_deploy.build.memory_plan import plan
+
+    p = plan(from_name("8b-512"), "bf16", 1.0, 77)
+    assert p.t5_on_cpu == pytest.approx(p.total - p.text_encoder_weights)
+    assert p.t5_on_cpu <= p.t5_released < p.total  # freed after encoding: the larger phase, not the sum
+    assert main(["plan", "--model", "8b-512", "--device", "orin-nx-16"]) == 0
+    assert "T5 freed" in capsys.readouterr().out

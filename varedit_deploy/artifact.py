@@ -28,7 +28,7 @@ MANIFEST = "manifest.json"
 STAMP = "verified.json"
 # Files up to this size are hashed on every load; larger ones (external weights) once, then
 # trusted through the stamp while their size and modification time are unchanged.
-HASH_ON_LOAD_LIMIT = 256 * 2**20
+HASH_ON_LOAD_LIMIT = 16 * 2**20
 VERIFY_MODES = ("none", "size", "quick", "full")
 
 

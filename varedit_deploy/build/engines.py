@@ -20,7 +20,7 @@ from .. import __version__
 from ..artifact import MANIFEST, Manifest, file_record, read_manifest, sha256_file
 from ..errors import ArtifactError, VareditError
 from ..fileio import atomic_dir
-from .precision import graph_precision, to_half
+from .precision import graph_precision, lower_graph
 from .profiles import graph_profiles
 from .tensorrt_api import import_tensorrt, make_logger, strongly_typed_network
 
@@ -77,17 +77,15 @@ def _configure(trt, builder, opts: BuildOptions, target: str, cache_bytes: bytes
 
 
 def _parse(trt, builder, logger, path: Path, lower_to: str, name: str):
-    """Parse `path` (lowered to fp16/bf16 first when asked) from files, so external data works."""
+    """Parse `path` (lowered to fp16/bf16 first, tensor by tensor, when asked) from files, so
+    external data works."""
     network = strongly_typed_network(trt, builder)
     parser = trt.OnnxParser(network, logger)
     with tempfile.TemporaryDirectory() as tmp:
         source = path
         if lower_to != "fp32":
-            import onnx
-
             source = Path(tmp) / path.name
-            onnx.save_model(to_half(onnx.load(str(path)), lower_to), str(source), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=source.name + ".data", size_threshold=1024)
+            lower_graph(path, lower_to, source)
         ok = parser.parse_from_file(str(source))
     errors = [parser.get_error(i).desc() for i in range(parser.num_errors)]
     if not ok or errors:

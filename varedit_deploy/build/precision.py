@@ -51,6 +51,30 @@ def to_half(model, precision: str):
     return half
 
 
+def lower_graph(path, precision: str, out) -> None:
+    """Write the fp32 graph `path` lowered to `precision` as `out` (+ `.data`), one external
+    tensor at a time (an engine build never holds the fp32 weights and their copy together)."""
+    import onnx
+
+    from ..export.external_data import write_graph
+
+    model = onnx.load(str(path), load_external_data=False)
+    external = {}
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            external[t.name] = ({e.key: e.value for e in t.external_data}, tuple(t.dims),
+                                onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+            del t.external_data[:]  # a stub again: its values are read back as it is written
+
+    def values(name: str) -> np.ndarray:
+        info, dims, dtype = external[name]
+        with open(path.parent / info["location"], "rb") as f:
+            f.seek(int(info.get("offset", 0)))
+            return np.frombuffer(f.read(int(info["length"])), dtype).reshape(dims)
+
+    write_graph(to_half(model, precision), out, values, external=bool(external))
+
+
 def _sort_nodes(graph) -> None:
     """The converter appends its Casts at the end; ONNX wants nodes in topological order."""
     ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
