@@ -114,9 +114,9 @@ def cast_values(values: np.ndarray, data_type: int) -> np.ndarray:
 
 
 def _bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns, round to nearest even."""
-    u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    """float32 -> bfloat16 bit patterns, round to nearest even (uint32 wrap-around keeps bits 16-31 right)."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    return ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
 
 
 def _relabel_bf16(model, originals: dict[str, np.ndarray]) -> None:

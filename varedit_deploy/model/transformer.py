@@ -263,8 +263,9 @@ class VAREditTransformer(nn.Module):
         """Source prefix [1, L_src, d_tok] -> every layer's source K/V and the SAR references.
 
         A step over the source tokens (finest level embedding) with an empty past and an empty
-        SAR: the same blocks and weights as every scale. Its logits are never used (the last
-        block and the head on the source tokens are about 1% of an edit's work)."""
+        SAR: the same blocks and weights as every scale. Its logits are never used: running the
+        last block whole and the head on the source tokens is under 1% of an edit's FLOPs (0.7%
+        at 2B-512, 0.5% at 8B; benchmarks/RESULTS.md)."""
         x = self.embed_tokens(source_prefix, self.schedule.num_scales - 1)
         empty = x.new_zeros(0, 2, self.cfg.heads, self.cfg.head_dim)
         depth = len(self.blocks)
