@@ -154,6 +154,9 @@ def test_tensorrt_rtx_builds_every_graph_for_two_targets(golden, tmp_path_factor
         assert len(data["engines"]["step"]["profiles"]) == manifest.config.schedule.num_scales + 1  # + source pass
         assert check_engines(folder, manifest, data["tensorrt_version"], target) == []
         assert "step" in printed and "profile(s)" in printed
+    assert main(["plan", "--artifacts", str(art)]) == 0  # what the engines hold, beside the estimate
+    planned = capsys.readouterr().out
+    assert all(f"engines tensorrt-rtx-{data['tensorrt_version']}-{t}-{precision}" in planned for t in ("sm80", "sm89"))
 
 
 def test_engine_compatibility_guard_names_every_mismatch(golden, tmp_path):

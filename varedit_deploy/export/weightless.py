@@ -24,10 +24,14 @@ from torch import nn
 from .graphs import GraphSpec
 
 OPSET = 17
-# The ops torch.onnx's (TorchScript) constant folder evaluates; anything else that reads a
-# weight (e.g. Clip/Exp of the attention temperature) stays in the graph, exactly as before.
+# The single-output ops torch.onnx's (TorchScript) constant folder evaluates
+# (torch/csrc/jit/passes/onnx/constant_fold.cpp), less its reductions and Softmax, which no
+# VAREdit graph applies to a weight (numpy's results there need not be torch's to the bit).
+# Anything else that reads a weight (e.g. Clip/Exp of the attention temperature) stays in the
+# graph, exactly as in an ordinary export.
 FOLDED_OPS = frozenset({"Slice", "Concat", "Sqrt", "Div", "Mul", "Sub", "Add", "Unsqueeze", "Squeeze", "Transpose",
-                        "Cast", "Reshape", "Shape", "Gather", "Neg", "Identity"})
+                        "Cast", "Reshape", "Shape", "Gather", "Range", "Where", "Equal", "Greater", "Less", "Neg",
+                        "Not", "Size"})
 
 
 @dataclass
@@ -129,10 +133,10 @@ def _cut_weight_nodes(model, params: set[str]) -> dict[str, WeightRecipe]:
     graph = model.graph
     constants = {t.name: t for t in graph.initializer}
     constant_nodes = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
-    made_by: dict[str, object] = {}  # weight-derived value -> its node
+    made_by: dict[str, onnx.NodeProto] = {}  # weight-derived value -> its node
     for node in graph.node:
         inputs = [i for i in node.input if i]
-        if (node.op_type in FOLDED_OPS and any(i in params or i in made_by for i in inputs)
+        if (node.op_type in FOLDED_OPS and len(node.output) == 1 and any(i in params or i in made_by for i in inputs)
                 and all(i in params or i in made_by or i in constants or i in constant_nodes for i in inputs)):
             made_by.update((o, node) for o in node.output)
     kept = [n for n in graph.node if n.output[0] not in made_by]
@@ -182,9 +186,8 @@ def _cut_weight_nodes(model, params: set[str]) -> dict[str, WeightRecipe]:
         stubs.append(stub)
     gone = set(params) | set(made_by)
     kept_inputs = [i for i in graph.input if i.name not in gone]
-    still_read = {i for n in kept for i in n.input}
-    kept_constants = [t for t in graph.initializer if t.name in still_read or t.name in used]
-    kept = [n for n in kept if n.op_type != "Constant" or n.output[0] in still_read or n.output[0] in used]
+    kept_constants = [t for t in graph.initializer if t.name in used]
+    kept = [n for n in kept if n.op_type != "Constant" or n.output[0] in used]
     del graph.input[:], graph.node[:], graph.initializer[:]
     graph.input.extend(kept_inputs)
     graph.node.extend(kept)
