@@ -51,8 +51,9 @@ def build(name: str, seed: int = 0):
     from transformers import T5Config, T5EncoderModel
 
     from varedit_deploy.config import from_name
-    from varedit_deploy.model.loaded import VAREditModel, randomize
+    from varedit_deploy.model.loaded import VAREditModel
     from varedit_deploy.model.text import T5TextEncoder, load_tokenizer
+    from varedit_deploy.model.weights import randomize
     from varedit_deploy.model.tiny_text import write_tokenizer
 
     config = from_name(name)
@@ -106,11 +107,11 @@ def official_order_edit(model, photo, noise) -> tuple[dict[str, float], list, li
         mark("vae_encoder")
         with torch.autocast("cuda", dtype=torch.bfloat16):
             cond = tr.text_condition(feats)
-            src = tr.source_pass(prefix, cond.modulation, cond.text_k, cond.text_v)
+            src = tr.source_pass(prefix, cond)
             mark("source_pass")
             h, c = cfg.transformer.heads, cfg.transformer.head_dim
-            past_k = [torch.zeros(0, 2, h, c, device="cuda"), *src.layer_k]
-            past_v = [torch.zeros(0, 2, h, c, device="cuda"), *src.layer_v]
+            past_k = [torch.zeros(0, 2, h, c, device="cuda"), *src.layer_k[1:]]
+            past_v = [torch.zeros(0, 2, h, c, device="cuda"), *src.layer_v[1:]]
             x = cond.start_token
             summed = torch.zeros(1, cfg.vae.codebook_dim, sched.latent_side, sched.latent_side, device="cuda")
             cw, it, th = (torch.from_numpy(a).cuda() for a in SamplerInputs.from_params(cfg.sampling).arrays())

@@ -28,12 +28,16 @@ from varedit_deploy.runtime.kv_cache import KVCache
 def test_step_and_sample_have_one_fixed_profile_per_scale(tiny_artifact):
     m = read_manifest(tiny_artifact)
     profiles = graph_profiles(m, "step")
-    assert [p.name for p in profiles] == [f"scale_{s}" for s in range(7)]
+    assert [p.name for p in profiles] == [f"scale_{s}" for s in range(7)] + ["source_pass"]
     for s, (p, n, start) in enumerate(zip(profiles, (1, 4, 16, 36, 64, 144, 256), (0, 1, 5, 21, 57, 121, 265))):
         lo, opt, hi = p.shapes["x"]
         assert lo == opt == hi == (2, n, 64)
         assert p.shapes["past_k_0"][0] == (start, 2, 2, 32) and p.shapes["past_v_2"][2] == (256 + start, 2, 2, 32)
+        assert p.shapes["sar_k"][1] == (n, 2, 2, 32)
         assert p.shapes["text_k"] == ((3, 2, 2, 1, 32), (3, 2, 2, 32, 32), (3, 2, 2, 512, 32))
+    source = profiles[-1].shapes  # the source tokens, no SAR, an empty past in every layer
+    assert source["x"][0] == (2, 256, 64) and source["sar_v"][2] == (0, 2, 2, 32)
+    assert all(source[f"past_{kv}_{i}"] == ((0, 2, 2, 32),) * 3 for kv in "kv" for i in range(3))
     assert [p.shapes["noise"][0] for p in graph_profiles(m, "sample")] == [(n * 16, 2) for n in (1, 4, 16, 36, 64, 144, 256)]
     assert graph_profiles(m, "vae_decoder") == [] and graph_profiles(m, "next_input_3") == []
     assert graph_profiles(m, "text_cond")[0].shapes["text_features"] == ((1, 1, 256), (1, 32, 256), (1, 512, 256))
@@ -45,20 +49,28 @@ def test_step_binding_plan_follows_the_schedule(name):
     t, sched = config.transformer, config.schedule
     row = 2 * t.heads * t.head_dim * 4
     plan = step_plan(config, text_len=20)
-    assert len(plan) == sched.num_scales
-    for call in plan:
+    assert len(plan) == sched.num_scales + 1
+    n_src = sched.source_tokens
+    for call in plan[:-1]:
         s, b = call.scale, call.by_tensor()
         n, cum = sched.tokens[s], sched.starts[s]
         assert call.profile == s and b["x"].shape == (2, n, t.dim) and b["logits"].shape == (2, n, t.num_logits)
-        assert b["past_k_0"] == type(b["past_k_0"])("past_k_0", "cache_k_0", 0, (cum, 2, t.heads, t.head_dim))
-        assert b["new_v_0"].offset_bytes == cum * row and b["new_v_0"].shape[0] == n
-        assert b["past_k_5"].shape[0] == sched.source_tokens + cum  # source prefix + earlier scales
-        assert b["new_k_5"].offset_bytes == (sched.source_tokens + cum) * row
+        # layer 0 attends over its earlier targets, which follow its source rows
+        assert b["past_k_0"] == type(b["past_k_0"])("past_k_0", "cache_k_0", n_src * row, (cum, 2, t.heads, t.head_dim))
+        assert b["new_v_0"].offset_bytes == (n_src + cum) * row and b["new_v_0"].shape[0] == n
+        assert b["past_k_5"].offset_bytes == 0 and b["past_k_5"].shape[0] == n_src + cum  # source + earlier scales
+        assert b["new_k_5"].offset_bytes == (n_src + cum) * row
         assert b["sar_k"].offset_bytes == cum * row and b["sar_k"].shape[0] == n
         assert b["text_v"].shape == (t.depth, 2, t.heads, 20, t.head_dim)
+    source = plan[-1]  # one more run of the step engine: every layer's source K/V into rows [0, L_src)
+    b = source.by_tensor()
+    assert source.scale == "source" and source.profile == sched.num_scales
+    assert b["x"] == type(b["x"])("x", f"x_{sched.num_scales - 1}", 0, (2, n_src, t.dim))
+    assert b["sar_k"].shape[0] == 0 and all(b[f"past_v_{i}"].shape[0] == 0 for i in range(t.depth))
+    assert all(b[f"new_k_{i}"].offset_bytes == 0 and b[f"new_k_{i}"].shape[0] == n_src for i in range(t.depth))
     # Spec table 3.8, last scale at 512 px: 3545 keys at layer 0 and layers >= 1.
     if name == "2b-512":
-        last = plan[-1].by_tensor()
+        last = plan[-2].by_tensor()
         assert last["past_k_0"].shape[0] + last["sar_k"].shape[0] + 1024 == 3545
         assert last["past_k_1"].shape[0] + 1024 == 3545
 
@@ -67,16 +79,19 @@ def test_binding_plan_offsets_equal_the_runtime_cache_views():
     config = from_name("tiny-8b")
     t, sched = config.transformer, config.schedule
     cache = KVCache.allocate(t.depth, t.heads, t.head_dim, sched.source_tokens, sched.starts, sched.tokens)
-    for call in step_plan(config, text_len=7):
+    row = 2 * t.heads * t.head_dim * 4
+
+    def same(view, base, binding):  # numpy gives an empty view the buffer's start address: compare rows then
+        offset = view.ctypes.data - base.ctypes.data
+        return view.shape == binding.shape and (offset == binding.offset_bytes or view.size == 0)
+
+    for call in step_plan(config, text_len=7):  # every scale and the source pass
         b = call.by_tensor()
         for i in range(t.depth):
-            past, _ = cache.past(i, call.scale)
-            slot, _ = cache.slot(i, call.scale)
-            base = cache.k[i].ctypes.data
-            assert past.ctypes.data - base == b[f"past_k_{i}"].offset_bytes and past.shape == b[f"past_k_{i}"].shape
-            assert slot.ctypes.data - base == b[f"new_k_{i}"].offset_bytes and slot.shape == b[f"new_k_{i}"].shape
-        sar, _ = cache.sar(call.scale)
-        assert sar.ctypes.data - cache.sar_k.ctypes.data == b["sar_k"].offset_bytes
+            assert same(cache.past(i, call.scale)[0], cache.k[i], b[f"past_k_{i}"])
+            assert same(cache.slot(i, call.scale)[1], cache.v[i], b[f"new_v_{i}"])
+            assert cache.rows("past", i, call.scale)[0] * row == b[f"past_v_{i}"].offset_bytes
+        assert same(cache.sar(call.scale)[0], cache.sar_k, b["sar_k"])
 
 
 def test_select_profile(tiny_artifact):
@@ -116,7 +131,8 @@ def test_fp16_step_agreement_with_fp32_is_reported(tiny_artifact):
     g = np.random.default_rng(0)
     feeds = {}
     for inp in fp32.get_inputs():
-        shape = [{"tokens": 16, "past_targets": 5, "past_len": 261, "text_len": 6}.get(d, d) for d in inp.shape]
+        shape = [{"tokens": 16, "sar_tokens": 16, "past_targets": 5, "past_len": 261, "text_len": 6}.get(d, d)
+                 for d in inp.shape]
         feeds[inp.name] = (g.standard_normal(shape) * 0.5).astype(np.float32)
     a, b = fp32.run(["logits"], feeds)[0], fp16.run(["logits"], feeds)[0]
     rel = float(np.abs(a - b).max() / np.abs(a).max())
@@ -145,15 +161,16 @@ def test_tensorrt_rtx_builds_every_graph_for_two_targets(golden, tmp_path_factor
             assert net["layers"] and all(isinstance(n, int) and n > 0 for n in net["layers"].values())
             assert net["fused_attentions"] == net["layers"].get("ATTENTION_OUTPUT", 0)
         depth = manifest.config.transformer.depth
-        step, source = data["engines"]["step"]["network"], data["engines"]["source_pass"]["network"]
-        # Every attention is either fused or a MatMul-Softmax-MatMul chain: self and cross per block
-        # (the source pass skips layer 0, which only makes the SAR keys and values).
+        step = data["engines"]["step"]["network"]
+        # Every attention is either fused or a MatMul-Softmax-MatMul chain: self and cross per block.
         assert step["fused_attentions"] + step["attention_chains"] == 2 * depth
-        assert source["fused_attentions"] + source["attention_chains"] == 2 * (depth - 1)
         assert data["engines"]["sample"]["network"]["attention_chains"] == 0  # its softmax is no attention
-        assert len(data["engines"]["step"]["profiles"]) == manifest.config.schedule.num_scales
+        assert len(data["engines"]["step"]["profiles"]) == manifest.config.schedule.num_scales + 1  # + source pass
         assert check_engines(folder, manifest, data["tensorrt_version"], target) == []
         assert "step" in printed and "profile(s)" in printed and "MatMul-Softmax-MatMul" in printed
+    assert main(["plan", "--artifacts", str(art)]) == 0  # what the engines hold, beside the estimate
+    planned = capsys.readouterr().out
+    assert all(f"engines tensorrt-rtx-{data['tensorrt_version']}-{t}-{precision}" in planned for t in ("sm80", "sm89"))
     assert main(["inspect", str(art)]) == 0
     printed = capsys.readouterr().out
     assert printed.count(f": {len(manifest.graphs)} engines, ") == 2 and "complete and intact" in printed

@@ -155,7 +155,7 @@ def test_safetensors_fixture_layout_loads(golden):
 
 def test_text_encoder_width_mismatch(tmp_path, tiny_text_dir):
     config = dataclasses.replace(from_name("tiny-2b"),
-                                 transformer=TransformerConfig(depth=1, dim=64, heads=2, codebook_dim=16,
+                                 transformer=TransformerConfig(depth=2, dim=64, heads=2, codebook_dim=16,
                                                                patchify=False, text_channels=512, block_chunks=1))
     model = VAREditModel.random(config)
     with pytest.raises(CheckpointError, match="width 256"):

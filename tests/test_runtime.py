@@ -11,7 +11,7 @@ from varedit_deploy.config import from_name
 from varedit_deploy.errors import ArtifactError, ConfigError, InputError
 from varedit_deploy.model.edit import edit as reference_edit
 from varedit_deploy.parity import check_fixture
-from varedit_deploy.runtime.kv_cache import KVCache
+from varedit_deploy.runtime.kv_cache import SOURCE, KVCache
 from varedit_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend
 from varedit_deploy.runtime.pipeline import EditPipeline
 from varedit_deploy.runtime.tokenizer import Tokenizer
@@ -26,13 +26,19 @@ def test_onnxruntime_reproduces_the_official_fixtures(golden):
 
 def test_kv_cache_views_are_contiguous_prefixes_and_slots():
     cache = KVCache.allocate(depth=3, heads=2, head_dim=8, source_tokens=16, starts=(0, 1, 5), tokens=(1, 4, 16))
-    assert cache.k[0].shape == (21, 2, 2, 8) and cache.k[1].shape == (37, 2, 2, 8)
-    past, _ = cache.past(1, 2)
-    slot, _ = cache.slot(1, 2)
-    assert past.shape[0] == 21 and slot.shape[0] == 16
-    assert past.flags.c_contiguous and slot.flags.c_contiguous
-    assert slot.ctypes.data == past.ctypes.data + past.nbytes  # the slot starts where the past ends
-    assert np.shares_memory(cache.source(2)[0], cache.k[2]) and cache.source(2)[0].shape[0] == 16
+    assert all(k.shape == (37, 2, 2, 8) for k in cache.k)  # every layer: source rows, then the targets
+    for layer, first in ((0, 16), (1, 0)):  # layer 0 attends over its targets only (the SAR replaces its source)
+        past, _ = cache.past(layer, 2)
+        slot, _ = cache.slot(layer, 2)
+        assert past.shape[0] == 21 - first and slot.shape[0] == 16
+        assert past.flags.c_contiguous and slot.flags.c_contiguous
+        assert past.ctypes.data == cache.k[layer].ctypes.data + first * 2 * 2 * 8 * 4
+        assert slot.ctypes.data == past.ctypes.data + past.nbytes  # the slot starts where the past ends
+    for layer in range(3):  # the source pass: empty past, no SAR, its slot is the source rows
+        assert cache.past(layer, SOURCE)[0].shape[0] == 0 and cache.sar(SOURCE)[0].shape[0] == 0
+        slot = cache.slot(layer, SOURCE)[0]
+        assert slot.ctypes.data == cache.k[layer].ctypes.data and slot.shape[0] == 16
+        assert np.shares_memory(cache.source(layer)[0], slot)
     assert cache.sar(1)[0].shape[0] == 4
 
 
@@ -226,7 +232,8 @@ def test_plan_reports_what_the_loop_allocates(tiny_artifact):
     assert kv == sum(np.prod(s) * 2 for s, _ in cache) and len(cache) == 2 * manifest.config.transformer.depth + 2
     assert kv + rest == sum(int(np.prod(s)) * ITEMSIZE[d] for s, d in backend.allocated)
     sched, t = manifest.config.schedule, manifest.config.transformer
-    rows = 2 * sched.total_tokens + (t.depth - 1) * (sched.source_tokens + sched.total_tokens)  # spec 3.7
+    # spec 3.7: every layer's source and target K/V (layer 0's source rows feed sar_pool), plus the SAR
+    rows = t.depth * (sched.source_tokens + sched.total_tokens) + sched.total_tokens
     assert kv == rows * 2 * 2 * t.dim * 2  # K and V, CFG batch 2, bf16
 
 

@@ -5,6 +5,11 @@ content hashes and I/O (names, dtypes, symbolic shapes, and concrete shapes per 
 step), the tokenizer files and the versions that made it. Runtimes read names and shapes from
 here and never re-derive them; they refuse an artifact that is incomplete, altered or of a
 schema they do not know, saying what is wrong and which command rebuilds it.
+
+Verification is honest but fast at release size: every file's size always; small files'
+sha256 on every load; a large file's sha256 once, recorded next to the artifact in
+`verified.json` with the file's size and modification time, and trusted while both are
+unchanged (`export` records it as it writes). `full` re-hashes everything.
 """
 
 from __future__ import annotations
@@ -17,13 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from .config import ModelConfig
-from .errors import ArtifactError
+from .errors import ArtifactError, InputError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the source pass runs the step graph (source_embed, sar_pool)
 MANIFEST = "manifest.json"
-# Files up to this size are hashed on every load; larger ones (external weights) are checked by
-# size on load and hashed in full by `varedit-deploy inspect`.
-HASH_ON_LOAD_LIMIT = 256 * 2**20
+STAMP = "verified.json"
+# Files up to this size are hashed on every load; larger ones (external weights) once, then
+# trusted through the stamp while their size and modification time are unchanged.
+HASH_ON_LOAD_LIMIT = 16 * 2**20
+VERIFY_MODES = ("none", "size", "quick", "full")
 
 
 def sha256_file(path: Path) -> str:
@@ -38,18 +45,35 @@ def file_record(folder: Path, path: Path) -> dict[str, Any]:
     return {"path": path.relative_to(folder).as_posix(), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
-def verify_files(folder: Path, records: list[dict[str, Any]], full: bool) -> list[str]:
+def verify_files(folder: Path, records: list[dict[str, Any]], mode: str = "quick") -> list[str]:
     """Problems with recorded files on disk (missing, resized, altered); empty when intact.
-    Files above HASH_ON_LOAD_LIMIT are hashed only when `full`."""
-    problems = []
-    for rec in records:
+
+    'size': sizes only; 'quick': sizes, then sha256 of small files and of large files not
+    stamped (in `folder`/verified.json) as verified at their current size and mtime; 'full':
+    every sha256 now; 'none': nothing."""
+    if mode not in VERIFY_MODES:
+        raise InputError(f"unknown verification {mode!r}; choose one of {', '.join(VERIFY_MODES)}")
+    if mode == "none":
+        return []
+    stamp = read_stamp(folder) if mode == "quick" else {}
+    problems, hashed = [], []
+    for rec in {r["path"]: r for r in records}.values():
         path = folder / rec["path"]
         if not path.is_file():
             problems.append(f"missing file {rec['path']}")
-        elif path.stat().st_size != rec["bytes"]:
-            problems.append(f"{rec['path']} has {path.stat().st_size} bytes, the manifest says {rec['bytes']}")
-        elif (full or rec["bytes"] <= HASH_ON_LOAD_LIMIT) and sha256_file(path) != rec["sha256"]:
+            continue
+        stat = path.stat()
+        if stat.st_size != rec["bytes"]:
+            problems.append(f"{rec['path']} has {stat.st_size} bytes, the manifest says {rec['bytes']}")
+        elif mode == "size" or (mode == "quick" and rec["bytes"] > HASH_ON_LOAD_LIMIT
+                                and stamp.get(rec["path"]) == _stamp_entry(stat, rec["sha256"])):
+            continue
+        elif sha256_file(path) != rec["sha256"]:
             problems.append(f"{rec['path']} was altered (sha256 differs from the manifest)")
+        elif rec["bytes"] > HASH_ON_LOAD_LIMIT:
+            hashed.append(rec)
+    if hashed and not problems:
+        write_stamp(folder, hashed)
     return problems
 
 
@@ -84,9 +108,35 @@ class Manifest:
         preview = [self.data["preview"]["file"]] if "preview" in self.data else []
         return files + self.data.get("tokenizer", {}).get("files", []) + preview
 
-    def verify(self, full: bool = False) -> list[str]:
-        """Problems with the files on disk (missing, resized, altered); empty when intact."""
-        return verify_files(self.folder, self.all_files(), full)
+    def verify(self, mode: str = "quick") -> list[str]:
+        """Problems with the files on disk (missing, resized, altered); empty when intact (see `verify_files`)."""
+        return verify_files(self.folder, self.all_files(), mode)
+
+
+def _stamp_entry(stat, sha256: str) -> dict[str, Any]:
+    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256}
+
+
+def read_stamp(folder: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((folder / STAMP).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def write_stamp(folder: Path, records: list[dict[str, Any]]) -> None:
+    """Record that these files (whose sha256 was just checked or written) match the manifest.
+    A read-only artifact simply stays unstamped: it is then hashed on every load."""
+    from .fileio import write_text
+
+    stamp = read_stamp(folder)
+    for rec in records:
+        stamp[rec["path"]] = _stamp_entry((folder / rec["path"]).stat(), rec["sha256"])
+    try:
+        write_text(folder / STAMP, json.dumps(stamp, indent=1))
+    except OSError:
+        pass
 
 
 def rebuild_hint(data: dict[str, Any], folder: Path) -> str:
@@ -101,8 +151,9 @@ def rebuild_hint(data: dict[str, Any], folder: Path) -> str:
     return f"it was written by `{command}`: run that again"
 
 
-def read_manifest(folder: str | Path, verify: bool = True, full: bool = False) -> Manifest:
-    """Load and check an artifact's manifest; raise ArtifactError naming every problem."""
+def read_manifest(folder: str | Path, verify: str = "quick") -> Manifest:
+    """Load and check an artifact's manifest (`verify`: see `Manifest.verify`); raise
+    ArtifactError naming every problem."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not folder.is_dir():
@@ -124,10 +175,9 @@ def read_manifest(folder: str | Path, verify: bool = True, full: bool = False) -
         manifest.config
     except Exception as e:
         raise ArtifactError(f"artifact {folder}: the model section of {MANIFEST} is invalid ({e})") from None
-    if verify:
-        problems = manifest.verify(full)
-        if problems:
-            raise ArtifactError(f"artifact {folder} is damaged: {'; '.join(problems)}; {rebuild_hint(data, folder)}")
+    problems = manifest.verify(verify)
+    if problems:
+        raise ArtifactError(f"artifact {folder} is damaged: {'; '.join(problems)}; {rebuild_hint(data, folder)}")
     return manifest
 
 

@@ -151,7 +151,7 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     if args.artifacts is not None:
         from .runtime.pipeline import EditPipeline
 
-        pipe = EditPipeline.from_artifacts(args.artifacts, backend=args.backend or "onnxruntime")
+        pipe = EditPipeline.from_artifacts(args.artifacts, backend=args.backend or "onnxruntime", verify=args.verify)
         result = pipe.edit(image, args.instruction, sampling=_sampling_from(args, pipe.config.sampling),
                            noise=args.noise or "numpy")
     else:
@@ -207,27 +207,28 @@ def _cmd_export(args: argparse.Namespace) -> int:
     check_export_target(args.out, args.overwrite)  # before loading anything
     command = "varedit-deploy " + " ".join(shlex.quote(a) for a in args.argv)
     with tempfile.TemporaryDirectory() as text_dir:
-        model = _load_model_for(args, Path(text_dir))
-        export_artifacts(model, args.out, precision=args.precision, source={"command": command},
-                         overwrite=args.overwrite)
+        export_artifacts(_export_source(args, Path(text_dir)), args.out, precision=args.precision,
+                         source={"command": command}, overwrite=args.overwrite)
     return 0
 
 
-def _load_model_for(args: argparse.Namespace, text_dir: Path):
-    """The model named by --checkpoint-dir, --fixture or --random-weights (a tiny T5 in `text_dir`)."""
+def _export_source(args: argparse.Namespace, text_dir: Path):
+    """What --checkpoint-dir/--fixture/--random-weights name, read lazily: release files
+    memory-mapped, random weights drawn tensor by tensor in the export precision (a tiny T5 in
+    `text_dir`)."""
     from .config import from_name
+    from .export.source import ExportSource
     from .model.loaded import VAREditModel
 
     if args.fixture is not None:
-        return VAREditModel.from_fixture(args.fixture)
+        return ExportSource.from_model(VAREditModel.from_fixture(args.fixture))
     config = from_name(args.model or DEFAULT_MODEL)
     if args.checkpoint_dir is not None:
-        return VAREditModel.from_release(args.checkpoint_dir, config, text_precision="fp32")
+        return ExportSource.from_release(args.checkpoint_dir, config)
     from .model.tiny_text import write_tiny_text_encoder
 
-    model = VAREditModel.random(config, seed=0)
-    model.attach_text_encoder(write_tiny_text_encoder(text_dir, config.transformer.text_channels), "fp32")
-    return model
+    text_folder = write_tiny_text_encoder(text_dir, config.transformer.text_channels)
+    return ExportSource.random(config, seed=0, text_folder=text_folder, precision=args.precision)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -267,9 +268,20 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from .build.memory_plan import DEVICES, plan_table
+    from .build.memory_plan import DEVICES, artifact_table, plan_table
     from .config import from_name
+    from .errors import InputError
 
+    if args.artifacts is not None:
+        from .artifact import read_manifest
+
+        manifest = read_manifest(args.artifacts, verify="size")
+        engines = args.engines or sorted(p.parent for p in (manifest.folder / "engines").glob("*/engines.json"))
+        missing = [str(e) for e in engines if not (e / "engines.json").is_file()]
+        if missing:
+            raise InputError(f"no engines.json in {', '.join(missing)} (build engines with `varedit-deploy build`)")
+        print(artifact_table(manifest, engines))
+        return 0
     if (args.device is None) == (args.memory_gib is None):
         raise UsageError(f"give one of --device ({', '.join(DEVICES)}) or --memory-gib N")
     print(plan_table(from_name(args.model), args.device, args.memory_gib, args.workspace, args.text_len))
@@ -335,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-precision", choices=["fp16", "bf16", "fp32"],
                    help="T5 precision with --checkpoint-dir: fp16 keeps the FFN output in fp32, as official "
                         "(default: fp16)")
+    p.add_argument("--verify", default="quick", choices=["size", "quick", "full"],
+                   help="artifact check before loading: quick (sizes, and each large file's sha256 once, then "
+                        "trusted while unchanged), full (every sha256 now) or size")
     p.add_argument("--image", required=True, type=Path,
                    help=f"photo to edit (png, jpg, webp, ...; {MIN_SIDE} to {MAX_SIDE} px on each side)")
     p.add_argument("--instruction", required=True, help="what to change, e.g. 'make the sky purple'")
@@ -377,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-gib", type=_value(float, _positive), help="memory available to the process, GiB")
     p.add_argument("--workspace", type=_value(float, _positive), default=1.0, help="TensorRT workspace in GiB")
     p.add_argument("--text-len", type=_value(int, _text_len), default=77, help="instruction tokens to plan for, 1-512")
+    p.add_argument("--artifacts", type=Path, help="an exported artifact: what it and its engines really hold, "
+                                                  "beside the estimate")
+    p.add_argument("--engines", type=Path, nargs="+", help="engine folders to report (default: ARTIFACTS/engines/*)")
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("inspect", help="show what an artifact holds and verify every file's size and sha256")

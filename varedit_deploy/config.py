@@ -95,6 +95,8 @@ class TransformerConfig:
     norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
+        if self.depth < 2:  # the step reads its RoPE offset from layer 1's past (model/transformer.py)
+            raise ConfigError(f"depth {self.depth}: VAREdit models have at least 2 blocks")
         if self.dim % self.heads:
             raise ConfigError(f"dim {self.dim} is not divisible by heads {self.heads}")
         if self.text_channels % 128:

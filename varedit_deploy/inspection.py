@@ -16,7 +16,7 @@ from .errors import ArtifactError
 
 def inspect_artifact(folder: str | Path) -> tuple[list[str], bool]:
     """Readable lines describing the artifact in `folder`, and whether everything is intact."""
-    manifest = read_manifest(folder, verify=False)
+    manifest = read_manifest(folder, verify="none")
     data, cfg = manifest.data, manifest.config
     sched = data["schedule"]
     lines = [
@@ -33,7 +33,7 @@ def inspect_artifact(folder: str | Path) -> tuple[list[str], bool]:
         lines.append(f"  {name:<14} {mb:>9.2f} {sum(g['ops'].values()):>5}  {unsupported}")
     tok = data.get("tokenizer", {}).get("files", [])
     lines.append(f"  tokenizer: {', '.join(f['path'] for f in tok) or 'none (fixture export: starts at text_cond)'}")
-    problems = [f"damaged: {p}" for p in manifest.verify(full=True)]
+    problems = [f"damaged: {p}" for p in manifest.verify("full")]
     checked = len(manifest.all_files())
     sets = engine_sets(manifest.folder)
     for engine_dir in sets:
@@ -66,7 +66,7 @@ def _engine_set(engine_dir: Path, manifest: Manifest) -> tuple[str, list[str], i
         return f"  {where}: unreadable", [str(e)], 0
     records = data["engines"]
     mb = sum(r["bytes"] for r in records.values()) / 1e6
-    problems = [f"damaged: {where}/{p}" for p in verify_engine_set(engine_dir, data, full=True)]
+    problems = [f"damaged: {where}/{p}" for p in verify_engine_set(engine_dir, data, "full")]
     if data.get("artifact_manifest_sha256") != sha256_file(manifest.folder / MANIFEST):
         problems.append(f"stale: {where} was built from another export of this artifact; rebuild it: "
                         f"{data.get('rebuild', 'varedit-deploy build')}")

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..artifact import MANIFEST, Manifest, file_record, read_manifest, sha256_file, verify_files
+from ..artifact import MANIFEST, STAMP, Manifest, file_record, read_manifest, sha256_file, verify_files
 from ..errors import ArtifactError, OutputError, VareditError
 from ..fileio import atomic_dir, check_writable, unlisted_files, write_bytes
 from .network_report import attention_summary, mark_attentions_decomposable, network_record
-from .precision import PRECISIONS, graph_precision, to_half
+from .precision import PRECISIONS, graph_precision, lower_graph
 from .profiles import graph_profiles
 from .tensorrt_api import import_tensorrt, make_logger, strongly_typed_network
 
@@ -84,17 +84,15 @@ def _configure(trt, builder, opts: BuildOptions, target: str, cache_bytes: bytes
 
 
 def _parse(trt, builder, logger, path: Path, lower_to: str, name: str):
-    """Parse `path` (lowered to fp16/bf16 first when asked) from files, so external data works."""
+    """Parse `path` (lowered to fp16/bf16 first, tensor by tensor, when asked) from files, so
+    external data works."""
     network = strongly_typed_network(trt, builder)
     parser = trt.OnnxParser(network, logger)
     with tempfile.TemporaryDirectory() as tmp:
         source = path
         if lower_to != "fp32":
-            import onnx
-
             source = Path(tmp) / path.name
-            onnx.save_model(to_half(onnx.load(str(path)), lower_to), str(source), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=source.name + ".data", size_threshold=1024)
+            lower_graph(path, lower_to, source)
         ok = parser.parse_from_file(str(source))
     errors = [parser.get_error(i).desc() for i in range(parser.num_errors)]
     if not ok or errors:
@@ -108,7 +106,7 @@ def build_engines(
 ) -> Path:
     if opts.precision not in PRECISIONS:
         raise VareditError(f"unknown precision {opts.precision!r}; choose one of {', '.join(PRECISIONS)}")
-    manifest = read_manifest(artifacts, verify=True)
+    manifest = read_manifest(artifacts)
     stored = manifest.data.get("precision", "fp32")
     if stored != "fp32" and stored != opts.precision:
         raise VareditError(f"artifact {manifest.folder} holds {stored} graphs; build --precision {stored}, "
@@ -237,13 +235,13 @@ def read_engine_manifest(engine_dir: Path) -> dict[str, Any]:
 
 def engine_set_files(data: dict[str, Any]) -> list[str]:
     """Every file an engine set consists of, relative to its folder."""
-    files = [ENGINE_MANIFEST, *(rec["path"] for rec in data["engines"].values())]
+    files = [ENGINE_MANIFEST, STAMP, *(rec["path"] for rec in data["engines"].values())]
     return files + ([data["timing_cache"]] if data.get("timing_cache") else [])
 
 
-def verify_engine_set(engine_dir: Path, data: dict[str, Any], full: bool) -> list[str]:
-    """Engine files missing, resized or (with `full`, or when small) altered; empty when intact."""
-    return verify_files(Path(engine_dir), list(data["engines"].values()), full)
+def verify_engine_set(engine_dir: Path, data: dict[str, Any], mode: str) -> list[str]:
+    """Engine files missing, resized or altered (`mode`: see `verify_files`); empty when intact."""
+    return verify_files(Path(engine_dir), list(data["engines"].values()), mode)
 
 
 def check_engines(engine_dir: str | Path, manifest: Manifest, tensorrt_version: str,
@@ -251,7 +249,7 @@ def check_engines(engine_dir: str | Path, manifest: Manifest, tensorrt_version: 
     """What keeps these engines from running here (empty when they can): artifact, files, library, GPU."""
     engine_dir = Path(engine_dir)
     data = read_engine_manifest(engine_dir)
-    problems = verify_engine_set(engine_dir, data, full=False)
+    problems = verify_engine_set(engine_dir, data, "quick")
     if data.get("schema_version") != ENGINE_SCHEMA:
         problems.append(f"engine manifest schema {data.get('schema_version')!r}, this runtime reads {ENGINE_SCHEMA}")
     if data.get("artifact_manifest_sha256") != sha256_file(manifest.folder / MANIFEST):

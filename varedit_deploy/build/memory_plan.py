@@ -4,7 +4,13 @@ Computed from the model config alone (spec/transformer.md 1.2, 3.7; spec/vae-tex
 Jetson boards share one memory between the OS, CPU and GPU: we reserve 4 GiB (8 GiB boards:
 2.5 GiB) for the system. Activation figures are the peak of one graph at a time (the runtime
 runs them one after another). Attention is counted fused (no score matrix) below fp32, as
-TensorRT builds it for fp16/bf16; fp32 counts the full fp32 score matrix.
+TensorRT builds it for fp16/bf16; fp32 counts the full fp32 score matrix. The transformer's
+weights count once: the source pass runs the step graph (one engine, one copy).
+
+T5 runs once per edit, before everything else: run on the CPU it leaves the GPU memory; released
+after encoding (`EditPipeline(..., keep_text_encoder=False)`) the peak is the larger of the two
+phases instead of their sum. `plan --artifacts` sets the estimate beside what an exported
+artifact (and its engines) really hold.
 """
 
 from __future__ import annotations
@@ -38,6 +44,15 @@ class MemoryPlan:
     def total(self) -> float:
         return (self.transformer_weights + self.text_encoder_weights + self.vae_weights + self.kv_cache
                 + self.activations + self.workspace)
+
+    @property
+    def t5_on_cpu(self) -> float:
+        return self.total - self.text_encoder_weights
+
+    @property
+    def t5_released(self) -> float:
+        """Peak when T5 is freed after encoding: its phase (T5 + workspace) or the rest, whichever is larger."""
+        return max(self.text_encoder_weights + self.workspace, self.t5_on_cpu)
 
 
 def transformer_params(config: ModelConfig) -> int:
@@ -90,7 +105,8 @@ def loop_buffer_bytes(config: ModelConfig, compute_dtype: str, text_len: int) ->
 
 
 def kv_cache_bytes(config: ModelConfig, bytes_per: int) -> int:
-    """All layers, K and V, CFG batch 2; layer 0 holds targets plus the pooled SAR references."""
+    """All layers, K and V, CFG batch 2: every layer holds the source and every target scale
+    (runtime/kv_cache.py), plus the pooled SAR references of layer 0; the loop's own layout."""
     return loop_buffer_bytes(config, {4: "float32", 2: "bfloat16"}[bytes_per], 0)[0]
 
 
@@ -98,8 +114,8 @@ def activation_bytes(config: ModelConfig, bytes_per: int, text_len: int, fused_a
     """Peak of one graph: the largest step (or the source pass) or the VAE decoder."""
     t, sched = config.transformer, config.schedule
     worst = 0
-    for n, start in zip(sched.tokens + (sched.source_tokens,), sched.starts + (0,)):
-        keys = sched.source_tokens + start + n
+    calls = [(n, sched.source_tokens + start + n) for n, start in zip(sched.tokens, sched.starts)]
+    for n, keys in calls + [(sched.source_tokens, sched.source_tokens)]:  # (queries, keys); then the source pass
         hidden = 2 * n * (3 * t.dim + t.mlp_hidden + 2 * t.dim) * bytes_per
         scores = 0 if fused_attention else 2 * t.heads * n * max(keys, text_len) * 4  # fp32 scores
         worst = max(worst, hidden + scores)
@@ -137,17 +153,66 @@ def plan_table(config: ModelConfig, device: str | None, memory_gib: float | None
     lines = [f"{config.name} ({config.image_size} px, {config.schedule.num_scales} scales), {where}, "
              f"budget {budget:.1f} GiB; below fp32, T5, VAE, KV cache and activations are 16-bit",
              f"{'precision':<9} {'transformer':>11} {'T5-XL':>7} {'VAE':>6} {'KV cache':>9} {'activ.':>7} "
-             f"{'workspace':>9} {'total':>7}  fits"]
+             f"{'workspace':>9} {'total':>7} {'T5 on CPU':>9} {'T5 freed':>8}  fits"]
     for precision in ("fp32", "bf16", "fp16", "int8", "fp8"):
         p = plan(config, precision, workspace_gib, text_len)
+        fits = "yes" if p.total <= budget else "T5 freed" if p.t5_released <= budget else "no"
         lines.append(f"{precision:<9} {p.transformer_weights:>11.2f} {p.text_encoder_weights:>7.2f} "
                      f"{p.vae_weights:>6.2f} {p.kv_cache:>9.2f} {p.activations:>7.2f} {p.workspace:>9.2f} "
-                     f"{p.total:>7.2f}  {'yes' if p.total <= budget else 'no'}")
+                     f"{p.total:>7.2f} {p.t5_on_cpu:>9.2f} {p.t5_released:>8.2f}  {fits}")
     lines.append("GiB. int8: Orin, Ampere; fp8: Ada, Hopper, Thor (no fp8 tensor cores on Orin). Attention counted "
-                 "fused below fp32. Engines built with --weight-streaming can keep part of the transformer "
-                 "weights in host memory (slower).")
+                 "fused below fp32. T5 on CPU: its weights leave the device; T5 freed: released after encoding, "
+                 "the peak is the larger phase. Engines built with --weight-streaming can keep part of the "
+                 "transformer weights in host memory (slower).")
     kv, rest = loop_buffer_bytes(config, "bfloat16", text_len)
     lines.append(f"torch fast path (bf16 caches and text K/V, the loop's own allocation): KV cache {kv / GIB:.2f} GiB, "
                  f"other loop buffers {rest / GIB:.2f} GiB (fp32 inputs, modulation, logits, codes; "
                  f"{text_len}-token instruction)")
+    return "\n".join(lines)
+
+
+def artifact_table(manifest, engine_dirs: list) -> str:
+    """What an artifact (and engine sets) hold, by model part and by graph, beside the estimate."""
+    import json
+
+    config, precision = manifest.config, manifest.data["precision"]
+    act = 4 if precision == "fp32" else 2
+    stored: dict[str, int] = {}
+    for g in manifest.graphs.values():
+        for part, n in g["weights"]["by_module"].items():
+            stored[part] = stored.get(part, 0) + n
+    on_disk = sum(f["bytes"] for g in manifest.graphs.values() for f in g["files"])
+    summary = manifest.data.get("weights", {})
+    estimates = {"transformer": transformer_params(config) * BYTES[precision], "vae": vae_params(config) * act}
+    if "text_encoder" in summary:  # the artifact's own T5 (a tiny one for random-weight exports)
+        estimates["text_encoder"] = summary["text_encoder"]["parameters"] * act
+    lines = [f"artifact {manifest.folder}: {config.name}, {precision} graphs, {on_disk / GIB:.2f} GiB on disk",
+             f"{'part':<14} {'estimate GiB':>12} {'artifact GiB':>12} {'ratio':>7}"]
+    for part, est in estimates.items():
+        got = stored.get(part, 0)
+        lines.append(f"{part:<14} {est / GIB:>12.3f} {got / GIB:>12.3f} {got / est:>7.3f}")
+    constants = on_disk - sum(stored.values())
+    lines.append(f"{'graph, consts':<14} {'':>12} {constants / GIB:>12.3f}  (protos, RoPE tables, resampling matrices)")
+    lines.append(f"{'graph':<14} {'MB on disk':>10} {'weights MB':>10}  precision")
+    for name, g in manifest.graphs.items():
+        lines.append(f"{name:<14} {sum(f['bytes'] for f in g['files']) / 1e6:>10.1f} "
+                     f"{g['weights']['bytes'] / 1e6:>10.1f}  {g['precision']}")
+    for folder in engine_dirs:
+        data = json.loads((folder / "engines.json").read_text())
+        b = BYTES[data["precision"]]
+        weights = transformer_params(config) * b + vae_params(config) * min(b, act)
+        weights += summary.get("text_encoder", {}).get("parameters", 0) * min(b, act)
+        total = sum(rec["bytes"] for rec in data["engines"].values())
+        lines.append(f"engines {folder.name}: {total / GIB:.3f} GiB for {len(data['engines'])} graphs; weights at "
+                     f"{data['precision']} estimated {weights / GIB:.3f} GiB (ratio {total / weights:.3f}; the rest "
+                     "is kernels)")
+        lines += [f"  {name:<14} {rec['bytes'] / 1e6:>10.1f} MB, {len(rec['profiles'])} profile(s)"
+                  for name, rec in data["engines"].items()]
+    p = plan(config, precision, 1.0, 77)
+    lines.append(f"at run time (estimate, {precision}): KV cache {p.kv_cache:.2f} GiB, activations "
+                 f"{p.activations:.2f} GiB, workspace {p.workspace:.2f} GiB")
+    t5 = stored.get("text_encoder", 0) / GIB
+    rest = sum(v for k, v in stored.items() if k != "text_encoder") / GIB + p.kv_cache + p.activations + p.workspace
+    lines.append(f"peak with this artifact's weights: {t5 + rest:.2f} GiB; T5 on the CPU: {rest:.2f} GiB; "
+                 f"T5 released after encoding: {max(t5 + p.workspace, rest):.2f} GiB")
     return "\n".join(lines)

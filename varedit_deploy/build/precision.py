@@ -5,6 +5,9 @@ fp32 graph: matrix work in half precision; normalisations, softmax, exponentials
 and every graph input/output stay in fp32 (DESIGN.md: norms, softmax accumulation and logits
 in fp32). BF16 reuses the FP16 placement and re-rounds every converted initializer from its
 fp32 original, so no value is rounded twice.
+
+Initializers whose data is not in the proto yet (the stubs of a streamed export) are only
+retyped here; their values are converted by `cast_values` as they are written.
 """
 
 from __future__ import annotations
@@ -12,9 +15,10 @@ from __future__ import annotations
 import numpy as np
 
 PRECISIONS = ("fp32", "fp16", "bf16")  # of exported graphs and of built engines
-# Graphs whose weights and matrix work are lowered; the small ones (text condition, sampler,
-# next-scale inputs with the running code sum) stay fp32 in every engine set.
-HALF_GRAPHS = ("text_encoder", "vae_encoder", "vae_decoder", "source_pass", "step")
+# Graphs whose weights and matrix work are lowered (text_cond holds every block's text K/V
+# projection: an eighth of the transformer); the small ones (sampler, next-scale inputs with the
+# running code sum, source embedding, SAR pooling) stay fp32 in every engine set.
+HALF_GRAPHS = ("text_encoder", "text_cond", "vae_encoder", "vae_decoder", "step")
 KEEP_FP32_OPS = ["LayerNormalization", "InstanceNormalization", "Softmax", "ReduceL2", "ReduceMean", "Pow",
                  "Sqrt", "Exp", "Range", "Shape", "Resize"]
 
@@ -25,25 +29,95 @@ def graph_precision(graph: str, precision: str) -> str:
 
 def to_half(model, precision: str):
     """fp32 ModelProto -> fp16 or bf16 ModelProto with fp32 I/O."""
+    from unittest import mock
+
     import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers import float16
 
     if precision == "fp32":
         return model
     if precision not in ("fp16", "bf16"):
         raise ValueError(f"unknown precision {precision!r}")
     originals = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer
-                 if t.data_type == onnx.TensorProto.FLOAT}
-    half = convert_float_to_float16(model, keep_io_types=True, op_block_list=KEEP_FP32_OPS)
+                 if t.data_type == onnx.TensorProto.FLOAT and not _is_stub(t)}
+
+    def value_info(tensor):  # the converter's own reads the tensor's data for its shape; stubs have none
+        return onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+
+    with mock.patch.object(float16, "make_value_info_from_tensor", value_info):
+        half = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=KEEP_FP32_OPS)
     if precision == "bf16":
         _relabel_bf16(half, originals)
+    _sort_nodes(half.graph)
     return half
 
 
+def lower_graph(path, precision: str, out) -> None:
+    """Write the fp32 graph `path` lowered to `precision` as `out` (+ `.data`), one external
+    tensor at a time (an engine build never holds the fp32 weights and their copy together)."""
+    import onnx
+
+    from ..export.external_data import write_graph
+
+    model = onnx.load(str(path), load_external_data=False)
+    external = {}
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            external[t.name] = ({e.key: e.value for e in t.external_data}, tuple(t.dims),
+                                onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+            del t.external_data[:]  # a stub again: its values are read back as it is written
+
+    def values(name: str) -> np.ndarray:
+        info, dims, dtype = external[name]
+        with open(path.parent / info["location"], "rb") as f:
+            f.seek(int(info.get("offset", 0)))
+            return np.frombuffer(f.read(int(info["length"])), dtype).reshape(dims)
+
+    write_graph(to_half(model, precision), out, values, external=bool(external))
+
+
+def _sort_nodes(graph) -> None:
+    """The converter appends its Casts at the end; ONNX wants nodes in topological order."""
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in ready for i in n.input):
+                ordered.append(n)
+                ready.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise AssertionError(f"graph has a cycle or an undefined input at {rest[0].name}")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def _is_stub(tensor) -> bool:
+    import onnx
+
+    return tensor.data_location == onnx.TensorProto.EXTERNAL and not tensor.external_data
+
+
+def cast_values(values: np.ndarray, data_type: int) -> np.ndarray:
+    """Float32 values as stored in an initializer of ONNX type `data_type` (what `to_half` does
+    to an initializer it holds: fp16 clamped as ONNX Runtime's converter does, bf16 rounded)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    if data_type == onnx.TensorProto.FLOAT16:
+        return convert_np_to_float16(np.asarray(values, np.float32))
+    if data_type == onnx.TensorProto.BFLOAT16:
+        return _bf16_bits(values)
+    return np.ascontiguousarray(values, onnx.helper.tensor_dtype_to_np_dtype(data_type))
+
+
 def _bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns, round to nearest even."""
-    u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    """float32 -> bfloat16 bit patterns, round to nearest even (uint32 wrap-around keeps bits 16-31 right)."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    return ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
 
 
 def _relabel_bf16(model, originals: dict[str, np.ndarray]) -> None:
@@ -51,12 +125,14 @@ def _relabel_bf16(model, originals: dict[str, np.ndarray]) -> None:
 
     f16, bf16 = onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16
     for t in model.graph.initializer:
-        if t.data_type == f16:
+        if t.data_type != f16:
+            continue
+        if not _is_stub(t):  # a stub's values are rounded when it is written (cast_values)
             source = originals.get(t.name)
             values = source if source is not None else onnx.numpy_helper.to_array(t).astype(np.float32)
             t.ClearField("int32_data")
-            t.data_type = bf16
             t.raw_data = _bf16_bits(values).tobytes()
+        t.data_type = bf16
     for node in model.graph.node:
         for attr in node.attribute:
             if attr.name == "to" and attr.i == f16:

@@ -1,8 +1,9 @@
 """Optimisation profiles of every graph, as plain data computed from the artifact manifest.
 
-`step` and `sample` get one fixed-shape profile per scale (the weights exist once in the
-engine; each scale gets kernels tuned for its exact lengths and can be captured as a CUDA
-graph); only the instruction length stays a range. Graphs without dynamic inputs get none.
+`step` and `sample` get one fixed-shape profile per scale, and `step` one more for the source
+pass (source tokens, no SAR, empty past): the weights exist once in the engine; each call gets
+kernels tuned for its exact lengths and can be captured as a CUDA graph. Only the instruction
+length stays a range. Graphs without dynamic inputs get none.
 """
 
 from __future__ import annotations
@@ -45,12 +46,18 @@ def _profile(name: str, inputs: list[dict], dims: dict[str, int], text_len: tupl
 def graph_profiles(manifest: Manifest, graph: str, text_len: tuple[int, int, int] = TEXT_LEN) -> list[Profile]:
     """The profiles `graph` is built with, in the order the runtime selects them."""
     inputs = manifest.graphs[graph]["inputs"]
+    schedule = manifest.data["schedule"]
     if graph in ("step", "sample"):
-        return [
+        profiles = [
             _profile(f"scale_{p['scale']}", inputs,
-                     {"tokens": p["tokens"], "past_targets": p["past_targets"], "past_len": p["past_len"],
-                      "rows": p["sample_rows"]}, text_len)
-            for p in manifest.data["schedule"]["per_scale"]
+                     {"tokens": p["tokens"], "sar_tokens": p["tokens"], "past_targets": p["past_targets"],
+                      "past_len": p["past_len"], "rows": p["sample_rows"]}, text_len)
+            for p in schedule["per_scale"]
         ]
+        if graph == "step":
+            src = schedule["source_pass"]
+            profiles.append(_profile("source_pass", inputs, {k: src[k] for k in ("tokens", "sar_tokens", "past_targets",
+                                                                                  "past_len")}, text_len))
+        return profiles
     profile = _profile("default", inputs, {}, text_len)
     return [profile] if profile.shapes else []

@@ -1,5 +1,8 @@
 """`varedit-deploy export`: a model -> a self-describing artifact folder of ONNX graphs.
 
+Graph by graph, and tensor by tensor inside each graph: every graph is traced without its
+weights, then each weight is read (memory-mapped checkpoint, drawn at random, or the model in
+memory), converted and written, so the export holds about one tensor of the model at a time.
 `--precision fp16|bf16` stores half-precision graphs (weights and matrix work in 16 bits;
 norms, softmax, reductions and all graph I/O in fp32); fp32 artifacts can also be lowered at
 engine build time instead.
@@ -12,6 +15,7 @@ built engines it keeps, is decided in `destination.py`.
 from __future__ import annotations
 
 import platform
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -19,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..artifact import file_record, write_manifest
+from ..artifact import file_record, write_manifest, write_stamp
 from ..build.precision import PRECISIONS, graph_precision
 from ..errors import ConfigError
 from ..fileio import atomic_dir
@@ -27,18 +31,12 @@ from ..model.loaded import VAREditModel
 from ..runtime.preview_fit import add_preview
 from .destination import carry_engines, check_export_target
 from .graphs import graph_specs
-from .onnx_export import EXTERNAL_DATA_BYTES, compare_with_module, convert_graph, export_graph
+from .onnx_export import EXTERNAL_DATA_BYTES, VALIDATE_BYTES, export_graph
+from .source import ExportSource
 
 TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-
-
-def _fp32_t5(model: VAREditModel):
-    """The export traces an fp32 copy of T5 (engines pick their precision later)."""
-    if model.text_encoder is None:
-        return None
-    from transformers import T5EncoderModel
-
-    return T5EncoderModel.from_pretrained(str(model.text_encoder.folder)).float().eval()
+_BLOCK = re.compile(r"blocks?\.(\d+)\.")  # ours (blocks.i) and T5's (encoder.block.i)
+LONG_GRAPH_BYTES = 256 * 2**20  # graphs with more weights than this report their progress per block
 
 
 def schedule_record(model: VAREditModel) -> dict[str, Any]:
@@ -55,11 +53,13 @@ def schedule_record(model: VAREditModel) -> dict[str, Any]:
              "sample_rows": n * tcfg.d_tok}
             for s, (n, start) in enumerate(zip(sched.tokens, sched.starts))
         ],
+        # The source pass is a run of the step graph: the source tokens, no SAR, an empty past.
+        "source_pass": {"tokens": sched.source_tokens, "sar_tokens": 0, "past_targets": 0, "past_len": 0},
     }
 
 
 def export_artifacts(
-    model: VAREditModel,
+    model: VAREditModel | ExportSource,
     out: str | Path,
     precision: str = "fp32",
     source: dict[str, Any] | None = None,
@@ -77,56 +77,89 @@ def export_artifacts(
     import onnx
     import torch
 
-    specs = graph_specs(model, _fp32_t5(model))
+    src = model if isinstance(model, ExportSource) else ExportSource.from_model(model)
+    specs = graph_specs(src.model, src.t5)
     graphs: dict[str, dict[str, Any]] = {}
+    progress(f"exporting {src.description} at {precision}: {len(specs)} graphs")
     with atomic_dir(out, replace=previous is not None) as tmp:
         (tmp / "graphs").mkdir()
         for i, spec in enumerate(specs, 1):
             t0 = time.perf_counter()
-            entry = export_graph(spec, tmp / "graphs", external_data_bytes)
-            lowered = graph_precision(spec.name, precision)
-            if lowered != "fp32":
-                convert_graph(tmp / "graphs" / entry["files"][0], lowered, external_data_bytes)
-            entry["precision"] = lowered
-            if validate and lowered != "bf16":  # ONNX Runtime's CPU provider has no bf16 kernels
-                entry["max_abs_error_vs_torch"] = compare_with_module(spec, tmp / "graphs" / entry["files"][0])
-            entry["files"] = [file_record(tmp, tmp / "graphs" / f) for f in entry.pop("files")]
+            entry = export_graph(spec, tmp / "graphs", src, graph_precision(spec.name, precision),
+                                 external_data_bytes, VALIDATE_BYTES if validate else None,
+                                 _block_progress(f"[{i:>2}/{len(specs)}] {spec.name:<14}", progress))
+            entry["files"] = [{**f, "path": f"graphs/{f['path']}"} for f in entry["files"]]
             graphs[spec.name] = entry
-            worst = max(entry.get("max_abs_error_vs_torch", {}).values(), default=0.0)
+            mb = sum(f["bytes"] for f in entry["files"]) / 1e6
+            worst = max(entry.get("max_abs_error_vs_torch", {}).values(), default=None)
+            check = f"max |ORT - torch| {worst:.1e}" if worst is not None else "not compared with torch"
             flag = f"; not supported by TensorRT: {entry['tensorrt_unsupported_ops']}" if entry[
                 "tensorrt_unsupported_ops"] else ""
-            progress(f"[{i:>2}/{len(specs)}] {spec.name:<14} {len(entry['ops']):>3} op types, "
-                     f"max |ORT - torch| {worst:.1e}, {time.perf_counter() - t0:.1f} s{flag}")
-        tokenizer = _copy_tokenizer(model, tmp)
+            progress(f"[{i:>2}/{len(specs)}] {spec.name:<14} {len(entry['ops']):>3} op types, {mb:>9.1f} MB, "
+                     f"{check}, {time.perf_counter() - t0:.1f} s{flag}")
+        tokenizer = _copy_tokenizer(src.text_folder, tmp)
         write_manifest(tmp, {
-            "model": model.config.to_dict(),
+            "model": src.config.to_dict(),
             "precision": precision,
-            "schedule": schedule_record(model),
+            "schedule": schedule_record(src.model),
             "graphs": graphs,
+            "weights": _weights_summary(src, graphs),
             "tokenizer": tokenizer,
             "source": source or {},
             "exporter": {"varedit_deploy": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
-                         "python": platform.python_version()},
+                         "python": platform.python_version(), "weights_from": src.description},
         })
         add_preview(tmp, progress)
+        # hashed as they were written: a load trusts the large ones while their size and mtime stay the same
+        write_stamp(tmp, [f for g in graphs.values() for f in g["files"]])
         carry_engines(previous, tmp, progress)
     progress(f"wrote {out}")
     return out
 
 
-def _copy_tokenizer(model: VAREditModel, folder: Path) -> dict[str, Any]:
+def _block_progress(label: str, progress: Callable[[str], None]) -> Callable[[int, int, str], None]:
+    """Per-tensor write callbacks -> one line per block of a long graph."""
+    state = {"block": None}
+
+    def report(done: int, total: int, name: str) -> None:
+        match = _BLOCK.search(name)
+        if total < LONG_GRAPH_BYTES or match is None or match[1] == state["block"]:
+            return
+        state["block"] = match[1]
+        progress(f"{label} writing block {match[1]:>3}: {done / 1e9:6.2f} / {total / 1e9:.2f} GB")
+
+    return report
+
+
+def _weights_summary(src: ExportSource, graphs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per model part: its parameters and the graphs that store them (each weight once)."""
+    modules = {"transformer": src.model.transformer, "vae": src.model.vae, "text_encoder": src.t5}
+    summary = {}
+    for key, module in modules.items():
+        if module is None:
+            continue
+        stored = {g: len(e["weights"]["parameters"][key]) for g, e in graphs.items()
+                  if key in e["weights"]["parameters"]}
+        summary[key] = {"parameters": sum(p.numel() for p in module.parameters()),
+                        "tensors": len(list(module.parameters())), "stored_in": stored}
+    return summary
+
+
+def _copy_tokenizer(text_folder: Path | None, folder: Path) -> dict[str, Any]:
     """Ship `tokenizer.json` (what the official T5TokenizerFast runs; the runtime reads it with the
     `tokenizers` library alone) and the release's own tokenizer files."""
-    if model.text_encoder is None:
+    if text_folder is None:
         return {"files": []}
     dst = folder / "tokenizer"
     dst.mkdir()
     for name in TOKENIZER_FILES:
-        src = model.text_encoder.folder / name
+        src = text_folder / name
         if src.is_file():
             shutil.copyfile(src, dst / name)
     if not (dst / "tokenizer.json").is_file():  # a sentencepiece-only folder: convert once, here
-        model.text_encoder.tokenizer.backend_tokenizer.save(str(dst / "tokenizer.json"))
+        from ..model.text import load_tokenizer
+
+        load_tokenizer(text_folder).backend_tokenizer.save(str(dst / "tokenizer.json"))
     records = [file_record(folder, p) for p in sorted(dst.iterdir())]
     return {"files": sorted(records, key=lambda r: r["path"] != "tokenizer/tokenizer.json"),
             "main": "tokenizer/tokenizer.json", "max_tokens": 512}

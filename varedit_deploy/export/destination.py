@@ -15,7 +15,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from ..artifact import MANIFEST, Manifest, read_manifest, sha256_file
+from ..artifact import MANIFEST, STAMP, Manifest, read_manifest, sha256_file
 from ..build.engines import (ENGINE_MANIFEST, engine_set_files, engine_sets, read_engine_manifest,
                              verify_engine_set)
 from ..errors import ArtifactError, OutputError
@@ -41,7 +41,7 @@ def check_export_target(out: str | Path, overwrite: bool) -> Manifest | None:
         raise OutputError(f"--out {out} already holds an artifact; add --overwrite to replace it "
                           "(built engines whose graphs do not change are kept)")
     try:
-        previous = read_manifest(out, verify=False)
+        previous = read_manifest(out, verify="none")
     except ArtifactError as e:
         raise OutputError(f"{e}; an export replaces only an artifact whose files it can list") from None
     foreign = unlisted_files(out, _artifact_files(previous))
@@ -52,7 +52,7 @@ def check_export_target(out: str | Path, overwrite: bool) -> Manifest | None:
 
 
 def _artifact_files(manifest: Manifest) -> list[str]:
-    files = [MANIFEST, *(rec["path"] for rec in manifest.all_files())]
+    files = [MANIFEST, STAMP, *(rec["path"] for rec in manifest.all_files())]
     for folder in engine_sets(manifest.folder):
         try:
             listed = engine_set_files(read_engine_manifest(folder))
@@ -71,7 +71,7 @@ def carry_engines(previous: Manifest | None, new_folder: Path, progress: Callabl
     """
     if previous is None:
         return
-    new = read_manifest(new_folder, verify=False)
+    new = read_manifest(new_folder, verify="none")
     for folder in engine_sets(previous.folder):
         reason = _stale_reason(folder, previous, new)
         if reason:
@@ -81,7 +81,7 @@ def carry_engines(previous: Manifest | None, new_folder: Path, progress: Callabl
         target = new_folder / "engines" / folder.name
         target.mkdir(parents=True)
         for name in engine_set_files(data):
-            if name != ENGINE_MANIFEST:
+            if name != ENGINE_MANIFEST and (folder / name).is_file():  # the verified stamp may not exist
                 _link_or_copy(folder / name, target / name)
         data["artifact_manifest_sha256"] = sha256_file(new_folder / MANIFEST)
         (target / ENGINE_MANIFEST).write_text(json.dumps(data, indent=1))
@@ -94,7 +94,7 @@ def _stale_reason(folder: Path, previous: Manifest, new: Manifest) -> str | None
         data = read_engine_manifest(folder)
     except ArtifactError as e:
         return str(e)
-    damage = verify_engine_set(folder, data, full=False)
+    damage = verify_engine_set(folder, data, "quick")
     if damage:
         return "damaged: " + "; ".join(damage)
     if data.get("artifact_manifest_sha256") != sha256_file(previous.folder / MANIFEST):

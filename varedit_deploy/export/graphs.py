@@ -1,9 +1,10 @@
 """One declarative spec per exported graph: the module to trace, its I/O names and dynamic axes.
 
 Every module here is a thin adapter over `varedit_deploy.model` (no second copy of the math).
-Graphs and where they run (see DESIGN.md): text_encoder, text_cond, vae_encoder and
-source_pass once per edit; step and sample once per scale (one graph for all scales, symbolic
-lengths); next_input_{s} once per scale (static resampling matrices baked in); vae_decoder once.
+Graphs and where they run (see DESIGN.md): text_encoder, text_cond, vae_encoder, source_embed
+and sar_pool once per edit; step once per scale and once more for the source pass (one graph,
+one copy of the transformer blocks, symbolic lengths); sample once per scale; next_input_{s}
+once per scale (static resampling matrices baked in); vae_decoder once.
 """
 
 from __future__ import annotations
@@ -56,14 +57,26 @@ class VAEEncoderGraph(nn.Module):
         return latent_to_tokens(self.encoder(image), self.patchify)
 
 
-class SourcePassGraph(nn.Module):
+class SourceEmbedGraph(nn.Module):
+    """Source prefix -> the source pass's step input (the finest scale's level embedding)."""
+
     def __init__(self, tr: VAREditTransformer):
         super().__init__()
         self.tr = tr
 
-    def forward(self, source_prefix, modulation, text_k, text_v):
-        out = self.tr.source_pass(source_prefix, modulation, text_k, text_v)
-        return (out.sar_k, out.sar_v, *out.layer_k, *out.layer_v)
+    def forward(self, source_prefix: torch.Tensor) -> torch.Tensor:
+        return self.tr.embed_tokens(source_prefix, self.tr.schedule.num_scales - 1)
+
+
+class SarPoolGraph(nn.Module):
+    """Layer 0's source K/V (cache layout) -> the SAR references of every scale."""
+
+    def __init__(self, tr: VAREditTransformer):
+        super().__init__()
+        self.tr = tr
+
+    def forward(self, source_k: torch.Tensor, source_v: torch.Tensor):
+        return self.tr.sar_pool(source_k, source_v)
 
 
 class StepGraph(nn.Module):
@@ -100,12 +113,11 @@ def step_io_names(depth: int) -> tuple[list[str], list[str]]:
             ["logits", *new])
 
 
-def source_output_names(depth: int) -> list[str]:
-    return ["sar_k", "sar_v", *[f"source_k_{i}" for i in range(1, depth)], *[f"source_v_{i}" for i in range(1, depth)]]
-
-
 def graph_specs(model: VAREditModel, t5: nn.Module | None) -> list[GraphSpec]:
-    """Specs for every graph of `model`; `t5` (fp32 T5 encoder) is None for fixtures without T5."""
+    """Specs for every graph of `model`; `t5` (fp32 T5 encoder) is None for fixtures without T5.
+
+    The modules may be skeletons (parameters on `meta`): the examples are made without running
+    them, at magnitudes like a real edit's."""
     cfg = model.config
     tcfg, sched = cfg.transformer, cfg.schedule
     tr = model.transformer
@@ -113,13 +125,13 @@ def graph_specs(model: VAREditModel, t5: nn.Module | None) -> list[GraphSpec]:
     depth, h, c, dim = tcfg.depth, tcfg.heads, tcfg.head_dim, tcfg.dim
     lt = 5  # example text length; the axis is dynamic
 
-    def rand(*shape):
-        return torch.randn(*shape, generator=g)
+    def rand(*shape, scale: float = 1.0):
+        return torch.randn(*shape, generator=g) * scale
 
     text = rand(1, lt, tcfg.text_channels)
-    with torch.inference_mode():
-        cond = tr.text_condition(text)
-    cond = [t.clone() for t in cond]
+    # What text_condition returns (its start token is not needed here).
+    modulation, head_modulation = rand(depth, 2, 6, dim, scale=0.3), rand(2, 2, dim, scale=0.3)
+    text_k, text_v = rand(depth, 2, h, lt, c), rand(depth, 2, h, lt, c)
     text_axes = {3: "text_len"}
     specs = []
     if t5 is not None:
@@ -137,24 +149,26 @@ def graph_specs(model: VAREditModel, t5: nn.Module | None) -> list[GraphSpec]:
     latent = sched.latent_side
     specs.append(GraphSpec("vae_decoder", model.vae.decoder, (rand(1, tcfg.codebook_dim, latent, latent) * 0.3,),
                            ["summed_codes"], ["image"]))
-    specs.append(GraphSpec(
-        "source_pass", SourcePassGraph(tr), (rand(1, sched.source_tokens, tcfg.d_tok), cond[1], cond[3], cond[4]),
-        ["source_prefix", "modulation", "text_k", "text_v"], source_output_names(depth),
-        {"text_k": text_axes, "text_v": text_axes},
-    ))
-    # Trace the step at scale 1 (non-empty past everywhere); every length axis is symbolic.
+    n_src = sched.source_tokens
+    specs.append(GraphSpec("source_embed", SourceEmbedGraph(tr), (rand(1, n_src, tcfg.d_tok),), ["source_prefix"],
+                           ["x"]))
+    specs.append(GraphSpec("sar_pool", SarPoolGraph(tr), (rand(n_src, 2, h, c), rand(n_src, 2, h, c)),
+                           ["source_k", "source_v"], ["sar_k", "sar_v"]))
+    # Trace the step at scale 1 (non-empty past everywhere); every length axis is symbolic, the
+    # SAR's its own so that the source pass (no SAR, empty past) runs the same graph.
     n, p0 = sched.tokens[1], sched.starts[1]
-    past = [rand(p0 if i == 0 else sched.source_tokens + p0, 2, h, c) for i in range(depth)] * 2
+    past = [rand(p0 if i == 0 else n_src + p0, 2, h, c) for i in range(depth)] * 2
     step_in, step_out = step_io_names(depth)
     axes: dict[str, dict[int, str]] = {"x": {1: "tokens"}, "text_k": text_axes, "text_v": text_axes,
-                                       "sar_k": {0: "tokens"}, "sar_v": {0: "tokens"}, "logits": {1: "tokens"}}
+                                       "sar_k": {0: "sar_tokens"}, "sar_v": {0: "sar_tokens"},
+                                       "logits": {1: "tokens"}}
     for name in step_in[7:]:
         axes[name] = {0: "past_targets" if name.endswith("_0") else "past_len"}
     for name in step_out[1:]:
         axes[name] = {0: "tokens"}
     specs.append(GraphSpec(
         "step", StepGraph(tr),
-        (rand(2, n, dim), cond[1], cond[2], cond[3], cond[4], rand(n, 2, h, c), rand(n, 2, h, c), *past),
+        (rand(2, n, dim), modulation, head_modulation, text_k, text_v, rand(n, 2, h, c), rand(n, 2, h, c), *past),
         step_in, step_out, axes,
     ))
     rows = n * tcfg.d_tok

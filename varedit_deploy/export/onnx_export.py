@@ -1,4 +1,5 @@
-"""Trace one GraphSpec to ONNX, check it, and compare it with its PyTorch module in ONNX Runtime.
+"""Export one GraphSpec: trace it without weights, stream its weights to disk, check it, and
+compare it with its PyTorch module in ONNX Runtime where that fits in memory.
 
 Every graph must pass `onnx.checker` with full shape inference; its operator inventory is
 checked against the ONNX operators TensorRT's parser supports, so a graph that would not
@@ -8,19 +9,26 @@ build is known at export time.
 from __future__ import annotations
 
 import collections
-import tempfile
-import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..build.precision import to_half
 from ..errors import VareditError, require
+from .external_data import nbytes, stubs, write_graph
 from .graphs import GraphSpec
+from .source import ExportSource
+from .weightless import OPSET, parameters_replaced, trace
 
-OPSET = 17
-EXTERNAL_DATA_BYTES = 512 * 2**20  # larger graphs keep their weights in `<graph>.onnx.data`
+# Larger graphs keep their weights in `<graph>.onnx.data`, which ONNX Runtime memory-maps; inline
+# weights are parsed with the proto and copied again into the session (about 2x while loading).
+EXTERNAL_DATA_BYTES = 64 * 2**20
+# Graphs whose float32 weights exceed this are not re-run in PyTorch for the comparison (it would
+# hold the weights twice more: in torch and in ONNX Runtime); the manifest says so.
+VALIDATE_BYTES = 2 * 2**30
 
 # ONNX operators (default domain) that TensorRT's ONNX parser implements (onnx-tensorrt
 # docs/operators.md, TensorRT 10.x, the oldest version we target: JetPack 6 ships 10.3).
@@ -40,73 +48,69 @@ Tan Tanh Tile TopK Transpose Trilu Unsqueeze Where Xor
 _ONNX_DTYPES = {1: "float32", 7: "int64", 10: "float16", 16: "bfloat16", 6: "int32", 9: "bool"}
 
 
-def _torch_onnx():
-    return require("onnx", "export")
+def export_graph(spec: GraphSpec, folder: Path, source: ExportSource, precision: str = "fp32",
+                 external_data_bytes: int = EXTERNAL_DATA_BYTES, validate_bytes: int | None = VALIDATE_BYTES,
+                 progress: Callable[[int, int, str], None] = lambda done, total, name: None) -> dict[str, Any]:
+    """Write `folder/<name>.onnx` (+ `.onnx.data` when large) at `precision`; return its manifest entry."""
+    onnx = require("onnx", "export")
+    traced = trace(spec)
+    model = traced.model
+    _pin_static_output_dims(model, spec, traced.output_shapes)
+    if precision != "fp32":
+        model = to_half(model, precision)
+    owners = source.owners()
+    params = {name: owners[id(p)] for name, p in spec.module.named_parameters()}
+    recipes = traced.recipes
 
+    def values(initializer: str) -> np.ndarray:
+        value = recipes[initializer].evaluate(lambda param: source.tensor(*params[param]))
+        return torch.from_numpy(value).contiguous().numpy()  # transposed weights: torch copies 3x faster
 
-def export_graph(spec: GraphSpec, folder: Path, external_data_bytes: int = EXTERNAL_DATA_BYTES) -> dict[str, Any]:
-    """Write `folder/<name>.onnx` (+ `.onnx.data` when large); return its manifest entry (sans hashes)."""
-    onnx = _torch_onnx()
+    by_module: dict[str, int] = collections.Counter()
+    for t in stubs(model):
+        by_module[params[recipes[t.name].params[0]][0]] += nbytes(t)
+    weight_bytes = sum(by_module.values())
     path = folder / f"{spec.name}.onnx"
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        raw = Path(tmp) / "raw.onnx"
-        with warnings.catch_warnings(), torch.inference_mode():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(spec.module, spec.example, str(raw), input_names=spec.inputs,
-                              output_names=spec.outputs, dynamic_axes=spec.dynamic_axes,
-                              opset_version=OPSET, dynamo=False, do_constant_folding=True)
-        model = onnx.load(str(raw))
-        _pin_static_output_dims(model, spec)
-        weight_bytes = sum(int(np.prod(t.dims)) * 4 for t in model.graph.initializer)
-        files = [path]
-        if weight_bytes > external_data_bytes:
-            data = path.with_name(path.name + ".data")
-            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data.name, size_threshold=1024)
-            files.append(data)
-        else:
-            onnx.save_model(model, str(path))
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
+    files = write_graph(model, path, values, external=weight_bytes > external_data_bytes, progress=progress)
+    try:  # opset 17 types no bf16 Conv (TensorRT parses it); bf16 graphs get the structural check only
+        onnx.checker.check_model(str(path), full_check=precision != "bf16")
     except Exception as e:
         raise VareditError(f"exported graph {spec.name} fails the ONNX checker: {e}") from None
     ops = collections.Counter(n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx"))
-    return {
-        "files": [p.name for p in files],
+    used = {p for r in recipes.values() for p in r.params}  # the graph module's parameters it stores
+    read = sorted(params[p] for p in used)
+    entry: dict[str, Any] = {
+        "files": files,
+        "precision": precision,
         "inputs": _io(model.graph.input, spec.inputs),
         "outputs": _io(model.graph.output, spec.outputs),
         "opset": OPSET,
         "ops": dict(sorted(ops.items())),
         "tensorrt_unsupported_ops": sorted(set(ops) - TENSORRT_OPS),
+        "weights": {"bytes": weight_bytes, "tensors": len(recipes), "by_module": dict(sorted(by_module.items())),
+                    "parameters": {m: [n for k, n in read if k == m] for m in sorted({k for k, _ in read})}},
     }
-
-
-def convert_graph(path: Path, precision: str, external_data_bytes: int = EXTERNAL_DATA_BYTES) -> None:
-    """Rewrite an exported fp32 graph in fp16/bf16 in place (same file names)."""
-    onnx = _torch_onnx()
-    from ..build.precision import to_half
-
-    half = to_half(onnx.load(str(path)), precision)
-    data = path.with_name(path.name + ".data")
-    if data.exists():
-        data.unlink()
-        onnx.save_model(half, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
+    fp32_bytes = 4 * sum(p.numel() for name, p in spec.module.named_parameters() if name in used)
+    if validate_bytes is None:
+        entry["validation"] = "skipped: not asked for"
+    elif precision == "bf16":
+        entry["validation"] = "skipped: ONNX Runtime's CPU provider has no bf16 kernels"
+    elif fp32_bytes > validate_bytes:
+        entry["validation"] = (f"skipped: {fp32_bytes / 2**30:.1f} GiB of float32 weights exceed the "
+                               f"{validate_bytes / 2**30:.1f} GiB limit for a side-by-side run in PyTorch")
     else:
-        onnx.save_model(half, str(path))
+        entry["max_abs_error_vs_torch"] = compare_with_module(spec, path, source, used)
+    return entry
 
 
-def _pin_static_output_dims(model, spec: GraphSpec) -> None:
+def _pin_static_output_dims(model, spec: GraphSpec, shapes: list[tuple[int, ...]]) -> None:
     """The tracer leaves some static output dims symbolic ('Addlogits_dim_0'); pin them to their sizes."""
-    with torch.inference_mode():
-        ref = spec.module(*spec.example)
-    ref = ref if isinstance(ref, tuple) else (ref,)
-    for out, tensor in zip(model.graph.output, ref):
+    for out, shape in zip(model.graph.output, shapes):
         dynamic = spec.dynamic_axes.get(out.name, {})
         for axis, dim in enumerate(out.type.tensor_type.shape.dim):
             if axis not in dynamic:
                 dim.Clear()
-                dim.dim_value = tensor.shape[axis]
+                dim.dim_value = shape[axis]
 
 
 def _io(values, names: list[str]) -> list[dict[str, Any]]:
@@ -119,13 +123,19 @@ def _io(values, names: list[str]) -> list[dict[str, Any]]:
     return out
 
 
-def compare_with_module(spec: GraphSpec, path: Path) -> dict[str, float]:
-    """Max |ONNX Runtime - PyTorch| per output on the spec's example inputs."""
+def compare_with_module(spec: GraphSpec, path: Path, source: ExportSource, used: set[str]) -> dict[str, float]:
+    """Max |ONNX Runtime - PyTorch| per output on the spec's example inputs. The module runs with
+    the source's weights in float32, fetched for the parameters the graph uses (`used`) alone."""
     import onnxruntime as ort
 
+    owners = source.owners()
+    tensors = {name: torch.from_numpy(source.tensor(*owners[id(p)])) if name in used
+               else torch.zeros((), dtype=p.dtype).expand(p.shape)  # read for its shape at most
+               for name, p in spec.module.named_parameters()}
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {n: v.numpy() for n, v in zip(spec.inputs, spec.example)})
-    with torch.inference_mode():
+    del sess
+    with torch.inference_mode(), parameters_replaced(spec.module, tensors):
         ref = spec.module(*spec.example)
     ref = ref if isinstance(ref, tuple) else (ref,)
     return {

@@ -36,7 +36,9 @@ _log = logging.getLogger(__name__)  # unconfigured, a warning reaches stderr as 
 
 
 def read_state_file(path: str | Path) -> Mapping[str, object]:
-    """A `.pth` (torch.save) or `.safetensors` file -> its top-level dict, on the CPU."""
+    """A `.pth` (torch.save) or `.safetensors` file -> its top-level dict, on the CPU.
+
+    Both are memory-mapped: a tensor costs memory only when it is read."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
@@ -50,7 +52,7 @@ def read_state_file(path: str | Path) -> Mapping[str, object]:
         raise CheckpointError(f"checkpoint {path}: cannot be read ({type(e).__name__}: {e})") from None
 
 
-def _unnest(state: Mapping[str, object], source: str) -> dict[str, torch.Tensor]:
+def unnest(state: Mapping[str, object], source: str) -> dict[str, torch.Tensor]:
     """Descend through trainer nesting to the dict of tensors; strip `module.`/`_orig_mod.` prefixes."""
     while not any(isinstance(v, torch.Tensor) for v in state.values()):
         key = next((k for k in _NESTING_KEYS if isinstance(state.get(k), Mapping)), None)
@@ -125,14 +127,21 @@ def official_to_ours_vae(state: dict[str, torch.Tensor], expected: set[str]) -> 
     return out
 
 
-def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: str,
-                ignore_unknown: bool = False) -> list[str]:
-    """Copy `state` into `module`, failing with the name of every missing/misshaped tensor, and of
-    every unknown one unless `ignore_unknown`; returns the unknown names that were ignored."""
-    expected = module.state_dict()
+def _expected(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's state names, a tied tensor (T5's shared embedding) under its first name only."""
+    seen, out = set(), {}
+    for k, v in module.state_dict(keep_vars=True).items():
+        if id(v) not in seen:
+            seen.add(id(v))
+            out[k] = v
+    return out
+
+
+def check_state(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Fail with the name of every missing, unknown or misshaped tensor of `state` for `module`."""
+    expected = _expected(module)
     missing = sorted(set(expected) - set(state))
     unknown = sorted(set(state) - set(expected))
-    ignored, unknown = (unknown, []) if ignore_unknown else ([], unknown)
     misshaped = [
         f"{k}: file {tuple(state[k].shape)}, model {tuple(expected[k].shape)}"
         for k in sorted(set(state) & set(expected))
@@ -145,24 +154,36 @@ def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: st
             problems.append(f"{label}: {shown}")
     if problems:
         raise CheckpointError(f"{source} does not match the model configuration; " + "; ".join(problems))
-    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items() if k in expected}, strict=True)
-    return ignored
+
+
+def load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Put `state` into `module` after `check_state`."""
+    check_state(module, state, source)
+    expected = _expected(module)
+    # assign: the module takes the (memory-mapped) tensors themselves; a dtype change converts one tensor
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True, assign=True)
 
 
 def load_transformer_weights(model: nn.Module, raw: Mapping[str, object], text_maxlen: int, source: str) -> None:
-    load_strict(model, official_to_ours_transformer(_unnest(raw, source), text_maxlen), source)
+    load_strict(model, official_to_ours_transformer(unnest(raw, source), text_maxlen), source)
 
 
 def load_vae_weights(model: nn.Module, raw: Mapping[str, object], source: str) -> None:
-    """A release file's `vae` dict leniently about unknown tensors (as the official `load_cnn`),
-    anything else strictly."""
+    load_strict(model, vae_state(raw, source, set(model.state_dict())), source)
+
+
+def vae_state(raw: Mapping[str, object], source: str, model_keys: set[str]) -> dict[str, torch.Tensor]:
+    """The VAE's tensors in our names: from a release file's `vae` dict leniently about unknown
+    tensors (ignored and named once, as the official `load_cnn` ignores them), from anything else
+    as it is (a strict load then names every unknown tensor)."""
     release = isinstance(raw.get("vae"), Mapping)
-    state = _unnest(raw["vae"] if release else raw, source)  # type: ignore[arg-type]
-    ignored = load_strict(model, official_to_ours_vae(state, set(model.state_dict())), source, ignore_unknown=release)
+    state = official_to_ours_vae(unnest(raw["vae"] if release else raw, source), model_keys)  # type: ignore[arg-type]
+    ignored = sorted(set(state) - model_keys) if release else []
     if ignored:
         shown = ", ".join(ignored[:8]) + (", ..." if len(ignored) > 8 else "")
         _log.warning(f"note: {source}: ignored {len(ignored)} tensors the VAE does not have, as the official "
                      f"loader does: {shown}")
+    return {k: v for k, v in state.items() if k not in ignored}
 
 
 @dataclass(frozen=True)

@@ -56,12 +56,13 @@ def generate(
     cond = tr.text_condition(text_features)
     timings["text_condition"] = ms_since(t0)
     t1 = time.perf_counter()
-    src = tr.source_pass(source_prefix, cond.modulation, cond.text_k, cond.text_v)
+    src = tr.source_pass(source_prefix, cond)
     timings["source_pass"] = ms_since(t1)
 
     h, c = cfg.transformer.heads, cfg.transformer.head_dim
-    past_k = [text_features.new_zeros(0, 2, h, c), *src.layer_k]
-    past_v = [text_features.new_zeros(0, 2, h, c), *src.layer_v]
+    # Layer 0 attends over the SAR reference instead of its own source K/V (spec 3.7).
+    past_k = [text_features.new_zeros(0, 2, h, c), *src.layer_k[1:]]
+    past_v = [text_features.new_zeros(0, 2, h, c), *src.layer_v[1:]]
     x = cond.start_token
     summed = text_features.new_zeros(1, cfg.vae.codebook_dim, sched.latent_side, sched.latent_side)
     out = Generation(summed)

@@ -7,12 +7,8 @@ Sources: a release folder (official `.pth` files + `flan-t5-xl/`), a fixture fol
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from torch import nn
 
 from ..config import ModelConfig, load_fixture_config
 from ..errors import CheckpointError
@@ -20,6 +16,7 @@ from .checkpoint import ReleaseFiles, load_transformer_weights, load_vae_weights
 from .text import T5TextEncoder
 from .transformer import VAREditTransformer
 from .vae import BSQVAE
+from .weights import params_on_meta, randomize
 
 
 @dataclass
@@ -33,8 +30,10 @@ class VAREditModel:
     def from_release(
         cls, folder: str | Path, config: ModelConfig, text_precision: str = "fp16", with_text_encoder: bool = True
     ) -> "VAREditModel":
+        """Parameters are the checkpoint's memory-mapped tensors where their dtype is the model's,
+        converted tensor by tensor where not: never a second copy of the model."""
         files = ReleaseFiles.locate(folder, config, need_text_encoder=with_text_encoder)
-        model = cls.empty(config)
+        model = cls.skeleton(config)
         load_transformer_weights(model.transformer, read_state_file(files.transformer),
                                  config.transformer.text_maxlen, str(files.transformer))
         load_vae_weights(model.vae, read_state_file(files.vae), str(files.vae))
@@ -48,7 +47,7 @@ class VAREditModel:
         if not folder.is_dir():
             raise CheckpointError(f"fixture {folder}: no such folder")
         config = load_fixture_config(folder / "config.json")
-        model = cls.empty(config)
+        model = cls.skeleton(config)
         for name in ("transformer.safetensors", "vae.safetensors"):
             if not (folder / name).is_file():
                 raise CheckpointError(f"fixture {folder} lacks {name}")
@@ -68,6 +67,12 @@ class VAREditModel:
     def empty(cls, config: ModelConfig) -> "VAREditModel":
         return cls(config, VAREditTransformer(config).eval(), BSQVAE(config.vae).eval())
 
+    @classmethod
+    def skeleton(cls, config: ModelConfig) -> "VAREditModel":
+        """The modules with their parameters on `meta`: structure only, until weights are assigned."""
+        with params_on_meta():
+            return cls.empty(config)
+
     def attach_text_encoder(self, folder: str | Path, precision: str = "fp16") -> None:
         encoder = T5TextEncoder(folder, precision)
         if encoder.width != self.config.transformer.text_channels:
@@ -76,23 +81,3 @@ class VAREditModel:
                 f"{self.config.transformer.text_channels}"
             )
         self.text_encoder = encoder
-
-
-@torch.no_grad()
-def randomize(module: nn.Module, seed: int) -> None:
-    """Random weights that keep activations in a sane range (tiny test models, GPU benchmarks).
-    Drawn on the parameters' device, so a model built on a GPU never passes through host memory."""
-    device = next(module.parameters()).device
-    g = torch.Generator(device=device).manual_seed(seed)
-    for name, p in module.named_parameters():
-        noise = torch.randn(p.shape, generator=g, device=device)
-        owner = name.rsplit(".", 2)[-2] if "." in name else ""
-        if name.endswith("scale_mul_1H11"):
-            p.copy_(math.log(4.0) + 0.1 * noise)
-        elif "norm" in owner and name.endswith("weight"):
-            p.copy_(1.0 + 0.1 * noise)
-        elif p.dim() >= 2 and name not in ("cfg_uncond", "lvl_embed.weight", "pos_start"):
-            fan_in = p[0].numel() if p.dim() > 1 else p.numel()
-            p.copy_(noise / math.sqrt(fan_in))
-        else:
-            p.copy_(0.1 * noise)

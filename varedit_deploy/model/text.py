@@ -90,3 +90,31 @@ class T5TextEncoder:
 
     def encode(self, instruction: str) -> torch.Tensor:
         return self.encode_ids(self.tokenize(instruction))
+
+
+def t5_skeleton(folder: str | Path):
+    """The float32 T5 encoder of `folder` with its parameters on `meta` (structure only)."""
+    from .weights import params_on_meta
+
+    tf = _transformers()
+    with params_on_meta():
+        model = tf.T5EncoderModel(tf.T5Config.from_pretrained(str(folder)))
+    return model.float().eval()
+
+
+def read_t5_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The weights of a transformers T5 folder, memory-mapped: `model.safetensors`, sharded
+    safetensors with their index, or `pytorch_model.bin`. Decoder weights come along unread."""
+    from .checkpoint import read_state_file
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        import json
+
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {k: v for shard in shards for k, v in read_state_file(folder / shard).items()}  # type: ignore[misc]
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return dict(read_state_file(folder / name))  # type: ignore[arg-type]
+    raise CheckpointError(f"text encoder folder {folder} has no weights (model.safetensors or pytorch_model.bin)")

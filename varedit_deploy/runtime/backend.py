@@ -51,6 +51,12 @@ class Backend(ABC):
     @abstractmethod
     def _load(self, name: str) -> GraphRunner: ...
 
+    def release(self, name: str) -> None:
+        """Free graph `name` (its weights and buffers); the next use loads it again."""
+        runner = self._graphs.pop(name, None)
+        if runner is not None:
+            runner.close()
+
     def empty(self, shape: tuple[int, ...], dtype: str) -> np.ndarray:
         """A buffer the graphs can read and write in place; axis-0 slices stay contiguous views.
         `dtype` is a numpy name ("float32", "int64") or the backend's `compute_dtype`."""

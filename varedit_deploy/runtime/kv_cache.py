@@ -1,21 +1,28 @@
 """Preallocated KV caches for a whole edit: one L-major buffer per layer and K/V.
 
-Layer 0 holds target tokens only (its source reference is the per-scale SAR slice); layers
->= 1 hold the source prefix then every target scale. A scale's past is a contiguous prefix
-view and its new K/V slot the view right after it, so backends bind both directly: nothing is
-concatenated or copied on the host, and the buffers are reused by every edit.
+Every layer holds the source tokens' K/V in rows [0, L_src) (written by the source pass, a
+run of the step graph) and then every target scale. Layer 0 attends over its scale's SAR
+slice (layer 0's source K/V pooled by `sar_pool`) and its earlier targets, rows
+[L_src, L_src + cum_{s-1}); layers >= 1 over rows [0, L_src + cum_{s-1}). Either way a
+call's past is a contiguous view and its new K/V slot the view right after it, so backends
+bind both directly: nothing is concatenated or copied on the host, and the buffers are
+reused by every edit.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, Union
 
 import numpy as np
+
+SOURCE = "source"  # the "scale" of the source pass in views and binding plans
+Call = Union[int, Literal["source"]]
 
 
 @dataclass
 class KVCache:
-    k: list  # per layer [L_max, 2, H, c]; numpy arrays or device arrays with the same slicing
+    k: list  # per layer [L_src + sum n_s, 2, H, c]; numpy arrays or device arrays with the same slicing
     v: list
     sar_k: object  # [sum n_s, 2, H, c]: layer-0 source reference pooled to every scale
     sar_v: object
@@ -28,10 +35,9 @@ class KVCache:
                tokens: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
         """Shape of every cache buffer by name: k.{i}, v.{i} per layer, then sar_k and sar_v."""
         total = starts[-1] + tokens[-1]
-        lengths = [total] + [source_tokens + total] * (depth - 1)
         shapes = {}
-        for i, n in enumerate(lengths):
-            shapes[f"k.{i}"] = shapes[f"v.{i}"] = (n, 2, heads, head_dim)
+        for i in range(depth):
+            shapes[f"k.{i}"] = shapes[f"v.{i}"] = (source_tokens + total, 2, heads, head_dim)
         shapes["sar_k"] = shapes["sar_v"] = (total, 2, heads, head_dim)
         return shapes
 
@@ -51,40 +57,47 @@ class KVCache:
         return cls.from_buffers({name: empty(shape, dtype) for name, shape in shapes.items()},
                                 source_tokens, starts, tokens)
 
-    def rows(self, kind: str, layer: int, scale: int = 0) -> tuple[int, int]:
-        """Row range [first, end) of a view: 'past', 'slot', 'source' (layers >= 1) or 'sar'."""
-        return cache_rows(kind, layer, scale, self.source_tokens, self.starts, self.tokens)
+    def rows(self, kind: str, layer: int, call: Call = 0) -> tuple[int, int]:
+        """Row range [first, end) of a view: 'past', 'slot', 'source' or 'sar'."""
+        return cache_rows(kind, layer, call, self.source_tokens, self.starts, self.tokens)
 
-    def _view(self, kind: str, layer: int, scale: int = 0):
-        first, end = self.rows(kind, layer, scale)
+    def _view(self, kind: str, layer: int, call: Call = 0):
+        first, end = self.rows(kind, layer, call)
         k, v = (self.sar_k, self.sar_v) if kind == "sar" else (self.k[layer], self.v[layer])
         return k[first:end], v[first:end]
 
-    def past(self, layer: int, scale: int):
-        return self._view("past", layer, scale)
+    def past(self, layer: int, call: Call):
+        return self._view("past", layer, call)
 
-    def slot(self, layer: int, scale: int):
-        return self._view("slot", layer, scale)
+    def slot(self, layer: int, call: Call):
+        return self._view("slot", layer, call)
 
     def source(self, layer: int):
-        """Where the source pass writes layer `layer`'s (>= 1) source K/V."""
+        """Layer `layer`'s source K/V (layer 0's is what `sar_pool` reads)."""
         return self._view("source", layer)
 
-    def sar(self, scale: int):
-        return self._view("sar", 0, scale)
+    def sar(self, call: Call):
+        return self._view("sar", 0, call)
 
 
-def cache_rows(kind: str, layer: int, scale: int, source_tokens: int, starts, tokens) -> tuple[int, int]:
-    """The one definition of where everything sits in the caches (used by views and binding plans)."""
-    offset = 0 if layer == 0 else source_tokens  # layer 0 holds targets only
-    if kind == "past":
-        return 0, offset + starts[scale]
-    if kind == "slot":
-        return offset + starts[scale], offset + starts[scale] + tokens[scale]
+def cache_rows(kind: str, layer: int, call: Call, source_tokens: int, starts, tokens) -> tuple[int, int]:
+    """The one definition of where everything sits in the caches (used by views and binding plans).
+
+    `call` is a scale index or SOURCE (the source pass: empty past, no SAR, slot = the source rows)."""
     if kind == "source":
-        if layer == 0:
-            raise ValueError("layer 0 keeps no source rows (its source reference is the SAR buffer)")
         return 0, source_tokens
+    if call == SOURCE:
+        if kind == "slot":
+            return 0, source_tokens
+        if kind in ("past", "sar"):
+            return 0, 0
+        raise ValueError(f"unknown cache view {kind!r}")
+    first_past = source_tokens if layer == 0 else 0  # layer 0 attends over the SAR, not its source rows
+    end_past = source_tokens + starts[call]
+    if kind == "past":
+        return first_past, end_past
+    if kind == "slot":
+        return end_past, end_past + tokens[call]
     if kind == "sar":
-        return starts[scale], starts[scale] + tokens[scale]
+        return starts[call], starts[call] + tokens[call]
     raise ValueError(f"unknown cache view {kind!r}")

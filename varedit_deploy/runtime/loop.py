@@ -1,5 +1,9 @@
 """The scale loop on any backend: text condition, source pass, then step/sample/next per scale.
 
+The source pass is `source_embed`, one run of the `step` graph over the source tokens (empty
+past, no SAR: every layer's source K/V land in rows [0, L_src) of the caches) and `sar_pool`
+(layer 0's source K/V pooled to every scale): the transformer's weights exist once.
+
 All buffers (KV caches, logits, bits, next inputs, summed codes) are allocated by the backend
 once per pipeline from `loop_layout`, the one list of what the loop holds (the memory plan sums
 the same list), and reused by every edit; each graph reads and writes them in place. The KV
@@ -26,7 +30,7 @@ from ..artifact import Manifest
 from ..config import TransformerConfig
 from ..sampling import NoiseSource, SamplerInputs, draw_edit
 from .backend import Backend
-from .kv_cache import KVCache
+from .kv_cache import SOURCE, Call, KVCache
 
 # Called after each scale's work is queued, with (scale, summed codes buffer): previews, cancellation
 # and deadlines happen between scales; an exception raised by the hook ends the edit there. Reading
@@ -137,6 +141,19 @@ class ScaleLoop:
                                        for name, s in specs.items())
         return self._text[length]
 
+    def _step_io(self, call: Call, text_k, text_v) -> tuple[dict, dict]:
+        """Inputs and outputs of one `step` call; the source pass (SOURCE) has the last scale's
+        token count, so it reads x[-1] (the source embedding) and writes logits[-1] (unused)."""
+        x, logits = (self.x[-1], self.logits[-1]) if call == SOURCE else (self.x[call], self.logits[call])
+        sar_k, sar_v = self.cache.sar(call)
+        inputs = {"x": x, "modulation": self.modulation, "head_modulation": self.head_modulation,
+                  "text_k": text_k, "text_v": text_v, "sar_k": sar_k, "sar_v": sar_v}
+        outputs = {"logits": logits}
+        for i in range(self.tcfg.depth):
+            inputs[f"past_k_{i}"], inputs[f"past_v_{i}"] = self.cache.past(i, call)
+            outputs[f"new_k_{i}"], outputs[f"new_v_{i}"] = self.cache.slot(i, call)
+        return inputs, outputs
+
     def _run(self, marks: list, key: str, graph: str, inputs, outputs) -> None:
         start = self.backend.mark()
         self.backend.graph(graph).run(inputs, outputs)
@@ -174,24 +191,16 @@ class ScaleLoop:
                   {"start_token": self.x[0], "modulation": self.modulation,  # scale 0 is fed the start token
                    "head_modulation": self.head_modulation, "text_k": text_k, "text_v": text_v})
 
-        src_out = {"sar_k": self.cache.sar_k, "sar_v": self.cache.sar_v}
-        for i in range(1, t.depth):
-            src_out[f"source_k_{i}"], src_out[f"source_v_{i}"] = self.cache.source(i)
-        self._run(marks, "source_pass", "source_pass",
-                  {"source_prefix": self.prefix, "modulation": self.modulation, "text_k": text_k,
-                   "text_v": text_v}, src_out)
+        self._run(marks, "source_pass", "source_embed", {"source_prefix": self.prefix}, {"x": self.x[-1]})
+        self._run(marks, "source_pass", "step", *self._step_io(SOURCE, text_k, text_v))
+        source_k, source_v = self.cache.source(0)
+        self._run(marks, "source_pass", "sar_pool", {"source_k": source_k, "source_v": source_v},
+                  {"sar_k": self.cache.sar_k, "sar_v": self.cache.sar_v})
 
         out.scales = len(self.tokens) if scales is None else scales
         for s in range(out.scales):
             first = len(marks)
-            sar_k, sar_v = self.cache.sar(s)
-            step_in = {"x": self.x[s], "modulation": self.modulation, "head_modulation": self.head_modulation,
-                       "text_k": text_k, "text_v": text_v, "sar_k": sar_k, "sar_v": sar_v}
-            step_out = {"logits": self.logits[s]}
-            for i in range(t.depth):
-                step_in[f"past_k_{i}"], step_in[f"past_v_{i}"] = self.cache.past(i, s)
-                step_out[f"new_k_{i}"], step_out[f"new_v_{i}"] = self.cache.slot(i, s)
-            self._run(marks, "step", "step", step_in, step_out)
+            self._run(marks, "step", "step", *self._step_io(s, text_k, text_v))
             self._run(marks, "sample", "sample",
                       {"logits": self.logits[s], "noise": self.noise[s], "cfg_weights": cfg_weights,
                        "inv_tau": inv_tau, "drop_threshold": threshold},

@@ -42,7 +42,11 @@ def _pointer(arr: np.ndarray, name: str) -> int:
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
-    def __init__(self, manifest: Manifest, providers: Sequence[str] | None = None, threads: int = 0):
+    def __init__(self, manifest: Manifest, providers: Sequence[str] | None = None, threads: int = 0,
+                 session_config: Mapping[str, str] | None = None):
+        """`session_config`: ONNX Runtime session config entries, e.g. {"session.disable_prepacking": "1"}
+        (weights stay memory-mapped from the artifact instead of repacked into process memory:
+        faster to load, and no copy, but the small scales run slower: benchmarks/RESULTS.md)."""
         super().__init__(manifest)
         ort = _ort()
         self.providers = list(providers or ["CPUExecutionProvider"])
@@ -51,6 +55,8 @@ class OnnxRuntimeBackend(Backend):
         self.options.log_severity_level = 3
         # One session per graph: idle pools must not spin, or they steal the cores of the one running.
         self.options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        for key, value in (session_config or {}).items():
+            self.options.add_session_config_entry(key, value)
 
     def _load(self, name: str) -> GraphRunner:
         ort = _ort()

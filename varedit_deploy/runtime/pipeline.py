@@ -54,11 +54,16 @@ class EditRequest:
 
 class EditPipeline:
     def __init__(self, manifest: Manifest, backend: Backend, tokenizer=None, text_cache_bytes: int = 0,
-                 image_cache_bytes: int = 0):
+                 image_cache_bytes: int = 0, keep_text_encoder: bool = True):
+        """`keep_text_encoder=False` frees T5 after each encoding (it runs once per edit, before
+        everything else): the memory peak is the larger phase instead of both together."""
         self.manifest, self.backend = manifest, backend
         self.config: ModelConfig = manifest.config
+        self.keep_text_encoder = keep_text_encoder
         for name in manifest.graphs:  # load everything now: fail at load time, not mid-edit
             backend.graph(name)
+        if not keep_text_encoder:
+            backend.release("text_encoder")
         self.loop = ScaleLoop(manifest, backend)
         self._pixels = self._image = self._ids = None
         token_file = manifest.tokenizer_file
@@ -67,11 +72,14 @@ class EditPipeline:
         self._preview: PreviewProjection | None = None
 
     @classmethod
-    def from_artifacts(cls, folder: str | Path, backend: str = "onnxruntime", verify: bool = True,
-                       text_cache_bytes: int = 0, image_cache_bytes: int = 0, **backend_options) -> "EditPipeline":
+    def from_artifacts(cls, folder: str | Path, backend: str = "onnxruntime", verify: str = "quick",
+                       text_cache_bytes: int = 0, image_cache_bytes: int = 0, keep_text_encoder: bool = True,
+                       **backend_options) -> "EditPipeline":
+        """`verify`: "quick" (sizes; sha256 of small files and of large ones once, then stamped),
+        "full" (every sha256 now), "size" or "none"."""
         manifest = read_manifest(folder, verify=verify)
         return cls(manifest, make_backend(backend, manifest, **backend_options), text_cache_bytes=text_cache_bytes,
-                   image_cache_bytes=image_cache_bytes)
+                   image_cache_bytes=image_cache_bytes, keep_text_encoder=keep_text_encoder)
 
     @classmethod
     def from_model(cls, model, device: str = "cuda", dtype=None, cuda_graphs: bool | None = None) -> "EditPipeline":
@@ -81,7 +89,7 @@ class EditPipeline:
         from ..export.artifacts import schedule_record
         from .torch_backend import TorchBackend
 
-        names = ["text_cond", "vae_encoder", "vae_decoder", "source_pass", "step", "sample",
+        names = ["text_cond", "vae_encoder", "vae_decoder", "source_embed", "sar_pool", "step", "sample",
                  *[f"next_input_{s}" for s in range(model.config.schedule.num_scales)]]
         if model.text_encoder is not None:
             names.insert(0, "text_encoder")
@@ -119,6 +127,9 @@ class EditPipeline:
         self.backend.graph("text_encoder").run({"input_ids": ids_buffer}, {"text_features": features})
         if self.text_cache.enabled:
             self.text_cache.put(key, self.backend.read(features))
+        if not self.keep_text_encoder:
+            self.backend.read_all([])  # a device backend may still be running T5: wait before freeing it
+            self.backend.release("text_encoder")
         return features
 
     def encode_image(self, pixels: np.ndarray):

@@ -92,7 +92,7 @@ def add_preview(folder: Path, progress: Callable[[str], None] = print) -> None:
     from .backend import make_backend
     from .pipeline import EditPipeline
 
-    manifest = read_manifest(folder, verify=False)
+    manifest = read_manifest(folder, verify="none")
     if manifest.data.get("precision") == "bf16":  # ONNX Runtime's CPU provider has no bf16 kernels
         progress("preview projection: skipped for bf16 graphs (a server fits one on its own backend at start)")
         return

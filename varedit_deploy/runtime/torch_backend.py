@@ -86,21 +86,21 @@ class Stages:
         with self.autocast():  # the official decoder runs under bf16 autocast
             o["image"].copy_(self.model.vae.decoder(i["summed_codes"]).float())
 
-    def source_pass(self, i, o) -> None:
+    def source_embed(self, i, o) -> None:
         tr = self.model.transformer
-        with self.autocast():
-            out = tr.source_pass(i["source_prefix"], i["modulation"], i["text_k"], i["text_v"])
-        o["sar_k"].copy_(out.sar_k)
-        o["sar_v"].copy_(out.sar_v)
-        for layer, (k, v) in enumerate(zip(out.layer_k, out.layer_v), start=1):
-            o[f"source_k_{layer}"].copy_(k)
-            o[f"source_v_{layer}"].copy_(v)
+        with self.autocast():  # the official word_embed runs under autocast
+            o["x"].copy_(tr.embed_tokens(i["source_prefix"], tr.schedule.num_scales - 1))
+
+    def sar_pool(self, i, o) -> None:
+        sar_k, sar_v = self.model.transformer.sar_pool(i["source_k"], i["source_v"])
+        o["sar_k"].copy_(sar_k)
+        o["sar_v"].copy_(sar_v)
 
     def step(self, i, o) -> None:
         tr = self.model.transformer
         x = i["x"]
         n = x.shape[1]
-        cos, sin = tr.step_rope(i["past_k_0"].shape[0], n)
+        cos, sin = tr.step_rope(i["past_k_1"].shape[0], n)  # the source pass too: see VAREditTransformer.step
         with self.autocast():
             for layer, blk in enumerate(tr.blocks):
                 past = i[f"past_k_{layer}"].shape[0]
@@ -229,7 +229,7 @@ class TorchBackend(Backend):
         if name.startswith("next_input_"):
             scale = int(name.rsplit("_", 1)[1])
             return TorchGraph(name, lambda i, o: st.next_input(scale, i, o), self.cuda_graphs)
-        eager = name in ("text_encoder", "text_cond", "vae_encoder", "vae_decoder", "source_pass")
+        eager = name in ("text_encoder", "text_cond", "vae_encoder", "vae_decoder", "source_embed", "sar_pool")
         return TorchGraph(name, getattr(st, name), self.cuda_graphs and not eager)  # once-per-edit: no capture
 
     def close(self) -> None:
