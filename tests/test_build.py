@@ -2,6 +2,7 @@
 TensorRT-RTX ahead-of-time builds of every graph (no GPU needed)."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -91,16 +92,70 @@ def test_bf16_rounding_matches_torch():
     assert np.array_equal(ours, ref)
 
 
+# What must stay fp32 in every lowered graph (DESIGN.md "Precision": norms, softmax accumulation,
+# exponentials, reductions, logits), written here independently of build/precision.py's lists.
+MUST_STAY_FP32 = {"LayerNormalization", "InstanceNormalization", "Softmax", "Exp", "ReduceMean", "ReduceL2",
+                  "Pow", "Sqrt"}
+# The VAE's GroupNorms (official module names norm1, norm2, norm_out) stay fp32 as a whole,
+# centring, division and affine included: TensorRT's fp16 GroupNorm fallbacks are what the
+# spec warns about (spec/vae-text.md 7).
+# (the exporter numbers repeated scopes: /block.0/norm1_3/).
+NORM_SCOPE = re.compile(r"/norm(1|2|_out)(_\d+)?/")
+FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+
+
+def _tensor_types(model) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
+    types.update({t.name: t.data_type for t in inferred.graph.initializer})
+    for node in inferred.graph.node:
+        if node.op_type == "Constant":
+            types[node.output[0]] = node.attribute[0].t.data_type
+    return types
+
+
+def _half_precision_nodes(model, must_stay) -> list[str]:
+    """Nodes that must stay fp32 but read or write a 16-bit float tensor."""
+    types = _tensor_types(model)
+    bad = []
+    for node in model.graph.node:
+        if must_stay(node):
+            kinds = {types.get(name) for name in (*node.input, *node.output) if name}
+            if kinds & FLOATS - {onnx.TensorProto.FLOAT}:
+                bad.append(f"{node.op_type} {node.name}")
+    return bad
+
+
+def _half_round_trips(model) -> list[str]:
+    """Values an fp32 node reads after a round trip through 16 bits: Cast(to fp32) of Cast(to 16 bits)."""
+    casts = {n.output[0]: (next(a.i for a in n.attribute if a.name == "to"), n.input[0])
+             for n in model.graph.node if n.op_type == "Cast"}
+    return [out for out, (to, src) in casts.items()
+            if to == onnx.TensorProto.FLOAT and casts.get(src, (None,))[0] in FLOATS - {onnx.TensorProto.FLOAT}]
+
+
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_half_graphs_keep_io_and_sensitive_ops_in_fp32(tiny_artifact, precision):
-    model = onnx.load(str(read_manifest(tiny_artifact).graph_path("step")))
+@pytest.mark.parametrize("graph", ["step", "source_pass", "vae_encoder", "vae_decoder", "text_encoder"])
+def test_half_graphs_keep_io_and_sensitive_ops_in_fp32(tiny_artifact, graph, precision):
+    model = onnx.load(str(read_manifest(tiny_artifact).graph_path(graph)))
     half = to_half(model, precision)
     kind = onnx.TensorProto.FLOAT16 if precision == "fp16" else onnx.TensorProto.BFLOAT16
     assert all(v.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.INT64)
                for v in (*half.graph.input, *half.graph.output))
     big = [t for t in half.graph.initializer if int(np.prod(t.dims)) >= 64 * 64]
     assert big and all(t.data_type == kind for t in big)  # every weight matrix is half precision
-    assert {n.op_type for n in half.graph.node} >= {"LayerNormalization", "Softmax"}
+    ops = {n.op_type for n in half.graph.node}
+    assert ops & MUST_STAY_FP32, ops  # each of these graphs has something to keep
+    assert _half_precision_nodes(half, lambda n: n.op_type in MUST_STAY_FP32) == []
+    assert _half_round_trips(half) == []  # chains of fp32 nodes pass fp32 values, not rounded ones
+    if graph.startswith("vae"):
+        norms = [n for n in half.graph.node if NORM_SCOPE.search(n.name) and n.op_type != "Cast"]
+        assert sum(n.op_type == "Sqrt" for n in norms) >= 15  # one per GroupNorm: 15 or more in the tiny VAE
+        assert _half_precision_nodes(half, lambda n: n in norms) == []
+        convs = [n for n in half.graph.node if n.op_type == "Conv"]
+        types = _tensor_types(half)
+        assert convs and all(types[n.input[1]] == kind for n in convs)  # the convolutions are lowered
 
 
 def test_fp16_step_agreement_with_fp32_is_reported(tiny_artifact):
@@ -116,7 +171,10 @@ def test_fp16_step_agreement_with_fp32_is_reported(tiny_artifact):
         feeds[inp.name] = (g.standard_normal(shape) * 0.5).astype(np.float32)
     a, b = fp32.run(["logits"], feeds)[0], fp16.run(["logits"], feeds)[0]
     rel = float(np.abs(a - b).max() / np.abs(a).max())
-    assert rel < 2e-2, rel  # fp16 weights and matmuls: about 1e-3 here; a broken conversion is O(1)
+    # Measured 1.68e-3 with the current placement (2-core x86_64 CPU, ONNX Runtime 1.32). ORT's CPU
+    # runs fp16 nodes it has no kernel for in fp32, so this bound guards the lowered weights and
+    # matmuls; the fp32 placement itself is asserted node by node above.
+    assert rel < 2.0e-3, rel
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
