@@ -19,7 +19,10 @@ if "TRITON_INTERPRET" not in os.environ:
         os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 FIXTURES = Path(os.environ.get("VAREDIT_FIXTURES", ROOT.parent / "shared" / "fixtures"))
-FIXTURE_NAMES = ("tiny-2b", "tiny-8b")
+FIXTURE_NAMES = ("tiny-2b", "tiny-8b")  # 256 px: cheap enough for every fixture-shaped test
+# Every parity path also runs the 1024-px fixture: 13 scales, RoPE offsets up to 14,616 (the
+# 256-px ones stop at 520), release sampling defaults (cfg 4, tau 0.5), ~1M-element VAE groups.
+PARITY_FIXTURE_NAMES = FIXTURE_NAMES + ("tiny-8b-1024",)
 
 
 def fixture_dir(name: str) -> Path:
@@ -31,6 +34,11 @@ def fixture_dir(name: str) -> Path:
 
 @pytest.fixture(params=FIXTURE_NAMES)
 def golden(request) -> Path:
+    return fixture_dir(request.param)
+
+
+@pytest.fixture(params=PARITY_FIXTURE_NAMES)
+def parity_golden(request) -> Path:
     return fixture_dir(request.param)
 
 
