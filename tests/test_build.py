@@ -60,20 +60,50 @@ def test_step_binding_plan_follows_the_schedule(name):
         assert last["past_k_1"].shape[0] + 1024 == 3545
 
 
-def test_binding_plan_offsets_equal_the_runtime_cache_views():
-    config = from_name("tiny-8b")
+@pytest.mark.parametrize("name", ["tiny-8b", "tiny-2b"])
+def test_binding_plan_and_cache_views_reproduce_the_official_concatenation(name):
+    """Oracle: the official caches grow by concatenation (spec/transformer.md 3.7). Layer 0 keeps
+    only target tokens (scales 0..s); layers >= 1 start with the L_src source rows. The source
+    pass writes the SAR references pooled to every scale one after another. Every row gets a
+    label; each step writes its new rows where the plan (and the runtime's views) put them, and
+    what a step reads as its past must be exactly the official concatenation, label for label."""
+    config = from_name(name)
     t, sched = config.transformer, config.schedule
+    row = 2 * t.heads * t.head_dim * 4
     cache = KVCache.allocate(t.depth, t.heads, t.head_dim, sched.source_tokens, sched.starts, sched.tokens)
+
+    def label(kind: int, scale: int, index: int) -> float:
+        return float(kind * 10**7 + scale * 10**5 + index)
+
+    def rows_of(buf, binding):  # the rows of a layer buffer that a binding addresses
+        first = binding.offset_bytes // row
+        return buf[first:first + binding.shape[0]]
+
+    cache.sar_k[:] = np.nan
+    for s, n in enumerate(sched.tokens):  # the source pass: pooled references, scale after scale
+        cache.sar_k[sched.starts[s]:sched.starts[s] + n] = np.array([label(3, s, j) for j in range(n)])[:, None, None, None]
+    official = {}
+    for i in range(t.depth):
+        cache.k[i][:] = np.nan
+        official[i] = [] if i == 0 else [label(1, 0, r) for r in range(sched.source_tokens)]
+        if i:
+            cache.source(i)[0][:] = np.array(official[i])[:, None, None, None]
     for call in step_plan(config, text_len=7):
-        b = call.by_tensor()
+        s, b = call.scale, call.by_tensor()
+        n = sched.tokens[s]
+        assert list(rows_of(cache.sar_k, b["sar_k"])[:, 0, 0, 0]) == [label(3, s, j) for j in range(n)]
+        assert list(cache.sar(s)[0][:, 0, 0, 0]) == [label(3, s, j) for j in range(n)]
         for i in range(t.depth):
-            past, _ = cache.past(i, call.scale)
-            slot, _ = cache.slot(i, call.scale)
-            base = cache.k[i].ctypes.data
-            assert past.ctypes.data - base == b[f"past_k_{i}"].offset_bytes and past.shape == b[f"past_k_{i}"].shape
-            assert slot.ctypes.data - base == b[f"new_k_{i}"].offset_bytes and slot.shape == b[f"new_k_{i}"].shape
-        sar, _ = cache.sar(call.scale)
-        assert sar.ctypes.data - cache.sar_k.ctypes.data == b["sar_k"].offset_bytes
+            past = rows_of(cache.k[i], b[f"past_k_{i}"])
+            assert list(past[:, 0, 0, 0]) == official[i], (s, i)
+            assert list(cache.past(i, s)[0][:, 0, 0, 0]) == official[i], (s, i)
+            new = [label(2, s, j) for j in range(n)]
+            rows_of(cache.k[i], b[f"new_k_{i}"])[:] = np.array(new)[:, None, None, None]
+            assert list(cache.slot(i, s)[0][:, 0, 0, 0]) == new
+            official[i] += new  # cached_k = cat(cached_k, k_s)
+            assert b[f"past_v_{i}"].offset_bytes == b[f"past_k_{i}"].offset_bytes  # V mirrors K
+            assert b[f"new_v_{i}"].shape == b[f"new_k_{i}"].shape
+    assert not any(np.isnan(k[:, 0, 0, 0]).any() for k in cache.k)  # every cache row was written
 
 
 def test_select_profile(tiny_artifact):

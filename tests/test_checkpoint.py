@@ -133,3 +133,50 @@ def test_safetensors_transformer_file(tmp_path):
     other = VAREditModel.empty(from_name("tiny-8b"))
     load_transformer_weights(other.transformer, read_state_file(tmp_path / "t.safetensors"), 512, "t")
     assert torch.equal(other.transformer.head.weight, model.transformer.head.weight)
+
+
+def test_fixture_weights_land_where_the_official_layout_puts_them(golden):
+    """Oracle: the fixtures' files were written by the official code (spec/transformer.md 5,
+    spec/vae-text.md 1.7): `block_chunks.{k}.module.{j}` is block k * (depth / chunks) + j, every
+    other transformer name is ours, `zero_k_bias` buffers are zeros that no module holds; VAE
+    names wrap convs and norms (`x.conv.weight`, `x.norm.weight`), and `lfq.mask` is a buffer."""
+    import re
+
+    from safetensors.torch import load_file
+
+    model = VAREditModel.from_fixture(golden)
+    cfg = model.config.transformer
+    per_chunk = cfg.depth // cfg.block_chunks
+    ours = model.transformer.state_dict()
+    seen = set()
+    for key, value in load_file(str(golden / "transformer.safetensors")).items():
+        if key.endswith("zero_k_bias"):
+            assert torch.all(value == 0), key
+            continue
+        m = re.fullmatch(r"block_chunks\.(\d+)\.module\.(\d+)\.(.+)", key)
+        name = f"blocks.{int(m[1]) * per_chunk + int(m[2])}.{m[3]}" if m else key
+        assert torch.equal(ours[name], value), key
+        seen.add(name)
+    assert seen == set(ours)
+    ours = model.vae.state_dict()
+    seen = set()
+    for key, value in load_file(str(golden / "vae.safetensors")).items():
+        if key.endswith("lfq.mask"):
+            continue
+        name = re.sub(r"\.(conv|norm)\.(weight|bias)$", r".\2", key)
+        assert torch.equal(ours[name], value), key
+        seen.add(name)
+    assert seen == set(ours)
+
+
+@pytest.mark.parametrize("name, entries", [("2b-512", 694), ("8b-512", 862)])
+def test_official_layout_has_the_spec_entry_counts(name, entries):
+    """spec/transformer.md 5: 694 (2B) and 862 (8B) state-dict entries, 2 * depth + 1 zero_k_bias."""
+    config = from_name(name)
+    with torch.device("meta"):
+        model = VAREditModel.empty(config)
+    keys = ours_to_official_transformer(model.transformer.state_dict(), 8)
+    assert len(keys) == entries
+    assert sum(k.endswith("zero_k_bias") for k in keys) == 2 * config.transformer.depth + 1
+    per_chunk = config.transformer.depth // 8
+    assert f"block_chunks.7.module.{per_chunk - 1}.ffn.fc2.weight" in keys

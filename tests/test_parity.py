@@ -125,7 +125,8 @@ def other_fixture(tmp_path_factory, photos):
 def test_parity_machinery_reads_fixtures_of_other_shapes(other_fixture):
     """Smoke test of the parity tooling (config, chunked names, text length, sampler settings),
     not of the math: the fixture comes from our own `generate`. The math of other shapes has
-    independent oracles in test_oracles.py (per-head attention, official key layout)."""
+    independent oracles: per-head attention from the spec (test_attention.py), the official key
+    layout (test_checkpoint.py), the spec's RoPE table (test_rope.py)."""
     report = check_fixture(other_fixture)
     assert report.ok, report.table()
     assert sum(r.bits_total for r in report.scales) == 56 * 521
