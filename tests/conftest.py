@@ -59,21 +59,23 @@ def tiny_text_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_text_dir):
-    """A random tiny-2b model with a tiny T5 attached."""
+    """A random tiny-2b model with a tiny T5: the model `export --random-weights --model tiny-2b` builds."""
     from varedit_deploy.config import from_name
     from varedit_deploy.model.loaded import VAREditModel
 
-    model = VAREditModel.random(from_name("tiny-2b"), seed=1)
+    model = VAREditModel.random(from_name("tiny-2b"), seed=0)
     model.attach_text_encoder(tiny_text_dir, "fp32")
     return model
 
 
 @pytest.fixture(scope="session")
-def tiny_artifact(tmp_path_factory, tiny_model) -> Path:
-    from varedit_deploy.export.artifacts import export_artifacts
+def tiny_artifact(tmp_path_factory) -> Path:
+    """`varedit-deploy export --random-weights --model tiny-2b`, run through the CLI (of `tiny_model`)."""
+    from varedit_deploy.cli import main
 
-    return export_artifacts(tiny_model, tmp_path_factory.mktemp("art") / "tiny-2b", progress=lambda _: None,
-                            source={"command": "varedit-deploy export --random-weights --model tiny-2b"})
+    out = tmp_path_factory.mktemp("art") / "tiny-2b"
+    assert main(["export", "--random-weights", "--model", "tiny-2b", "--out", str(out)]) == 0
+    return out
 
 
 def pytest_collection_modifyitems(config, items):

@@ -4,45 +4,19 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fixture_writer import wrapped_vae_state
-from varedit_deploy.config import ModelConfig, TransformerConfig, from_name
+from fixture_writer import release_like, write_release
+from varedit_deploy.config import TransformerConfig, from_name
 from varedit_deploy.errors import CheckpointError
 from varedit_deploy.model.checkpoint import ReleaseFiles, ours_to_official_transformer
 from varedit_deploy.model.loaded import VAREditModel
 
 
-def _release_like(depth: int, chunks: int) -> ModelConfig:
-    """A tiny model with the 2B release's file names and `chunks` block chunks."""
-    tiny = from_name("tiny-2b")
-    tr = dataclasses.replace(tiny.transformer, depth=depth, block_chunks=chunks)
-    return dataclasses.replace(tiny, name="tiny-release", transformer=tr, transformer_file="2B-512.pth",
-                               vae_file="infinity_vae_d32reg.pth", text_encoder_dir="flan-t5-xl")
-
-
-def _official_vae_state(model: VAREditModel, wrapped: bool) -> dict[str, torch.Tensor]:
-    """Our VAE state dict in the official wrapper (`.conv.`/`.norm.`) or plain spelling, with masks."""
-    state = {k: v.clone() for k, v in model.vae.state_dict().items()}
-    out = wrapped_vae_state(state) if wrapped else state
-    mask = 2 ** torch.arange(model.config.vae.codebook_dim - 1, -1, -1)
-    out["quantizer.lfq.mask"] = out["quantize.lfq.mask"] = mask
-    return out
-
-
-def _write_release(folder, model: VAREditModel, chunks: int, nest: str | None, wrapped_vae: bool, text_dir):
-    state = ours_to_official_transformer(model.transformer.state_dict(), chunks)
-    state = {f"module.{k}": v for k, v in state.items()} if nest == "module" else state
-    payload = {"trainer": {"gpt_fsdp": state}} if nest == "trainer" else state
-    torch.save(payload, folder / "2B-512.pth")
-    torch.save({"vae": _official_vae_state(model, wrapped_vae)}, folder / "infinity_vae_d32reg.pth")
-    (folder / "flan-t5-xl").symlink_to(text_dir)
-
-
 @pytest.mark.parametrize("depth, chunks, nest, wrapped", [(16, 8, None, True), (6, 3, "module", False),
                                                           (4, 1, "trainer", True)])
 def test_release_folder_round_trip(tmp_path, tiny_text_dir, depth, chunks, nest, wrapped):
-    config = _release_like(depth, chunks)
+    config = release_like(depth, chunks)
     model = VAREditModel.random(config, seed=3)
-    _write_release(tmp_path, model, chunks, nest, wrapped, tiny_text_dir)
+    write_release(tmp_path, model, chunks, nest, wrapped, tiny_text_dir)
     loaded = VAREditModel.from_release(tmp_path, config, text_precision="fp32")
     for ours, theirs in ((model.transformer, loaded.transformer), (model.vae, loaded.vae)):
         a, b = ours.state_dict(), theirs.state_dict()
@@ -51,7 +25,7 @@ def test_release_folder_round_trip(tmp_path, tiny_text_dir, depth, chunks, nest,
 
 
 def test_official_layout_has_chunk_names_and_buffers():
-    model = VAREditModel.random(_release_like(16, 8))
+    model = VAREditModel.random(release_like(16, 8))
     keys = ours_to_official_transformer(model.transformer.state_dict(), 8)
     assert "block_chunks.7.module.1.sa.mat_qkv.weight" in keys
     assert "block_chunks.3.module.0.ca.zero_k_bias" in keys and "text_proj_for_sos.ca.zero_k_bias" in keys
@@ -60,9 +34,9 @@ def test_official_layout_has_chunk_names_and_buffers():
 
 @pytest.fixture
 def release(tmp_path, tiny_text_dir):
-    config = _release_like(4, 2)
+    config = release_like(4, 2)
     model = VAREditModel.random(config)
-    _write_release(tmp_path, model, 2, None, True, tiny_text_dir)
+    write_release(tmp_path, model, 2, None, True, tiny_text_dir)
     return tmp_path, config, model
 
 
