@@ -21,6 +21,7 @@ def test_self_attention_equals_the_per_head_spec(dim, heads, offset):
     with torch.no_grad():
         for p in sa.parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * 0.3)
+        sa.scale_mul_1H11[0, 0] = 5.5  # above ln 100: this head's temperature is clamped to 100
     n = 48
     x = torch.randn(2, n, dim, generator=g, dtype=torch.float64)
     cos, sin = (t[offset:offset + n].double() for t in rope_table(cfg.head_dim))
@@ -30,5 +31,7 @@ def test_self_attention_equals_the_per_head_spec(dim, heads, offset):
     angles = torch.from_numpy(spec_oracles.rope_angles(cfg.head_dim, range(offset, offset + n)))
     ref = spec_oracles.cosine_self_attention(x, sa.mat_qkv.weight.detach(), sa.q_bias.detach(),
                                              sa.v_bias.detach(), sa.scale_mul_1H11.detach().view(-1), heads, angles)
-    # The table's angles are float32 (spec 3.6), the oracle's float64: measured 1.7e-7 apart here.
-    assert torch.allclose(ours, ref, atol=2e-6, rtol=0), float((ours - ref).abs().max())
+    # The table's angles are float32 (spec 3.6), the oracle's float64: about 1e-7 apart at
+    # temperature 4, 3e-5 with a head at the clamp (temperature 100 sharpens the softmax). A
+    # layout error (wrong head rows, pairs, bias or clamp) is of the order of the output, 1 to 10.
+    assert torch.allclose(ours, ref, atol=1e-4, rtol=0), float((ours - ref).abs().max())

@@ -53,6 +53,36 @@ def test_onnxruntime_edit_equals_the_eager_reference(pipeline, tiny_model, photo
     assert {"text_encoder", "vae_encoder", "transformer", "vae_decoder", "step", "scale_6", "total"} <= set(ours.timings)
 
 
+def test_teacher_bits_drive_the_loop_like_the_reference(pipeline, tiny_model, photos):
+    """Teacher forcing (what parity relies on): later scales and the summed codes follow the given
+    bits, not the sampled ones. Oracle: the eager reference `generate` under the same teacher."""
+    import torch
+
+    from varedit_deploy.imaging import preprocess
+    from varedit_deploy.model.codes import latent_to_tokens
+    from varedit_deploy.model.edit import generate
+    from varedit_deploy.sampling import SamplerInputs
+
+    cfg = pipeline.config
+    d_tok = cfg.transformer.d_tok
+    rng = np.random.default_rng(0)
+    teacher = [rng.integers(0, 2, (1, n, d_tok)).astype(np.int64) for n in cfg.schedule.tokens]
+    pixels = preprocess(Image.fromarray(photos["astronaut"]), cfg.image_size)
+    sampler = SamplerInputs.from_params(cfg.sampling)
+    features = pipeline.backend.read(pipeline.encode_text("make it red"))
+    out = pipeline.loop.run(features, pipeline.encode_image(pixels), sampler, NumpyNoise(4), teacher)
+    with torch.inference_mode():
+        prefix = latent_to_tokens(tiny_model.vae.encoder(torch.from_numpy(pixels)), cfg.transformer.patchify)
+        ref = generate(tiny_model, torch.from_numpy(features), prefix, sampler, NumpyNoise(4),
+                       [torch.from_numpy(t) for t in teacher])
+    for s, rec in enumerate(ref.scales):
+        ref_logits = rec.guided_logits.numpy()  # the fixtures' gate: 2e-4 of the largest logit
+        assert np.abs(out.guided_logits[s] - ref_logits).max() < 2e-4 * np.abs(ref_logits).max(), s
+        assert np.array_equal(out.bits[s], rec.bits.numpy()), s
+    assert np.abs(pipeline.backend.read(out.summed) - ref.summed.numpy()).max() < 1e-6
+    assert not all(np.array_equal(b, t) for b, t in zip(out.bits, teacher))  # the samples are not the teacher
+
+
 def test_runtime_tokenizer_matches_transformers(tiny_artifact, tiny_model):
     tok = Tokenizer(read_manifest(tiny_artifact).tokenizer_file)
     for text in ["make the sky purple", "  Add a hat   to the cat ", "Ünïcode café", "end </s> token", "x <pad>"]:
