@@ -239,7 +239,9 @@ def run_reference(fixture: FixtureData) -> FixtureRun:
 
 def run_exported(fixture: FixtureData, backend: str) -> FixtureRun:
     """Export the fixture's model and replay it on `backend` under teacher forcing (fp32 graphs;
-    TensorRT backends first build fp32 engines for this GPU)."""
+    TensorRT backends first build fp32 engines for this GPU). The export skips its per-graph
+    comparison with torch: this replay against the official tensors is the stronger check, and
+    at 1024 px the comparison doubles the export time."""
     import tempfile
 
     from .export.artifacts import export_artifacts
@@ -250,7 +252,8 @@ def run_exported(fixture: FixtureData, backend: str) -> FixtureRun:
     cfg = fixture.config
     with tempfile.TemporaryDirectory() as tmp:
         folder = export_artifacts(VAREditModel.from_fixture(fixture.folder), Path(tmp) / "artifact",
-                                  source={"fixture": str(fixture.folder)}, progress=lambda _: None)
+                                  source={"fixture": str(fixture.folder)}, progress=lambda _: None,
+                                  validate=False)
         options = {}
         if backend in ("tensorrt", "tensorrt-rtx"):
             from .build.engines import BuildOptions, build_engines
