@@ -120,7 +120,9 @@ def test_fp16_export_runs_on_onnxruntime_and_reports_its_agreement(tmp_path, tin
     half = EditPipeline.from_artifacts(art).edit(photos["astronaut"], "make it red", noise=NumpyNoise(2))
     full = EditPipeline.from_artifacts(tiny_artifact).edit(photos["astronaut"], "make it red", noise=NumpyNoise(2))
     agreement = np.mean(np.concatenate([(a == b).ravel() for a, b in zip(half.loop.bits, full.loop.bits)]))
-    assert agreement > 0.9, agreement  # fp16 flips a few bits of a random model; fp32 parity is the gate
+    # Measured 0.99988 (1 of 8,336 bits differs) with the current fp32 placement, 2-core x86_64 CPU,
+    # ONNX Runtime 1.32; fp32 parity is the gate, this holds the fp16 path to what it achieves.
+    assert agreement > 0.999, agreement
 
 
 def test_random_weights_export_leaves_only_the_artifact(tiny_artifact):
