@@ -4,8 +4,8 @@
 
 1. One GroupNorm over 32 groups of 1024 x 1024 values (the first level of a 1024-px VAE),
    exported the way nn.GroupNorm exports (InstanceNormalization) and the way model/vae.py's
-   `group_norm` does, run on ONNX Runtime's CPU provider and compared with float64
-   `F.group_norm`.
+   `group_norm` does, run on ONNX Runtime's CPU provider and in torch (nn.GroupNorm runs
+   torch's fused kernel), compared with float64 `F.group_norm` and timed (median of 5).
 2. With `--artifacts` (any exported artifact, e.g. `varedit-deploy export --fixture
    ../shared/fixtures/tiny-8b-1024 --out ART`) and tensorrt_rtx installed: the VAE graphs
    lowered to fp16 (build/precision.py) and parsed into a strongly typed network; the layers
@@ -44,19 +44,33 @@ def ort_accuracy() -> list[str]:
     plain = torch.nn.GroupNorm(32, 32, eps=1e-6).requires_grad_(False)
     plain.load_state_dict(ours.state_dict())
     ref = F.group_norm(x.double(), 32, ours.weight.double(), ours.bias.double(), eps=1e-6).numpy()
-    rows = ["| form | exported as | ORT CPU vs float64 (max abs) | torch vs float64 (max abs) |", "|---|---|---:|---:|"]
+    rows = ["| form | exported as | ORT CPU vs float64 (max abs) | torch vs float64 (max abs) | ORT ms | torch ms |",
+            "|---|---|---:|---:|---:|---:|"]
     for name, module in (("nn.GroupNorm", plain), ("model/vae.py group_norm", ours)):
         buf = io.BytesIO()
         with warnings.catch_warnings(), torch.inference_mode():
             warnings.simplefilter("ignore")
             torch.onnx.export(module, (x,), buf, opset_version=17, dynamo=False, input_names=["x"])
             eager = module(x).double().numpy()
+            torch_ms = _median_ms(lambda: module(x))
         import onnx
 
         ops = sorted({n.op_type for n in onnx.load_from_string(buf.getvalue()).graph.node} - {"Constant", "Shape"})
-        got = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
-        rows.append(f"| {name} | {', '.join(ops)} | {np.abs(got - ref).max():.2e} | {np.abs(eager - ref).max():.2e} |")
+        session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
+        got = session.run(None, {"x": x.numpy()})[0]
+        ort_ms = _median_ms(lambda: session.run(None, {"x": x.numpy()}))
+        rows.append(f"| {name} | {', '.join(ops)} | {np.abs(got - ref).max():.2e} | {np.abs(eager - ref).max():.2e} "
+                    f"| {ort_ms:.0f} | {torch_ms:.0f} |")
     return rows
+
+
+def _median_ms(fn, repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * sorted(times)[repeats // 2]
 
 
 def rtx_placement(artifacts: Path, target: str) -> list[str]:
