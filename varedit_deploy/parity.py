@@ -32,7 +32,7 @@ def sampling_margin(logits: np.ndarray, noise: np.ndarray, drop_threshold: float
     top-p dropped a value (p <= drop_threshold). With D = l1 - l0 that is: bit 1 iff
     D > clip(log E1 - log E0, -T, T), T = log((1 - drop_threshold) / drop_threshold). Moving the
     two logits by m in opposite directions moves D by 2m, so the smallest change of the logits
-    (largest absolute change of any one) that flips the draw is |D - threshold| / 2.
+    (largest absolute change of any one) that flips the draw is |D - flip point| / 2.
     """
     lg = np.asarray(logits, np.float64).reshape(-1, 2)
     e = np.asarray(noise, np.float64).reshape(-1, 2)

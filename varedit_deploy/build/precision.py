@@ -25,8 +25,9 @@ def graph_precision(graph: str, precision: str) -> str:
 
 
 def normalisation_nodes(model) -> list[str]:
-    """Names of the nodes in every exporter module scope (`/decoder/mid/block_1/norm1/...`) that
-    holds a ReduceMean: its statistics, centring, scaling and affine all stay fp32."""
+    """Names of the nodes in every module scope that holds a ReduceMean (the TorchScript exporter
+    names nodes by module path, `/mid/block_1/norm1/ReduceMean`): the statistics, centring,
+    scaling and affine of that normalisation all stay fp32."""
     scopes = {n.name.rsplit("/", 1)[0] + "/" for n in model.graph.node if n.op_type == "ReduceMean"}
     scopes.discard("/")  # a graph-level reduction is not a normalisation scope
     return [n.name for n in model.graph.node if n.name.startswith(tuple(scopes))]

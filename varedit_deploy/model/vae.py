@@ -2,9 +2,9 @@
 
 Plain convolutional nets: GroupNorm(32, eps 1e-6) + SiLU ResNet blocks, asymmetric-pad
 stride-2 downsampling, nearest x2 upsampling, no attention. GroupNorm takes its statistics row
-by row (see `group_norm`) so that every backend keeps float32 accuracy at 1024 px. The encoder returns only the
-raw latent (the official one also keeps every block output alive); the quantizer has no
-parameters, so bits <-> codes live in `codes.py`. Parameter names are the official "plain"
+by row (`group_norm`) so that every backend keeps float32 accuracy at 1024 px. The encoder
+returns only the raw latent (the official one also keeps every block output alive); the
+quantizer has no parameters, so bits <-> codes live in `codes.py`. Parameter names are the official "plain"
 spelling; the checkpoint loader also accepts the `.conv.`/`.norm.` wrapper spelling.
 """
 
@@ -21,11 +21,12 @@ def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.T
     """`F.group_norm` on [B, C, H, W], with every mean taken over image rows first, then over the rows.
 
     A group at 1024 px holds about 1M values. ONNX Runtime's CPU kernels (InstanceNormalization,
-    and ReduceMean over a whole group) sum them in a few long float32 runs and lose about 6e-5;
-    a mean of W values per row, then a mean of those row means, keeps every sum at most a few
-    thousand long (1.4e-6 at 1024 px, as accurate as torch). Both means are exact for equal-length
-    rows, so this is GroupNorm itself, not an approximation. Export traces it as
-    ReduceMean/Sub/Pow/Sqrt/Div, which the fp16 lowering keeps in fp32 (build/precision.py).
+    and ReduceMean over a whole group) sum them in a few long float32 runs and lose about 1e-5
+    relative; a mean of W values per row, then a mean of those row means, keeps every sum at
+    most a few thousand long (2e-7 relative, as accurate as torch: benchmarks/vae_group_norm.py).
+    For equal-length rows the mean of row means is the group mean, so this is GroupNorm itself.
+    Export traces it as ReduceMean/Sub/Pow/Sqrt/Div, which the fp16 lowering keeps in fp32
+    (build/precision.py).
     """
     b, c, h, w = x.shape
     rows = x.reshape(b, groups, (c // groups) * h, w)
