@@ -21,7 +21,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 FIXTURES = Path(os.environ.get("VAREDIT_FIXTURES", ROOT.parent / "shared" / "fixtures"))
 FIXTURE_NAMES = ("tiny-2b", "tiny-8b")  # 256 px: cheap enough for every fixture-shaped test
 # Every parity path also runs the 1024-px fixture: 13 scales, RoPE offsets up to 14,616 (the
-# 256-px ones stop at 520), release sampling defaults (cfg 4, tau 0.5), ~1M-element VAE groups.
+# 256-px ones stop at 776), release sampling defaults (cfg 4, tau 0.5), ~1M-element VAE groups.
 PARITY_FIXTURE_NAMES = FIXTURE_NAMES + ("tiny-8b-1024",)
 
 
