@@ -163,6 +163,28 @@ def test_files_above_the_load_limit_are_size_checked_on_load_and_hashed_by_inspe
         read_manifest(truncated)
 
 
+def test_backend_choice_and_unloadable_graphs_are_clear_errors(tiny_artifact, tmp_path):
+    from varedit_deploy.artifact import file_record
+    from varedit_deploy.errors import ConfigError
+    from varedit_deploy.runtime.backend import make_backend
+
+    with pytest.raises(ConfigError, match="unknown backend 'vulkan'; available: onnxruntime"):
+        EditPipeline.from_artifacts(tiny_artifact, backend="vulkan")
+    with make_backend("onnxruntime", read_manifest(tiny_artifact)) as backend:
+        backend.graph("sample")
+        assert set(backend._graphs) == {"sample"}
+    assert backend._graphs == {}  # leaving the context closes the sessions
+
+    def corrupt_and_record(d):  # a damaged graph whose manifest entry was rewritten to match it
+        (d / "graphs" / "sample.onnx").write_bytes(b"not an onnx model")
+        data = json.loads((d / "manifest.json").read_text())
+        data["graphs"]["sample"]["files"] = [file_record(d, d / "graphs" / "sample.onnx")]
+        (d / "manifest.json").write_text(json.dumps(data))
+
+    with pytest.raises(ArtifactError, match="sample.onnx cannot be loaded by ONNX Runtime"):
+        EditPipeline.from_artifacts(_broken(tiny_artifact, tmp_path, corrupt_and_record))
+
+
 def test_cli_edit_inspect_and_bad_inputs(tiny_artifact, tmp_path, photos, capsys):
     gray = tmp_path / "gray.png"
     Image.fromarray(photos["chelsea"][..., 1]).save(gray)

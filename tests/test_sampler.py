@@ -65,3 +65,15 @@ def test_noise_is_exp1(source):
     first, second = x[:100_000], x[100_000:]
     assert stats.ks_2samp(first, second).pvalue > 1e-3  # later scales draw from the same law
     assert abs(np.corrcoef(first[:-1], first[1:])[0, 1]) < 0.02  # consecutive draws are uncorrelated
+
+
+def test_sampler_settings_and_noise_sources_fail_clearly(monkeypatch):
+    import sys
+
+    from varedit_deploy.errors import VareditError
+
+    with pytest.raises(ConfigError, match="tau must be positive, got 0"):
+        SamplerInputs.from_params(SamplingConfig(tau=0.0))
+    monkeypatch.setitem(sys.modules, "torch", None)  # a runtime-only install has no torch
+    with pytest.raises(VareditError, match=r'pip install "varedit-deploy\[export\]"'):
+        TorchCPUNoise(0)
