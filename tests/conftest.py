@@ -21,7 +21,10 @@ if "TRITON_INTERPRET" not in os.environ:
         os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 FIXTURES = Path(os.environ.get("VAREDIT_FIXTURES", ROOT.parent / "shared" / "fixtures"))
-FIXTURE_NAMES = ("tiny-2b", "tiny-8b")
+FIXTURE_NAMES = ("tiny-2b", "tiny-8b")  # 256 px: cheap enough for every fixture-shaped test
+# Every parity path also runs the 1024-px fixture: 13 scales, RoPE offsets up to 14,616 (the
+# 256-px ones stop at 776), release sampling defaults (cfg 4, tau 0.5), ~1M-element VAE groups.
+PARITY_FIXTURE_NAMES = FIXTURE_NAMES + ("tiny-8b-1024",)
 
 
 def fixture_dir(name: str) -> Path:
@@ -55,6 +58,11 @@ def golden(request) -> Path:
     return fixture_dir(request.param)
 
 
+@pytest.fixture(params=PARITY_FIXTURE_NAMES)
+def parity_golden(request) -> Path:
+    return fixture_dir(request.param)
+
+
 @pytest.fixture(scope="session")
 def photos() -> dict[str, np.ndarray]:
     """Real photos shipped inside wheels: square (astronaut) and non-square (coffee, chelsea)."""
@@ -72,21 +80,23 @@ def tiny_text_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_text_dir):
-    """A random tiny-2b model with a tiny T5 attached."""
+    """A random tiny-2b model with a tiny T5: the model `export --random-weights --model tiny-2b` builds."""
     from varedit_deploy.config import from_name
     from varedit_deploy.model.loaded import VAREditModel
 
-    model = VAREditModel.random(from_name("tiny-2b"), seed=1)
+    model = VAREditModel.random(from_name("tiny-2b"), seed=0)
     model.attach_text_encoder(tiny_text_dir, "fp32")
     return model
 
 
 @pytest.fixture(scope="session")
-def tiny_artifact(tmp_path_factory, tiny_model) -> Path:
-    from varedit_deploy.export.artifacts import export_artifacts
+def tiny_artifact(tmp_path_factory) -> Path:
+    """`varedit-deploy export --random-weights --model tiny-2b`, run through the CLI (of `tiny_model`)."""
+    from varedit_deploy.cli import main
 
-    return export_artifacts(tiny_model, tmp_path_factory.mktemp("art") / "tiny-2b", progress=lambda _: None,
-                            source={"command": "varedit-deploy export --random-weights --model tiny-2b"})
+    out = tmp_path_factory.mktemp("art") / "tiny-2b"
+    assert main(["export", "--random-weights", "--model", "tiny-2b", "--out", str(out)]) == 0
+    return out
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,12 +1,14 @@
-"""Write a fixture folder in the format of shared/fixtures/README.md from our own reference.
+"""Write fixture and release folders in the official formats from our own models.
 
-Used to check that parity works on fixtures of any shape (depth, width, chunks, text length,
-cfg, tau), not just the two shipped ones; the golden numbers themselves come only from the
-official code.
+`write_fixture`: the format of shared/fixtures/README.md, to check that the parity tooling
+works on fixtures of any shape (depth, width, chunks, text length, cfg, tau); the golden
+numbers themselves come only from the official code. `write_release`: a release folder like
+the published one (`2B-512.pth`, the VAE file, `flan-t5-xl/`) for a tiny model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from varedit_deploy.config import ModelConfig
+from varedit_deploy.config import ModelConfig, from_name
 from varedit_deploy.imaging import preprocess, to_uint8
 from varedit_deploy.model.checkpoint import ours_to_official_transformer
 from varedit_deploy.model.codes import latent_to_tokens, tokens_to_latent
@@ -73,3 +75,30 @@ def write_fixture(folder: Path, config: ModelConfig, photo: np.ndarray, text_len
         "text_maxlen": tr.text_maxlen,
     }))
     return folder
+
+
+def release_like(depth: int, chunks: int) -> ModelConfig:
+    """A tiny model with the 2B release's file names and `chunks` block chunks."""
+    tiny = from_name("tiny-2b")
+    tr = dataclasses.replace(tiny.transformer, depth=depth, block_chunks=chunks)
+    return dataclasses.replace(tiny, name="tiny-release", transformer=tr, transformer_file="2B-512.pth",
+                               vae_file="infinity_vae_d32reg.pth", text_encoder_dir="flan-t5-xl")
+
+
+def official_vae_state(model: VAREditModel, wrapped: bool) -> dict[str, torch.Tensor]:
+    """Our VAE state dict in the official wrapper (`.conv.`/`.norm.`) or plain spelling, with masks."""
+    state = {k: v.clone() for k, v in model.vae.state_dict().items()}
+    out = wrapped_vae_state(state) if wrapped else state
+    mask = 2 ** torch.arange(model.config.vae.codebook_dim - 1, -1, -1)
+    out["quantizer.lfq.mask"] = out["quantize.lfq.mask"] = mask
+    return out
+
+
+def write_release(folder: Path, model: VAREditModel, chunks: int, nest: str | None, wrapped_vae: bool,
+                  text_dir: Path) -> None:
+    state = ours_to_official_transformer(model.transformer.state_dict(), chunks)
+    state = {f"module.{k}": v for k, v in state.items()} if nest == "module" else state
+    payload = {"trainer": {"gpt_fsdp": state}} if nest == "trainer" else state
+    torch.save(payload, folder / "2B-512.pth")
+    torch.save({"vae": official_vae_state(model, wrapped_vae)}, folder / "infinity_vae_d32reg.pth")
+    (folder / "flan-t5-xl").symlink_to(text_dir)

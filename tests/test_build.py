@@ -22,7 +22,7 @@ from varedit_deploy.cli import main
 from varedit_deploy.config import from_name
 from varedit_deploy.errors import VareditError
 from varedit_deploy.runtime.binding_plan import select_profile, step_plan
-from varedit_deploy.runtime.kv_cache import KVCache
+from varedit_deploy.runtime.kv_cache import SOURCE, KVCache
 
 
 def test_step_and_sample_have_one_fixed_profile_per_scale(tiny_artifact):
@@ -75,23 +75,57 @@ def test_step_binding_plan_follows_the_schedule(name):
         assert last["past_k_1"].shape[0] + 1024 == 3545
 
 
-def test_binding_plan_offsets_equal_the_runtime_cache_views():
-    config = from_name("tiny-8b")
+@pytest.mark.parametrize("name", ["tiny-8b", "tiny-2b"])
+def test_binding_plan_and_cache_views_reproduce_the_official_concatenation(name):
+    """Oracle: the official caches grow by concatenation (spec/transformer.md 3.7). Layer 0 attends
+    over target tokens only (scales 0..s); layers >= 1 start with the L_src source rows. Our
+    source pass (a step call) writes every layer's source rows; the SAR references pooled to every
+    scale follow one after another. Every row gets a
+    label; each step writes its new rows where the plan (and the runtime's views) put them, and
+    what a step reads as its past must be exactly the official concatenation, label for label."""
+    config = from_name(name)
     t, sched = config.transformer, config.schedule
-    cache = KVCache.allocate(t.depth, t.heads, t.head_dim, sched.source_tokens, sched.starts, sched.tokens)
     row = 2 * t.heads * t.head_dim * 4
+    cache = KVCache.allocate(t.depth, t.heads, t.head_dim, sched.source_tokens, sched.starts, sched.tokens)
 
-    def same(view, base, binding):  # numpy gives an empty view the buffer's start address: compare rows then
-        offset = view.ctypes.data - base.ctypes.data
-        return view.shape == binding.shape and (offset == binding.offset_bytes or view.size == 0)
+    def label(kind: int, scale: int, index: int) -> float:
+        return float(kind * 10**7 + scale * 10**5 + index)
 
-    for call in step_plan(config, text_len=7):  # every scale and the source pass
+    def rows_of(buf, binding):  # the rows of a layer buffer that a binding addresses
+        first = binding.offset_bytes // row
+        return buf[first:first + binding.shape[0]]
+
+    cache.sar_k[:] = np.nan
+    for k in cache.k:
+        k[:] = np.nan
+    official: dict[int, list[float]] = {}
+    for call in step_plan(config, text_len=7):
         b = call.by_tensor()
+        if call.scale == SOURCE:  # the source pass: a step call whose new K/V are the source rows of every layer
+            source = [label(1, 0, r) for r in range(sched.source_tokens)]
+            for i in range(t.depth):
+                assert b[f"past_k_{i}"].shape[0] == 0
+                rows_of(cache.k[i], b[f"new_k_{i}"])[:] = np.array(source)[:, None, None, None]
+                assert list(cache.source(i)[0][:, 0, 0, 0]) == source
+                official[i] = [] if i == 0 else list(source)  # layer 0 reads the SAR instead
+            for s, n in enumerate(sched.tokens):  # sar_pool: layer 0's source pooled, scale after scale
+                cache.sar_k[sched.starts[s]:sched.starts[s] + n] = np.array([label(3, s, j) for j in range(n)])[:, None, None, None]
+            continue
+        s = call.scale
+        n = sched.tokens[s]
+        assert list(rows_of(cache.sar_k, b["sar_k"])[:, 0, 0, 0]) == [label(3, s, j) for j in range(n)]
+        assert list(cache.sar(s)[0][:, 0, 0, 0]) == [label(3, s, j) for j in range(n)]
         for i in range(t.depth):
-            assert same(cache.past(i, call.scale)[0], cache.k[i], b[f"past_k_{i}"])
-            assert same(cache.slot(i, call.scale)[1], cache.v[i], b[f"new_v_{i}"])
-            assert cache.rows("past", i, call.scale)[0] * row == b[f"past_v_{i}"].offset_bytes
-        assert same(cache.sar(call.scale)[0], cache.sar_k, b["sar_k"])
+            past = rows_of(cache.k[i], b[f"past_k_{i}"])
+            assert list(past[:, 0, 0, 0]) == official[i], (s, i)
+            assert list(cache.past(i, s)[0][:, 0, 0, 0]) == official[i], (s, i)
+            new = [label(2, s, j) for j in range(n)]
+            rows_of(cache.k[i], b[f"new_k_{i}"])[:] = np.array(new)[:, None, None, None]
+            assert list(cache.slot(i, s)[0][:, 0, 0, 0]) == new
+            official[i] += new  # cached_k = cat(cached_k, k_s)
+            assert b[f"past_v_{i}"].offset_bytes == b[f"past_k_{i}"].offset_bytes  # V mirrors K
+            assert b[f"new_v_{i}"].shape == b[f"new_k_{i}"].shape
+    assert not any(np.isnan(k[:, 0, 0, 0]).any() for k in cache.k)  # every cache row was written
 
 
 def test_select_profile(tiny_artifact):
@@ -110,16 +144,70 @@ def test_bf16_rounding_matches_torch():
     assert np.array_equal(ours, ref)
 
 
+# What must stay fp32 in every lowered graph (DESIGN.md "Precision": norms, softmax accumulation,
+# exponentials, reductions, logits), written here independently of build/precision.py's lists.
+MUST_STAY_FP32 = {"LayerNormalization", "InstanceNormalization", "Softmax", "Exp", "ReduceMean", "ReduceL2",
+                  "Pow", "Sqrt"}
+# The VAE's GroupNorms (official module names norm1, norm2, norm_out) stay fp32 as a whole,
+# centring, division and affine included: TensorRT's fp16 GroupNorm fallbacks are what the
+# spec warns about (spec/vae-text.md 7).
+# (the exporter numbers repeated scopes: /block.0/norm1_3/).
+NORM_SCOPE = re.compile(r"/norm(1|2|_out)(_\d+)?/")
+FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+
+
+def _tensor_types(model) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output)}
+    types.update({t.name: t.data_type for t in inferred.graph.initializer})
+    for node in inferred.graph.node:
+        if node.op_type == "Constant":
+            types[node.output[0]] = node.attribute[0].t.data_type
+    return types
+
+
+def _half_precision_nodes(model, must_stay) -> list[str]:
+    """Nodes that must stay fp32 but read or write a 16-bit float tensor."""
+    types = _tensor_types(model)
+    bad = []
+    for node in model.graph.node:
+        if must_stay(node):
+            kinds = {types.get(name) for name in (*node.input, *node.output) if name}
+            if kinds & FLOATS - {onnx.TensorProto.FLOAT}:
+                bad.append(f"{node.op_type} {node.name}")
+    return bad
+
+
+def _half_round_trips(model) -> list[str]:
+    """Values an fp32 node reads after a round trip through 16 bits: Cast(to fp32) of Cast(to 16 bits)."""
+    casts = {n.output[0]: (next(a.i for a in n.attribute if a.name == "to"), n.input[0])
+             for n in model.graph.node if n.op_type == "Cast"}
+    return [out for out, (to, src) in casts.items()
+            if to == onnx.TensorProto.FLOAT and casts.get(src, (None,))[0] in FLOATS - {onnx.TensorProto.FLOAT}]
+
+
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_half_graphs_keep_io_and_sensitive_ops_in_fp32(tiny_artifact, precision):
-    model = onnx.load(str(read_manifest(tiny_artifact).graph_path("step")))
+@pytest.mark.parametrize("graph", ["step", "source_pass", "vae_encoder", "vae_decoder", "text_encoder"])
+def test_half_graphs_keep_io_and_sensitive_ops_in_fp32(tiny_artifact, graph, precision):
+    model = onnx.load(str(read_manifest(tiny_artifact).graph_path(graph)))
     half = to_half(model, precision)
     kind = onnx.TensorProto.FLOAT16 if precision == "fp16" else onnx.TensorProto.BFLOAT16
     assert all(v.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.INT64)
                for v in (*half.graph.input, *half.graph.output))
     big = [t for t in half.graph.initializer if int(np.prod(t.dims)) >= 64 * 64]
     assert big and all(t.data_type == kind for t in big)  # every weight matrix is half precision
-    assert {n.op_type for n in half.graph.node} >= {"LayerNormalization", "Softmax"}
+    ops = {n.op_type for n in half.graph.node}
+    assert ops & MUST_STAY_FP32, ops  # each of these graphs has something to keep
+    assert _half_precision_nodes(half, lambda n: n.op_type in MUST_STAY_FP32) == []
+    assert _half_round_trips(half) == []  # chains of fp32 nodes pass fp32 values, not rounded ones
+    if graph.startswith("vae"):
+        norms = [n for n in half.graph.node if NORM_SCOPE.search(n.name) and n.op_type != "Cast"]
+        assert sum(n.op_type == "Sqrt" for n in norms) >= 15  # one per GroupNorm: 15 or more in the tiny VAE
+        assert _half_precision_nodes(half, lambda n: n in norms) == []
+        convs = [n for n in half.graph.node if n.op_type == "Conv"]
+        types = _tensor_types(half)
+        assert convs and all(types[n.input[1]] == kind for n in convs)  # the convolutions are lowered
 
 
 def test_fp16_step_agreement_with_fp32_is_reported(tiny_artifact):
@@ -136,7 +224,10 @@ def test_fp16_step_agreement_with_fp32_is_reported(tiny_artifact):
         feeds[inp.name] = (g.standard_normal(shape) * 0.5).astype(np.float32)
     a, b = fp32.run(["logits"], feeds)[0], fp16.run(["logits"], feeds)[0]
     rel = float(np.abs(a - b).max() / np.abs(a).max())
-    assert rel < 2e-2, rel  # fp16 weights and matmuls: about 1e-3 here; a broken conversion is O(1)
+    # Measured 1.68e-3 with the current placement (2-core x86_64 CPU, ONNX Runtime 1.32). ORT's CPU
+    # runs fp16 nodes it has no kernel for in fp32, so this bound guards the lowered weights and
+    # matmuls; the fp32 placement itself is asserted node by node above.
+    assert rel < 2.0e-3, rel
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])

@@ -4,46 +4,20 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fixture_writer import wrapped_vae_state
-from varedit_deploy.config import ModelConfig, TransformerConfig, from_name, load_fixture_config
+from fixture_writer import official_vae_state, release_like, write_release
+from varedit_deploy.config import TransformerConfig, from_name, load_fixture_config
 from varedit_deploy.errors import CheckpointError
 from varedit_deploy.model.checkpoint import (ReleaseFiles, load_transformer_weights, load_vae_weights,
                                              ours_to_official_transformer, read_state_file)
 from varedit_deploy.model.loaded import VAREditModel
 
 
-def _release_like(depth: int, chunks: int) -> ModelConfig:
-    """A tiny model with the 2B release's file names and `chunks` block chunks."""
-    tiny = from_name("tiny-2b")
-    tr = dataclasses.replace(tiny.transformer, depth=depth, block_chunks=chunks)
-    return dataclasses.replace(tiny, name="tiny-release", transformer=tr, transformer_file="2B-512.pth",
-                               vae_file="infinity_vae_d32reg.pth", text_encoder_dir="flan-t5-xl")
-
-
-def _official_vae_state(model: VAREditModel, wrapped: bool) -> dict[str, torch.Tensor]:
-    """Our VAE state dict in the official wrapper (`.conv.`/`.norm.`) or plain spelling, with masks."""
-    state = {k: v.clone() for k, v in model.vae.state_dict().items()}
-    out = wrapped_vae_state(state) if wrapped else state
-    mask = 2 ** torch.arange(model.config.vae.codebook_dim - 1, -1, -1)
-    out["quantizer.lfq.mask"] = out["quantize.lfq.mask"] = mask
-    return out
-
-
-def _write_release(folder, model: VAREditModel, chunks: int, nest: str | None, wrapped_vae: bool, text_dir):
-    state = ours_to_official_transformer(model.transformer.state_dict(), chunks)
-    state = {f"module.{k}": v for k, v in state.items()} if nest == "module" else state
-    payload = {"trainer": {"gpt_fsdp": state}} if nest == "trainer" else state
-    torch.save(payload, folder / "2B-512.pth")
-    torch.save({"vae": _official_vae_state(model, wrapped_vae)}, folder / "infinity_vae_d32reg.pth")
-    (folder / "flan-t5-xl").symlink_to(text_dir)
-
-
 @pytest.mark.parametrize("depth, chunks, nest, wrapped", [(16, 8, None, True), (6, 3, "module", False),
                                                           (4, 1, "trainer", True)])
 def test_release_folder_round_trip(tmp_path, tiny_text_dir, depth, chunks, nest, wrapped):
-    config = _release_like(depth, chunks)
+    config = release_like(depth, chunks)
     model = VAREditModel.random(config, seed=3)
-    _write_release(tmp_path, model, chunks, nest, wrapped, tiny_text_dir)
+    write_release(tmp_path, model, chunks, nest, wrapped, tiny_text_dir)
     loaded = VAREditModel.from_release(tmp_path, config, text_precision="fp32")
     for ours, theirs in ((model.transformer, loaded.transformer), (model.vae, loaded.vae)):
         a, b = ours.state_dict(), theirs.state_dict()
@@ -52,7 +26,7 @@ def test_release_folder_round_trip(tmp_path, tiny_text_dir, depth, chunks, nest,
 
 
 def test_official_layout_has_chunk_names_and_buffers():
-    model = VAREditModel.random(_release_like(16, 8))
+    model = VAREditModel.random(release_like(16, 8))
     keys = ours_to_official_transformer(model.transformer.state_dict(), 8)
     assert "block_chunks.7.module.1.sa.mat_qkv.weight" in keys
     assert "block_chunks.3.module.0.ca.zero_k_bias" in keys and "text_proj_for_sos.ca.zero_k_bias" in keys
@@ -61,9 +35,9 @@ def test_official_layout_has_chunk_names_and_buffers():
 
 @pytest.fixture
 def release(tmp_path, tiny_text_dir):
-    config = _release_like(4, 2)
+    config = release_like(4, 2)
     model = VAREditModel.random(config)
-    _write_release(tmp_path, model, 2, None, True, tiny_text_dir)
+    write_release(tmp_path, model, 2, None, True, tiny_text_dir)
     return tmp_path, config, model
 
 
@@ -131,7 +105,7 @@ def test_vae_dict_extras_are_ignored_and_named_as_the_official_loader_does(relea
 
 def test_a_flat_vae_file_stays_strict(tmp_path):
     model = VAREditModel.random(from_name("tiny-2b"))
-    torch.save({**_official_vae_state(model, wrapped=True), "extra.weight": torch.zeros(1)}, tmp_path / "v.pth")
+    torch.save({**official_vae_state(model, wrapped=True), "extra.weight": torch.zeros(1)}, tmp_path / "v.pth")
     with pytest.raises(CheckpointError, match="unknown: extra.weight"):
         load_vae_weights(model.vae, read_state_file(tmp_path / "v.pth"), "v")
 
@@ -168,3 +142,50 @@ def test_safetensors_transformer_file(tmp_path):
     other = VAREditModel.empty(from_name("tiny-8b"))
     load_transformer_weights(other.transformer, read_state_file(tmp_path / "t.safetensors"), 512, "t")
     assert torch.equal(other.transformer.head.weight, model.transformer.head.weight)
+
+
+def test_fixture_weights_land_where_the_official_layout_puts_them(golden):
+    """Oracle: the fixtures' files were written by the official code (spec/transformer.md 5,
+    spec/vae-text.md 1.7): `block_chunks.{k}.module.{j}` is block k * (depth / chunks) + j, every
+    other transformer name is ours, `zero_k_bias` buffers are zeros that no module holds; VAE
+    names wrap convs and norms (`x.conv.weight`, `x.norm.weight`), and `lfq.mask` is a buffer."""
+    import re
+
+    from safetensors.torch import load_file
+
+    model = VAREditModel.from_fixture(golden)
+    cfg = model.config.transformer
+    per_chunk = cfg.depth // cfg.block_chunks
+    ours = model.transformer.state_dict()
+    seen = set()
+    for key, value in load_file(str(golden / "transformer.safetensors")).items():
+        if key.endswith("zero_k_bias"):
+            assert torch.all(value == 0), key
+            continue
+        m = re.fullmatch(r"block_chunks\.(\d+)\.module\.(\d+)\.(.+)", key)
+        name = f"blocks.{int(m[1]) * per_chunk + int(m[2])}.{m[3]}" if m else key
+        assert torch.equal(ours[name], value), key
+        seen.add(name)
+    assert seen == set(ours)
+    ours = model.vae.state_dict()
+    seen = set()
+    for key, value in load_file(str(golden / "vae.safetensors")).items():
+        if key.endswith("lfq.mask"):
+            continue
+        name = re.sub(r"\.(conv|norm)\.(weight|bias)$", r".\2", key)
+        assert torch.equal(ours[name], value), key
+        seen.add(name)
+    assert seen == set(ours)
+
+
+@pytest.mark.parametrize("name, entries", [("2b-512", 694), ("8b-512", 862)])
+def test_official_layout_has_the_spec_entry_counts(name, entries):
+    """spec/transformer.md 5: 694 (2B) and 862 (8B) state-dict entries, 2 * depth + 1 zero_k_bias."""
+    config = from_name(name)
+    with torch.device("meta"):
+        model = VAREditModel.empty(config)
+    keys = ours_to_official_transformer(model.transformer.state_dict(), 8)
+    assert len(keys) == entries
+    assert sum(k.endswith("zero_k_bias") for k in keys) == 2 * config.transformer.depth + 1
+    per_chunk = config.transformer.depth // 8
+    assert f"block_chunks.7.module.{per_chunk - 1}.ffn.fc2.weight" in keys

@@ -1,5 +1,6 @@
 """The torch-reference `edit` command: a tiny random model end to end, and its error messages."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -8,6 +9,12 @@ import pytest
 from PIL import Image
 
 from varedit_deploy.cli import main
+from varedit_deploy.config import from_name
+from varedit_deploy.imaging import load_image
+from varedit_deploy.model.edit import edit
+from varedit_deploy.model.loaded import VAREditModel
+from varedit_deploy.model.tiny_text import write_tiny_text_encoder
+from varedit_deploy.sampling import TorchCPUNoise
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +31,15 @@ def test_edit_with_random_tiny_model_writes_an_image_of_the_source_size(coffee_p
     assert code == 0
     img = Image.open(out)
     assert img.size == Image.open(coffee_png).size and img.mode == "RGB"
-    assert np.asarray(img).std() > 1  # not a blank image
     assert "transformer" in capsys.readouterr().out
+    # The file is the library's reference edit of the same model, options and official noise.
+    config = from_name("tiny-8b")
+    model = VAREditModel.random(config, seed=0)
+    model.attach_text_encoder(write_tiny_text_encoder(tmp_path / "t5", config.transformer.text_channels), "fp32")
+    sampling = dataclasses.replace(config.sampling, cfg=2.0, tau=0.7, seed=3)
+    expected = edit(model, load_image(coffee_png), "make the cup red", sampling, TorchCPUNoise(3)).image
+    assert np.array_equal(np.asarray(img), np.asarray(expected))
+    assert np.asarray(img).std() > 1  # not a blank image
 
 
 @pytest.mark.parametrize("argv, message", [

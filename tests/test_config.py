@@ -67,3 +67,47 @@ def test_unknown_names_and_round_trip():
     assert ModelConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ConfigError, match="unknown keys"):
         ModelConfig.from_dict({**config.to_dict(), "extra": 1})
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"dim": 100, "heads": 3}, "not divisible by heads"),
+    ({"text_channels": 300}, "multiple of 128"),
+    ({"dim": 72, "heads": 2, "text_channels": 640}, "text-pool heads"),  # 640 / 128 = 5 pool heads
+    ({"dim": 72, "heads": 12}, "multiple of 4 for 2-D RoPE"),  # head dim 6
+])
+def test_transformer_config_rejects_impossible_shapes(fields, message):
+    from varedit_deploy.config import TransformerConfig
+
+    base = {"depth": 2, "dim": 64, "heads": 2, "codebook_dim": 14, "patchify": True, "text_channels": 256}
+    with pytest.raises(ConfigError, match=message):
+        TransformerConfig(**{**base, **fields})
+
+
+def test_vae_and_model_configs_reject_inconsistent_settings():
+    import dataclasses
+
+    from varedit_deploy.config import VAEConfig
+
+    with pytest.raises(ConfigError, match="not patch size 16"):
+        VAEConfig(codebook_dim=14, ch_mult=(1, 2, 4, 4), patch_size=16)
+    with pytest.raises(ConfigError, match="divisible by 32"):
+        VAEConfig(codebook_dim=14, base_ch=48, ch_mult=(1, 2, 4, 4), patch_size=8)
+    tiny = from_name("tiny-8b")
+    with pytest.raises(ConfigError, match="disagree on codebook_dim"):
+        dataclasses.replace(tiny, vae=dataclasses.replace(tiny.vae, codebook_dim=16))
+    data = tiny.to_dict()
+    with pytest.raises(ConfigError, match="lacks the section 'vae'"):
+        ModelConfig.from_dict({k: v for k, v in data.items() if k != "vae"})
+    with pytest.raises(ConfigError, match="transformer: .*depth"):
+        ModelConfig.from_dict({**data, "transformer": {k: v for k, v in data["transformer"].items() if k != "depth"}})
+
+
+def test_fixture_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_fixture_config(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not a readable JSON file"):
+        load_fixture_config(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text(json.dumps({"pn": "0.06M"}))
+    with pytest.raises(ConfigError, match="missing keys .*'depth'"):
+        load_fixture_config(tmp_path / "config.json")

@@ -4,6 +4,7 @@ import shutil
 import numpy as np
 import onnx
 import pytest
+import torch
 
 from conftest import fixture_dir
 from varedit_deploy.artifact import SCHEMA_VERSION, read_manifest, sha256_file
@@ -164,4 +165,54 @@ def test_fp16_export_runs_on_onnxruntime_and_reports_its_agreement(tmp_path, tin
     full = EditPipeline.from_artifacts(tiny_artifact).edit(photos["astronaut"], "make it red",
                                                            noise=NumpyNoise(2), record=True)
     agreement = np.mean(np.concatenate([(a == b).ravel() for a, b in zip(half.loop.bits, full.loop.bits)]))
-    assert agreement > 0.9, agreement  # fp16 flips a few bits of a random model; fp32 parity is the gate
+    # Measured 0.99988 (1 of 8,336 bits differs) with the current fp32 placement, 2-core x86_64 CPU,
+    # ONNX Runtime 1.32; fp32 parity is the gate, this holds the fp16 path to what it achieves.
+    assert agreement > 0.999, agreement
+
+
+def test_random_weights_export_leaves_only_the_artifact(tiny_artifact):
+    """`tiny_artifact` is `export --random-weights` through the CLI: its tiny T5 went into the
+    artifact (graph and tokenizer) and the temporary T5 folder beside it is gone."""
+    m = read_manifest(tiny_artifact, full=True)
+    assert m.has_graph("text_encoder") and m.tokenizer_file.is_file()
+    assert m.data["source"]["command"] == f"varedit-deploy export --random-weights --model tiny-2b --out {tiny_artifact}"
+    assert [p.name for p in tiny_artifact.parent.iterdir()] == ["tiny-2b"]
+
+
+def test_export_from_a_release_folder_loads_the_release_weights(tmp_path, tiny_text_dir, monkeypatch, capsys):
+    """`export --checkpoint-dir`: the CLI loads the release strictly and hands that model to the
+    exporter (replaced here by a recorder; exporting itself is tested above)."""
+    from fixture_writer import release_like, write_release
+
+    import varedit_deploy.export.artifacts as artifacts
+    from varedit_deploy.cli import main
+    from varedit_deploy.config import PRESETS
+
+    config = release_like(4, 2)
+    monkeypatch.setitem(PRESETS, config.name, config)
+    model = VAREditModel.random(config, seed=5)
+    write_release(tmp_path, model, 2, None, True, tiny_text_dir)
+    seen = {}
+    monkeypatch.setattr(artifacts, "export_artifacts", lambda m, out, **kw: seen.update(model=m, out=out, **kw))
+    out = tmp_path / "art"
+    assert main(["export", "--checkpoint-dir", str(tmp_path), "--model", config.name, "--out", str(out)]) == 0
+    loaded = seen["model"]
+    assert seen["out"] == out and seen["precision"] == "fp32"
+    assert seen["source"]["command"].startswith(f"varedit-deploy export --checkpoint-dir {tmp_path}")
+    for ours, theirs in ((model.transformer, loaded.transformer), (model.vae, loaded.vae)):
+        a, b = ours.state_dict(), theirs.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert loaded.text_encoder is not None and loaded.text_encoder.precision == "fp32"
+
+
+@pytest.mark.parametrize("sources", [[], ["--random-weights", "--fixture", "{fixture}"],
+                                     ["--checkpoint-dir", "{tmp}", "--random-weights"]])
+def test_export_needs_exactly_one_model_source(sources, tmp_path, capsys):
+    from conftest import fixture_dir
+
+    from varedit_deploy.cli import main
+
+    argv = [a.format(fixture=fixture_dir("tiny-2b"), tmp=tmp_path) for a in sources]
+    assert main(["export", *argv, "--model", "tiny-2b", "--out", str(tmp_path / "art")]) == 1
+    assert "give exactly one model source" in capsys.readouterr().err
+    assert not (tmp_path / "art").exists()

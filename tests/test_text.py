@@ -47,3 +47,23 @@ def test_bad_instructions(tiny_text_dir):
                                                ("4.56.0", "dtype"), ("4.57.0.dev0", "dtype"), ("5.24.0", "dtype")])
 def test_the_dtype_keyword_follows_the_installed_transformers(version, keyword):
     assert dtype_argument(version) == keyword
+
+
+def test_text_encoder_folder_errors(tiny_text_dir, tmp_path):
+    import shutil
+
+    from varedit_deploy.errors import CheckpointError
+    from varedit_deploy.model.text import load_tokenizer
+
+    with pytest.raises(CheckpointError, match="unknown text encoder precision 'int4'"):
+        T5TextEncoder(tiny_text_dir, "int4")
+    with pytest.raises(CheckpointError, match="no config.json"):
+        T5TextEncoder(tmp_path, "fp32")
+    broken = tmp_path / "t5"
+    shutil.copytree(tiny_text_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match="text encoder in .*cannot be loaded"):
+        T5TextEncoder(broken, "fp32")
+    (broken / "spiece.model").write_bytes(b"not a sentencepiece model")
+    with pytest.raises(CheckpointError, match="tokenizer in .*cannot be loaded"):
+        load_tokenizer(broken)

@@ -3,7 +3,9 @@
 Teacher forcing: each scale's logits are computed from the fixture's earlier bits, so the
 comparison isolates one scale at a time (RNG streams cannot be matched across
 implementations, logits can). The sampled bits are still drawn with the fixture seed's
-official CPU noise and must all agree.
+official CPU noise and must agree, except where the official draw was a near-tie: a bit whose
+official sampling margin (`sampling_margin`) is below the logit tolerance can be flipped by a
+correct float32 implementation, so such a bit is reported as explained; any other fails.
 """
 
 from __future__ import annotations
@@ -23,6 +25,23 @@ FEATURE_TOL = 1e-4  # relative, VAE encoder output and source prefix
 CODES_TOL = 1e-5  # absolute, summed codes
 
 
+def sampling_margin(logits: np.ndarray, noise: np.ndarray, drop_threshold: float) -> np.ndarray:
+    """How far each official draw is from turning over, in logit units, per row of [R, 2].
+
+    The official sampler (fixtures README "Sampling") draws bit 1 iff p1 / E1 > p0 / E0, unless
+    top-p dropped a value (p <= drop_threshold). With D = l1 - l0 that is: bit 1 iff
+    D > clip(log E1 - log E0, -T, T), T = log((1 - drop_threshold) / drop_threshold). Moving the
+    two logits by m in opposite directions moves D by 2m, so the smallest change of the logits
+    (largest absolute change of any one) that flips the draw is |D - flip point| / 2.
+    """
+    lg = np.asarray(logits, np.float64).reshape(-1, 2)
+    e = np.asarray(noise, np.float64).reshape(-1, 2)
+    thr = float(drop_threshold)
+    t = np.inf if thr <= 0 else np.log((1.0 - thr) / thr)
+    flip_point = np.clip(np.log(e[:, 1]) - np.log(e[:, 0]), -t, t)
+    return np.abs(lg[:, 1] - lg[:, 0] - flip_point) / 2
+
+
 @dataclass
 class ScaleRow:
     scale: int
@@ -31,14 +50,21 @@ class ScaleRow:
     logit_max: float
     bits_total: int
     bits_differ: int
+    bits_explained: int = 0  # differing bits whose official margin is below the logit tolerance
+    worst_margin: float = 0.0  # the largest official margin among the explained ones
 
     @property
     def rel(self) -> float:
         return self.logit_err / max(self.logit_max, 1e-30)
 
     @property
+    def logit_tol(self) -> float:
+        """The absolute logit tolerance at every position of this scale."""
+        return LOGIT_TOL * self.logit_max
+
+    @property
     def ok(self) -> bool:
-        return self.rel <= LOGIT_TOL and self.bits_differ == 0
+        return self.rel <= LOGIT_TOL and self.bits_differ == self.bits_explained
 
 
 @dataclass
@@ -79,14 +105,19 @@ class ParityReport:
             lines.append(
                 f"{r.scale:>5} {r.side:>4} {r.logit_err:>12.3e} {r.logit_max:>11.3e} {r.rel:>9.2e} "
                 f"{r.bits_differ:>6}/{r.bits_total:<7}  {'yes' if r.ok else 'NO'}"
+                + (f"  ({r.bits_explained} near-tie, margin <= {r.worst_margin:.1e} < tolerance {r.logit_tol:.1e})"
+                   if r.bits_explained else "")
             )
         lines.append(f"{'tensor':<16} {'error':>10} {'kind':>9} {'tolerance':>10}  ok")
         for t in self.tensors:
             kind = "relative" if t.relative else "absolute"
             lines.append(f"{t.name:<16} {t.value:>10.3e} {kind:>9} {t.tol:>10.1e}  {'yes' if t.ok else 'NO'}")
         lines.append(f"final image (uint8): max difference {self.image_lsb} LSB (information; decoded pixels gate)")
+        explained = sum(r.bits_explained for r in self.scales)
+        lines.append(f"near-ties: {explained} differing bit(s) whose official sampling margin is below the logit "
+                     f"tolerance (explained); any other differing bit fails")
         lines.append(f"verdict: {'PASS' if self.ok else 'FAIL'} (tolerances: logits {LOGIT_TOL:g} relative, "
-                     f"0 differing bits, decoded pixels {PIXEL_TOL:g})")
+                     f"no unexplained differing bit, decoded pixels {PIXEL_TOL:g})")
         return "\n".join(lines)
 
 
@@ -140,17 +171,32 @@ class FixtureRun:
     decoded: np.ndarray | None  # [1, 3, S, S]; likewise
 
 
+def official_noise(config: ModelConfig) -> list[np.ndarray]:
+    """The Exp(1) noise the official sampler drew at every scale ([n_s * d_tok, 2]) for the config's seed."""
+    from .sampling import TorchCPUNoise
+
+    noise = TorchCPUNoise(config.sampling.seed)
+    return [noise.draw(n * config.transformer.d_tok) for n in config.schedule.tokens]
+
+
 def compare(fixture: FixtureData, run: FixtureRun, backend: str) -> ParityReport:
+    from .sampling import SamplerInputs
+
     exp = fixture.expected
     report = ParityReport(str(fixture.folder), backend)
+    threshold = float(SamplerInputs.from_params(fixture.config.sampling).drop_threshold[0])
+    noise = official_noise(fixture.config)
     for s, side in enumerate(fixture.config.schedule.sides):
         ref = exp[f"logits_{s}"].reshape(-1, 2)
         got = run.guided_logits[s].reshape(-1, 2)
         ref_bits = exp[f"sampled_{s}"].reshape(-1)
-        got_bits = run.bits[s].reshape(-1)
-        report.scales.append(ScaleRow(
-            s, side, _max_abs(got - ref), _max_abs(ref), ref_bits.size, int(np.sum(got_bits != ref_bits))
-        ))
+        differ = run.bits[s].reshape(-1) != ref_bits
+        row = ScaleRow(s, side, _max_abs(got - ref), _max_abs(ref), ref_bits.size, int(np.sum(differ)))
+        if row.bits_differ:
+            margins = sampling_margin(ref[differ], noise[s][differ], threshold)
+            near = margins[margins < row.logit_tol]
+            row.bits_explained, row.worst_margin = int(near.size), float(near.max()) if near.size else 0.0
+        report.scales.append(row)
     pairs = [
         ("source_prefix", run.source_prefix, exp["source_prefix"], FEATURE_TOL, True),
         ("summed_codes", run.summed, exp["summed_codes"][:, :, 0], CODES_TOL, False),
@@ -193,7 +239,9 @@ def run_reference(fixture: FixtureData) -> FixtureRun:
 
 def run_exported(fixture: FixtureData, backend: str) -> FixtureRun:
     """Export the fixture's model and replay it on `backend` under teacher forcing (fp32 graphs;
-    TensorRT backends first build fp32 engines for this GPU)."""
+    TensorRT backends first build fp32 engines for this GPU). The export skips its per-graph
+    comparison with torch: this replay against the official tensors is the stronger check, and
+    at 1024 px the comparison doubles the export time."""
     import tempfile
 
     from .export.artifacts import export_artifacts
@@ -204,7 +252,8 @@ def run_exported(fixture: FixtureData, backend: str) -> FixtureRun:
     cfg = fixture.config
     with tempfile.TemporaryDirectory() as tmp:
         folder = export_artifacts(VAREditModel.from_fixture(fixture.folder), Path(tmp) / "artifact",
-                                  source={"fixture": str(fixture.folder)}, progress=lambda _: None)
+                                  source={"fixture": str(fixture.folder)}, progress=lambda _: None,
+                                  validate=False)
         options = {}
         if backend in ("tensorrt", "tensorrt-rtx"):
             from .build.engines import BuildOptions, build_engines

@@ -3,8 +3,10 @@
 Strongly typed networks take their precision from the ONNX types, so the build converts each
 fp32 graph: matrix work in half precision; normalisations, softmax, exponentials, reductions
 and every graph input/output stay in fp32 (DESIGN.md: norms, softmax accumulation and logits
-in fp32). BF16 reuses the FP16 placement and re-rounds every converted initializer from its
-fp32 original, so no value is rounded twice.
+in fp32). A normalisation written out in primitive ops (the VAE's GroupNorm, T5's RMSNorm) stays
+fp32 as a whole: every node of a module scope that takes a ReduceMean. BF16 reuses the FP16
+placement and re-rounds every converted initializer from its fp32 original, so no value is
+rounded twice.
 
 Initializers whose data is not in the proto yet (the stubs of a streamed export) are only
 retyped here; their values are converted by `cast_values` as they are written.
@@ -27,6 +29,15 @@ def graph_precision(graph: str, precision: str) -> str:
     return precision if graph in HALF_GRAPHS else "fp32"
 
 
+def normalisation_nodes(model) -> list[str]:
+    """Names of the nodes in every module scope that holds a ReduceMean (the TorchScript exporter
+    names nodes by module path, `/mid/block_1/norm1/ReduceMean`): the statistics, centring,
+    scaling and affine of that normalisation all stay fp32."""
+    scopes = {n.name.rsplit("/", 1)[0] + "/" for n in model.graph.node if n.op_type == "ReduceMean"}
+    scopes.discard("/")  # a graph-level reduction is not a normalisation scope
+    return [n.name for n in model.graph.node if n.name.startswith(tuple(scopes))]
+
+
 def to_half(model, precision: str):
     """fp32 ModelProto -> fp16 or bf16 ModelProto with fp32 I/O."""
     from unittest import mock
@@ -45,7 +56,9 @@ def to_half(model, precision: str):
         return onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
 
     with mock.patch.object(float16, "make_value_info_from_tensor", value_info):
-        half = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=KEEP_FP32_OPS)
+        half = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=KEEP_FP32_OPS,
+                                                node_block_list=normalisation_nodes(model))
+    _skip_half_round_trips(half)
     if precision == "bf16":
         _relabel_bf16(half, originals)
     _sort_nodes(half.graph)
@@ -112,6 +125,57 @@ def cast_values(values: np.ndarray, data_type: int) -> np.ndarray:
     if data_type == onnx.TensorProto.BFLOAT16:
         return _bf16_bits(values)
     return np.ascontiguousarray(values, onnx.helper.tensor_dtype_to_np_dtype(data_type))
+
+
+def _skip_half_round_trips(model) -> None:
+    """Let fp32 consumers read fp32 values directly.
+
+    The converter casts every output of an fp32 node to fp16 and casts it back before the next
+    fp32 node, so a value passing between two fp32 nodes (a chain like GroupNorm's centring,
+    square, mean and square root, or a graph input read in fp32) is rounded to fp16 on the way,
+    and can overflow there. Each Cast(fp16 -> fp32) of a Cast(fp32 -> fp16) now reads the fp32
+    value (a graph output keeps its Cast, as an fp32 copy); casts left without readers go.
+    """
+    import onnx
+
+    float32, float16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    graph = model.graph
+
+    def cast_to(node) -> int | None:
+        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+
+    types = {v.name: v.type.tensor_type.elem_type for v in (*graph.value_info, *graph.input)}
+    cast_of = {n.output[0]: n.input[0] for n in graph.node if cast_to(n) in (float32, float16)}
+
+    def unrounded(name: str) -> str | None:
+        """The earliest fp32 value of a chain of float casts that ends in `name`."""
+        found = None
+        while name in cast_of and types.get(cast_of[name]) in (float32, float16):
+            name = cast_of[name]
+            found = name if types[name] == float32 else found
+        return found
+
+    outputs = {o.name for o in graph.output}
+    original = {}
+    for node in graph.node:
+        if cast_to(node) == float32 and (source := unrounded(node.output[0])) is not None:
+            if node.output[0] in outputs:
+                node.input[0] = source  # the graph output keeps its name: an fp32 copy
+            else:
+                original[node.output[0]] = source
+    for node in graph.node:
+        node.input[:] = [original.get(name, name) for name in node.input]
+    while True:
+        read = {name for n in graph.node for name in n.input} | outputs
+        unused = [n for n in graph.node if n.op_type == "Cast" and n.output[0] not in read]
+        if not unused:
+            break
+        for node in unused:
+            graph.node.remove(node)
+    produced = {name for n in graph.node for name in n.output}
+    kept = [v for v in graph.value_info if v.name in produced]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
 
 
 def _bf16_bits(x: np.ndarray) -> np.ndarray:

@@ -1,9 +1,10 @@
 """The BSQ-VAE encoder and decoder (spec/vae-text.md 1.2-1.4).
 
 Plain convolutional nets: GroupNorm(32, eps 1e-6) + SiLU ResNet blocks, asymmetric-pad
-stride-2 downsampling, nearest x2 upsampling, no attention. The encoder returns only the
-raw latent (the official one also keeps every block output alive); the quantizer has no
-parameters, so bits <-> codes live in `codes.py`. Parameter names are the official "plain"
+stride-2 downsampling, nearest x2 upsampling, no attention. GroupNorm takes its statistics row
+by row (`group_norm`) so that every backend keeps float32 accuracy at 1024 px. The encoder
+returns only the raw latent (the official one also keeps every block output alive); the
+quantizer has no parameters, so bits <-> codes live in `codes.py`. Parameter names are the official "plain"
 spelling; the checkpoint loader also accepts the `.conv.`/`.norm.` wrapper spelling.
 """
 
@@ -16,8 +17,35 @@ from torch import nn
 from ..config import VAEConfig
 
 
-def _norm(ch: int) -> nn.GroupNorm:
-    return nn.GroupNorm(32, ch, eps=1e-6)
+def group_norm(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """`F.group_norm` on [B, C, H, W], with every mean taken over image rows first, then over the rows.
+
+    A group at 1024 px holds about 1M values. ONNX Runtime's CPU kernels (InstanceNormalization,
+    and ReduceMean over a whole group) sum them in a few long float32 runs and lose about 1e-5
+    relative; a mean of W values per row, then a mean of those row means, keeps every sum at
+    most a few thousand long (2e-7 relative, as accurate as torch: benchmarks/vae_group_norm.py).
+    For equal-length rows the mean of row means is the group mean, so this is GroupNorm itself.
+    Export traces it as ReduceMean/Sub/Pow/Sqrt/Div, which the fp16 lowering keeps in fp32
+    (build/precision.py).
+    """
+    b, c, h, w = x.shape
+    rows = x.reshape(b, groups, (c // groups) * h, w)
+    mean = rows.mean(-1, keepdim=True).mean(-2, keepdim=True)
+    centred = rows - mean
+    var = centred.pow(2).mean(-1, keepdim=True).mean(-2, keepdim=True)
+    normed = (centred / torch.sqrt(var + eps)).reshape(b, c, h, w)
+    return normed * weight[:, None, None] + bias[:, None, None]
+
+
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm's parameters and names (the checkpoints' layout), computed by `group_norm`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def _norm(ch: int) -> GroupNorm:
+    return GroupNorm(32, ch, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):

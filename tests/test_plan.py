@@ -1,0 +1,102 @@
+"""`varedit-deploy plan` and build/memory_plan.py, against the modules themselves and the spec's numbers."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from varedit_deploy.build.memory_plan import (
+    BYTES, DEVICES, GIB, T5_XL_PARAMS, kv_cache_bytes, plan, transformer_params, vae_params,
+)
+from varedit_deploy.cli import main
+from varedit_deploy.config import PRESETS, from_name
+from varedit_deploy.model.transformer import VAREditTransformer
+from varedit_deploy.model.vae import BSQVAE
+from varedit_deploy.runtime.kv_cache import KVCache
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_parameter_formulas_count_what_the_modules_hold(name):
+    """Oracle: the modules built on the meta device (no memory), for every preset."""
+    config = from_name(name)
+    with torch.device("meta"):
+        tr, vae = VAREditTransformer(config), BSQVAE(config.vae)
+    assert transformer_params(config) == sum(p.numel() for p in tr.parameters())
+    assert vae_params(config) == sum(p.numel() for p in vae.parameters())
+
+
+def test_release_totals_are_the_spec_counts():
+    # spec/transformer.md 1.2: 2,204,564,032 (2B) and 8,375,791,824 (8B), from the official class
+    assert transformer_params(from_name("2b-512")) == 2_204_564_032
+    assert transformer_params(from_name("8b-1024")) == 8_375_791_824
+    p = plan(from_name("8b-1024"), "bf16", workspace_gib=1.0, text_len=77)
+    assert p.transformer_weights == pytest.approx(8_375_791_824 * 2 / GIB)
+    assert p.text_encoder_weights > T5_XL_PARAMS * 2 / GIB  # fp16 T5 with the fp32 FFN outputs
+
+
+def _shape_only(shape, dtype):
+    """A buffer of `shape` that takes no memory (the 8B-1024 cache is 34 GB in fp32)."""
+    return np.broadcast_to(np.zeros((), dtype), shape)
+
+
+@pytest.mark.parametrize("name", ["tiny-2b", "2b-512", "8b-1024"])
+def test_kv_cache_bytes_equal_the_runtime_allocation(name):
+    """Oracle: what the runtime's KVCache actually allocates for the schedule (spec 3.7 layout)."""
+    config = from_name(name)
+    t, sched = config.transformer, config.schedule
+    cache = KVCache.allocate(t.depth, t.heads, t.head_dim, sched.source_tokens, sched.starts, sched.tokens,
+                             empty=_shape_only)
+    allocated = sum(b.nbytes for b in (*cache.k, *cache.v, cache.sar_k, cache.sar_v))
+    assert kv_cache_bytes(config, 4) == allocated
+    if name == "2b-512":  # layer 0: 2521 targets + 2521 pooled references; 31 layers of 1024 + 2521
+        assert allocated == (2 * 2521 + 31 * 3545) * 2 * 2 * 2048 * 4
+
+
+def test_plan_totals_and_ordering():
+    config = from_name("8b-1024")
+    plans = {p: plan(config, p, 1.0, 77) for p in BYTES}
+    for p in plans.values():
+        assert p.total == pytest.approx(p.transformer_weights + p.text_encoder_weights + p.vae_weights
+                                        + p.kv_cache + p.activations + p.workspace)
+    assert plans["fp32"].total > plans["bf16"].total == plans["fp16"].total > plans["int8"].total
+    assert plans["int8"].transformer_weights == pytest.approx(plans["fp16"].transformer_weights / 2)
+    assert plans["fp32"].activations > plans["fp16"].activations  # fp32 counts the unfused score matrix
+    tiny = plan(from_name("tiny-2b"), "fp16", 0.0, 77)
+    assert tiny.text_encoder_weights == 0.0  # tiny presets have no T5-XL
+
+
+def _rows(out: str) -> dict[str, tuple[float, str]]:
+    rows = {}
+    for line in out.splitlines():
+        m = re.match(r"(fp32|bf16|fp16|int8|fp8)\s+(?:[\d.]+\s+){6}([\d.]+)\s+(yes|no)$", line)
+        if m:
+            rows[m[1]] = (float(m[2]), m[3])
+    return rows
+
+
+def test_plan_cli_for_a_jetson_and_for_a_memory_size(capsys):
+    assert main(["plan", "--model", "8b-1024", "--device", "orin-agx-64"]) == 0
+    out = capsys.readouterr().out
+    total, reserved = DEVICES["orin-agx-64"]
+    assert f"budget {total - reserved:.1f} GiB" in out
+    rows = _rows(out)
+    assert set(rows) == set(BYTES)
+    for precision, (gib, fits) in rows.items():
+        assert gib == pytest.approx(plan(from_name("8b-1024"), precision, 1.0, 77).total, abs=0.01)
+        assert fits == ("yes" if gib <= total - reserved else "no")
+    assert rows["fp32"][1] == "no" and rows["int8"][1] == "yes"  # 8B in fp32 is 31 GiB of weights alone
+    assert main(["plan", "--model", "tiny-8b", "--memory-gib", "0.5", "--workspace", "0.1"]) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert all(fits == "yes" for _, fits in rows.values())
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "give --device"),
+    (["--device", "orin-nx-16", "--memory-gib", "8"], "give --device"),
+    (["--device", "xavier-32"], "unknown device 'xavier-32'"),
+    (["--model", "9b-512", "--memory-gib", "8"], "unknown model"),
+])
+def test_plan_cli_errors(argv, message, capsys):
+    assert main(["plan", *argv]) == 1
+    assert message in capsys.readouterr().err
