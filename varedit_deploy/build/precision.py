@@ -36,7 +36,38 @@ def to_half(model, precision: str):
     half = convert_float_to_float16(model, keep_io_types=True, op_block_list=KEEP_FP32_OPS)
     if precision == "bf16":
         _relabel_bf16(half, originals)
+    _sort_nodes(half.graph)
     return half
+
+
+def _sort_nodes(graph) -> None:
+    """Restore topological node order (ONNX requires it; the fp16 converter appends its input casts
+    after their readers), keeping the original order wherever it is already valid."""
+    import heapq
+
+    nodes = list(graph.node)
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    producer = {o: k for k, n in enumerate(nodes) for o in n.output}
+    waiting = [0] * len(nodes)
+    readers: dict[int, list[int]] = {}
+    for k, n in enumerate(nodes):
+        for i in set(n.input) - available:
+            waiting[k] += 1
+            readers.setdefault(producer[i], []).append(k)
+    ready = [k for k, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        k = heapq.heappop(ready)
+        order.append(k)
+        for r in readers.get(k, ()):
+            waiting[r] -= 1
+            if waiting[r] == 0:
+                heapq.heappush(ready, r)
+    if len(order) != len(nodes):
+        raise AssertionError(f"graph {graph.name} has a cycle")
+    graph.ClearField("node")
+    graph.node.extend(nodes[k] for k in order)
 
 
 def _bf16_bits(x: np.ndarray) -> np.ndarray:
