@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .config import ModelConfig
 from .errors import ArtifactError
 
@@ -57,6 +59,16 @@ class Manifest:
 
     def has_graph(self, name: str) -> bool:
         return name in self.graphs
+
+    @property
+    def quantization(self) -> dict[str, Any] | None:
+        """What `varedit-deploy quantize` recorded (mode, method, exclusions, ...); None for exported artifacts."""
+        return self.data.get("quantization")
+
+    @property
+    def kv_cache_dtype(self) -> np.dtype:
+        """Element type of the KV caches the graphs read and write (int8 for an 8-bit-cache artifact)."""
+        return np.dtype(self.data.get("kv_cache", {}).get("dtype", "float32"))
 
     @property
     def tokenizer_file(self) -> Path | None:

@@ -36,7 +36,7 @@ class ScaleLoop:
         self.source_tokens, self.latent_side = sched["source_tokens"], sched["latent_side"]
         t, empty, f32 = self.tcfg, backend.empty, np.float32
         self.cache = KVCache.allocate(t.depth, t.heads, t.head_dim, self.source_tokens, self.starts, self.tokens,
-                                      empty=empty)
+                                      dtype=manifest.kv_cache_dtype, empty=empty)
         self.x = [empty((2, n, t.dim), f32) for n in self.tokens]
         self.logits = [empty((2, n, t.num_logits), f32) for n in self.tokens]
         self.bits = [empty((1, n, t.d_tok), np.int64) for n in self.tokens]
