@@ -179,6 +179,22 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .calibration.quantize import QuantizeOptions, quantize_artifacts
+
+    names = ("mode", "method", "high_precision", "min_bit_agreement", "calibration", "calibration_edits", "held_out",
+             "fixture", "kv_cache", "samples_per_scale")
+    given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    if args.exclude is not None:
+        given["exclude"] = tuple(args.exclude)
+    opts = QuantizeOptions(**given, search=not args.no_search)
+    quantize_artifacts(args.artifacts, args.out, opts,
+                       command="varedit-deploy " + " ".join(shlex.quote(a) for a in args.argv))
+    return 0
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     from .build.memory_plan import DEVICES, plan_table
     from .config import from_name
@@ -235,13 +251,42 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="build TensorRT / TensorRT-RTX engines from an artifact")
     p.add_argument("--artifacts", required=True, type=Path)
     p.add_argument("--flavour", default="tensorrt-rtx", choices=["tensorrt", "tensorrt-rtx"])
-    p.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16", "int8", "fp8", "int4"],
+                   help="engine precision (default: fp16 for an fp32 artifact, the stored precision of an fp16/bf16 "
+                        "one, the quantisation mode of a quantised one)")
     p.add_argument("--target", nargs="+", default=["sm89"],
                    help="SM targets for tensorrt-rtx (sm75 sm80 sm86 sm89 sm120 sm121); 'current' for tensorrt")
     p.add_argument("--timing-cache", type=Path, help="timing cache file to read and update")
     p.add_argument("--workspace", type=float, help="workspace limit in GiB")
     p.add_argument("--weight-streaming", action="store_true", help="build with weight streaming enabled")
     p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("quantize", help="quantise an fp32 artifact (INT8, FP8, INT4 weight-only) from calibrated "
+                                        "Q/DQ, with a sensitivity search and an accuracy report")
+    p.add_argument("--artifacts", required=True, type=Path, help="fp32 artifact folder (see `export`)")
+    p.add_argument("--out", required=True, type=Path, help="quantised artifact folder to write (replaced atomically)")
+    p.add_argument("--mode", required=True, choices=["int8", "fp8", "int4"],
+                   help="int8: W8A8; fp8: E4M3 weights and activations; int4: block-wise weight-only")
+    p.add_argument("--method", help="calibration: int8 entropy (default) or max; fp8 max; int4 awq_clip (default), "
+                                    "awq_lite or rtn_dq")
+    p.add_argument("--high-precision", choices=["fp16", "fp32"],
+                   help="what is not quantised is stored in (default fp16)")
+    p.add_argument("--exclude", nargs="*", metavar="PATTERN",
+                   help="layer groups to keep in high precision, as regular expressions over names like "
+                        "blocks.3.fc2 (default: the recipe's; with no pattern: none)")
+    p.add_argument("--min-bit-agreement", type=float,
+                   help="teacher-forced bit agreement the sensitivity search must reach (default 0.99)")
+    p.add_argument("--no-search", action="store_true", help="quantise every candidate group, no sensitivity search")
+    p.add_argument("--calibration", type=Path,
+                   help="folder of photos with instructions.txt, or a CSV image,instruction[,split] "
+                        "(default: photos from scikit-image and the bundled sample x 32 instructions)")
+    p.add_argument("--calibration-edits", type=int, help="use only the first N calibration edits")
+    p.add_argument("--held-out", type=int, help="use only the first N held-out edits")
+    p.add_argument("--samples-per-scale", type=int, help="recorded inputs per graph and input shape (default 8)")
+    p.add_argument("--fixture", type=Path, help="for artifacts exported from a golden fixture (no text encoder): "
+                                                "its text features stand in for every instruction")
+    p.add_argument("--kv-cache", choices=["int8"], help="an 8-bit KV cache with per-channel scales")
+    p.set_defaults(func=_cmd_quantize)
 
     p = sub.add_parser("plan", help="memory plan per precision for a device (e.g. Jetson) or a memory size")
     p.add_argument("--model", default="8b-512")
