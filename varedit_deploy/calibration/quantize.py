@@ -2,13 +2,13 @@
 
 1. Calibration: the calibration edits run on the fp32 graphs (ONNX Runtime) through a backend
    that records every graph call's inputs. 2. References: the held-out edits run on fp32.
-3. Sensitivity: every candidate layer group is quantised once (ModelOpt, fp32 elsewhere), then
-   scored alone and in growing sets on the held-out edits; the search picks what stays in high
-   precision. 4. The artifact: ModelOpt quantises the chosen groups with everything else in
-   `--high-precision`; the other graphs are lowered as `export --precision` would lower them;
-   optionally the KV cache becomes int8. 5. The report: the artifact and an fp16 artifact
-   against fp32 on the held-out edits. The output folder is written under a temporary name and
-   renamed when complete.
+3. Quantisation: ModelOpt quantises every candidate layer group once (fp32 elsewhere); keeping
+   only some groups quantised needs no new calibration (`ptq.keep_quantized`). 4. Sensitivity:
+   groups are scored alone and in growing sets on the held-out edits; the search picks what stays
+   in high precision. 5. The artifact: the chosen groups quantised, everything lowered to
+   `--high-precision` as `export --precision` lowers graphs; optionally an int8 KV cache.
+6. The report: the artifact and an fp16 artifact against fp32 on the held-out edits.
+The output folder is written under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ def quantize_artifacts(artifacts: str | Path, out: str | Path, opts: QuantizeOpt
             run.work = Path(work)
             run.calibrate()
             run.references()
+            run.quantize()
             found = run.sensitivity()
             result = run.write(tmp, found)
             rep = run.report(result, found)
@@ -153,6 +154,8 @@ class _Quantization:
         self.backend = OnnxRuntimeBackend(manifest)
         self.recording = Recording(per_shape=opts.samples_per_scale, per_graph=opts.samples_per_scale * 16)
         self.refs: list[EditRun] = []
+        self.sources: dict[str, Any] = {}  # graph -> fp32 ModelProto
+        self.full: dict[str, Any] = {}  # graph -> every candidate group quantised, fp32 elsewhere
         self.work = Path()
         self.progress(f"{opts.mode} ({method}) of {manifest.folder}: {len(self.candidates)} layer groups in "
                       f"{', '.join(self.graphs)} ({len(self.excluded)} excluded by "
@@ -163,7 +166,7 @@ class _Quantization:
                        f"{message} [{time.perf_counter() - self._t0:.0f} s]")
 
     def calibrate(self) -> None:
-        self.progress(f"[1/5] calibration: {len(self.calib.calibration)} edits on the fp32 graphs (ONNX Runtime)")
+        self.progress(f"[1/6] calibration: {len(self.calib.calibration)} edits on the fp32 graphs (ONNX Runtime)")
         recorder = EditPipeline(self.manifest, RecordingBackend(self.backend, self.recording))
         for i, pair in enumerate(self.calib.calibration):
             run_edit(recorder, self.text, pair, seed=10_000 + i, decode=False)
@@ -171,8 +174,22 @@ class _Quantization:
                                                     f"{self.recording.shapes(g)} input shapes" for g in self.graphs))
 
     def references(self) -> None:
-        self.progress(f"[2/5] references: {len(self.calib.held_out)} held-out edits on fp32")
+        self.progress(f"[2/6] references: {len(self.calib.held_out)} held-out edits on fp32")
         self.refs = reference_runs(EditPipeline(self.manifest, self.backend), self.text, self.calib.held_out)
+
+    def quantize(self) -> None:
+        import onnx
+
+        self.progress(f"[3/6] {self.opts.mode} Q/DQ of {len(self.candidates)} layer groups with ModelOpt "
+                      f"({self.method} calibration on the CPU)")
+        for g in self.graphs:
+            self.sources[g] = onnx.load(str(self.manifest.graph_path(g)))
+            self.full[g] = quantize_graph(self.sources[g], self.opts.mode, self.method,
+                                          self.recording.samples.get(g, []), _nodes(self.candidates, g), g)
+
+    def _variant(self, graph: str, quantised: list[LayerGroup]):
+        """`graph` with only the groups `quantised` quantised (same scales as the full quantisation)."""
+        return keep_quantized(self.full[graph], self.sources[graph], set(_nodes(quantised, graph)))
 
     def _agreement(self, swaps: dict[str, Path], manifest: Manifest | None = None) -> float:
         """Teacher-forced agreement of the fp32 artifact with some graphs swapped (and its manifest's cache type)."""
@@ -186,21 +203,16 @@ class _Quantization:
     def sensitivity(self) -> SearchResult:
         names = [c.name for c in self.candidates]
         if not self.opts.search:
-            self.progress("[3/5] sensitivity search skipped (--no-search)")
+            self.progress("[4/6] sensitivity search skipped (--no-search)")
             return SearchResult(self.opts.min_bit_agreement, [])
-        import onnx
-
-        self.progress(f"[3/5] sensitivity of {len(names)} layer groups (quantised once, scored on the held-out edits)")
-        sources = {g: onnx.load(str(self.manifest.graph_path(g))) for g in self.graphs}
-        full = {g: quantize_graph(sources[g], self.opts.mode, self.method, self.recording.samples.get(g, []),
-                                  _nodes(self.candidates, g), "fp32", g) for g in self.graphs}
+        self.progress(f"[4/6] sensitivity of {len(names)} layer groups, scored on the held-out edits (fp32 elsewhere)")
 
         def evaluate(quantised: set[str]) -> float:
             chosen = [c for c in self.candidates if c.name in quantised]
             swaps = {}
             for g in self.graphs:
                 swaps[g] = self.work / f"{g}.variant.onnx"
-                _save(keep_quantized(full[g], sources[g], set(_nodes(chosen, g))), swaps[g])
+                _save(self._variant(g, chosen), swaps[g])
             return self._agreement(swaps)
 
         found = search(names, evaluate, self.opts.min_bit_agreement, self.progress)
@@ -211,7 +223,7 @@ class _Quantization:
         """Write every graph, the tokenizer and the quantisation record into `folder`."""
         opts = self.opts
         chosen = [c for c in self.candidates if c.name not in found.kept]
-        self.progress(f"[4/5] writing the {opts.mode} artifact ({opts.high_precision} elsewhere"
+        self.progress(f"[5/6] writing the {opts.mode} artifact ({opts.high_precision} elsewhere"
                       f"{', int8 KV cache' if opts.kv_cache else ''})")
         scales = kv_cache.calibrate_scales(self.recording.samples) if opts.kv_cache else {}
         graphs = {name: self._write_graph(name, entry, folder, chosen, scales)
@@ -244,15 +256,14 @@ class _Quantization:
         cache_io = bool(scales) and _has_cache_io(entry)
         quantized = None
         if nodes:
-            source = onnx.load(str(self.manifest.graph_path(name)))
-            model = quantize_graph(source, opts.mode, self.method, self.recording.samples[name], nodes,
-                                   opts.high_precision, name)
+            model = self._variant(name, chosen)
             quantized = {"mode": opts.mode, "nodes": len(nodes)}
         elif lowered != "fp32" or cache_io:
             model = onnx.load(str(self.manifest.graph_path(name)))
-            model = to_half(model, lowered) if lowered != "fp32" else model
         else:
             return {**entry, "files": _copy(self.manifest, entry["files"], folder)}
+        if lowered != "fp32":
+            model = to_half(model, lowered)
         if cache_io:
             kv_cache.rewrite(model, scales)
         return _entry(folder, _save(model, target), entry, model, lowered, quantized)
@@ -275,7 +286,7 @@ class _Quantization:
     def report(self, result: Manifest, found: SearchResult) -> dict[str, Any]:
         import onnx
 
-        self.progress("[5/5] accuracy report: the artifact and an fp16 artifact against fp32 on the held-out edits")
+        self.progress("[6/6] accuracy report: the artifact and an fp16 artifact against fp32 on the held-out edits")
         fp16 = lowered_copy(self.manifest, self.work / "fp16", "fp16")
         runs = {}
         for label, art in (("quantized", result), ("fp16", fp16)):
