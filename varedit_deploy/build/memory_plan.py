@@ -9,9 +9,12 @@ TensorRT builds it for fp16/bf16; fp32 counts the full fp32 score matrix.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+from ..calibration.groups import blocks_quantised_by_default
 from ..config import ModelConfig
+from .capabilities import supported
 
 GIB = 2**30
 T5_XL_PARAMS = 1_224_000_000  # Flan-T5-XL encoder (65.8 M of it the embedding)
@@ -21,7 +24,11 @@ DEVICES = {  # total memory in GiB, memory the system keeps
     "orin-agx-64": (64, 4.0), "orin-agx-32": (32, 4.0), "orin-nx-16": (16, 4.0), "orin-nx-8": (8, 2.5),
     "orin-nano-8": (8, 2.5), "thor-128": (128, 4.0),
 }
-BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "fp8": 1}
+DEVICE_SM = {"orin-agx-64": "sm87", "orin-agx-32": "sm87", "orin-nx-16": "sm87", "orin-nx-8": "sm87",
+             "orin-nano-8": "sm87", "thor-128": "sm110"}  # Jetson runs full TensorRT (JetPack)
+BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+QUANTIZED = ("int8", "fp8", "int4")
+INT4_BLOCK = 128  # ModelOpt's block size for int4 weight-only (calibration/ptq.py)
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,34 @@ def vae_params(config: ModelConfig) -> int:
     return enc + dec
 
 
+def block_matmuls(config: ModelConfig) -> list[tuple[int, int]]:
+    """(K, N) of the weight products a step runs per block: qkv, proj, cross-attention q and out, fc1, fc2
+    (the layer groups calibration quantises; the cross-attention K/V projection runs in text_cond)."""
+    c, h = config.transformer.dim, config.transformer.mlp_hidden
+    return [(c, 3 * c), (c, c), (c, c), (c, c), (c, h), (h, c)]
+
+
+def quantized_matmul_bytes(k: int, n: int, mode: str, high_bytes: int = 2) -> int:
+    """What one [K, N] weight product stores once ModelOpt quantises it (checked against artifacts in the
+    tests): int8/fp8 weights with a per-channel scale and zero point, plus the activation's scale and zero
+    point; int4 weights packed two per byte with one scale per block of 128 rows per column."""
+    if mode == "int4":
+        return (k * n + 1) // 2 + math.ceil(k / INT4_BLOCK) * n * high_bytes
+    return k * n + n * (high_bytes + 1) + (high_bytes + 1)
+
+
+def transformer_bytes(config: ModelConfig, precision: str) -> int:
+    """Transformer weights at `precision`; a quantised precision quantises the block products of the
+    default recipe (calibration/groups.py) and keeps the rest in fp16."""
+    if precision not in QUANTIZED:
+        return transformer_params(config) * BYTES[precision]
+    blocks = len(blocks_quantised_by_default(precision, config.transformer.depth))
+    shapes = block_matmuls(config)
+    quantized_params = blocks * sum(k * n for k, n in shapes)
+    return ((transformer_params(config) - quantized_params) * 2
+            + blocks * sum(quantized_matmul_bytes(k, n, precision) for k, n in shapes))
+
+
 def kv_cache_bytes(config: ModelConfig, bytes_per: int) -> int:
     """All layers, K and V, CFG batch 2; layer 0 holds targets plus the pooled SAR references."""
     t, sched = config.transformer, config.schedule
@@ -97,17 +132,16 @@ def activation_bytes(config: ModelConfig, bytes_per: int, text_len: int, fused_a
     return max(worst, vae)
 
 
-def plan(config: ModelConfig, precision: str, workspace_gib: float, text_len: int) -> MemoryPlan:
+def plan(config: ModelConfig, precision: str, workspace_gib: float, text_len: int, kv_bytes: int | None = None) -> MemoryPlan:
     """Transformer weights at `precision`; T5, VAE, KV cache and activations in fp32 for an fp32
-    build and in 16 bits otherwise (no int8/fp8 recipes for those parts)."""
-    b = BYTES[precision]
+    build and in 16 bits otherwise (no quantisation recipes for those parts); `kv_bytes` 1: an 8-bit cache."""
     act = 4 if precision == "fp32" else 2
     t5 = 0
     if config.text_encoder_dir:  # the official fp16 load keeps the FFN output layers in fp32
         t5 = T5_XL_PARAMS * 4 if act == 4 else T5_XL_PARAMS * 2 + T5_XL_WO_PARAMS * 2
     return MemoryPlan(
-        precision, transformer_params(config) * b / GIB, t5 / GIB, vae_params(config) * act / GIB,
-        kv_cache_bytes(config, act) / GIB,
+        precision, transformer_bytes(config, precision) / GIB, t5 / GIB, vae_params(config) * act / GIB,
+        kv_cache_bytes(config, kv_bytes or act) / GIB,
         activation_bytes(config, act, text_len, fused_attention=precision != "fp32") / GIB, workspace_gib,
     )
 
@@ -121,18 +155,28 @@ def plan_table(config: ModelConfig, device: str | None, memory_gib: float | None
             raise InputError(f"unknown device {device!r}; known: {', '.join(DEVICES)} (or use --memory-gib)")
         total, reserved = DEVICES[device]
         budget, where = total - reserved, f"{device}: {total} GiB shared, {reserved} GiB kept for the system"
+        can = supported("tensorrt", DEVICE_SM[device])
     else:
         budget, where = float(memory_gib), f"{memory_gib} GiB available"
+        can = list(BYTES) + list(QUANTIZED)
     lines = [f"{config.name} ({config.image_size} px, {config.schedule.num_scales} scales), {where}, "
              f"budget {budget:.1f} GiB; below fp32, T5, VAE, KV cache and activations are 16-bit",
              f"{'precision':<9} {'transformer':>11} {'T5-XL':>7} {'VAE':>6} {'KV cache':>9} {'activ.':>7} "
-             f"{'workspace':>9} {'total':>7}  fits"]
-    for precision in ("fp32", "bf16", "fp16", "int8", "fp8"):
+             f"{'workspace':>9} {'total':>7}  fits   {'8-bit KV':>8}  fits"]
+    for precision in ("fp32", "bf16", "fp16", *QUANTIZED):
         p = plan(config, precision, workspace_gib, text_len)
+        kv8 = plan(config, precision, workspace_gib, text_len, kv_bytes=1)
+        if precision not in can:
+            fits = fits8 = f"no: no {precision} on {DEVICE_SM[device]}"
+        else:
+            fits, fits8 = ("yes" if x.total <= budget else "no" for x in (p, kv8))
         lines.append(f"{precision:<9} {p.transformer_weights:>11.2f} {p.text_encoder_weights:>7.2f} "
                      f"{p.vae_weights:>6.2f} {p.kv_cache:>9.2f} {p.activations:>7.2f} {p.workspace:>9.2f} "
-                     f"{p.total:>7.2f}  {'yes' if p.total <= budget else 'no'}")
-    lines.append("GiB. int8: Orin, Ampere; fp8: Ada, Hopper, Thor (no fp8 tensor cores on Orin). Attention counted "
-                 "fused below fp32. Engines built with --weight-streaming can keep part of the transformer "
-                 "weights in host memory (slower).")
+                     f"{p.total:>7.2f}  {fits:<5}  {kv8.total:>8.2f}  {fits8}")
+    lines.append("GiB. int8: W8A8 (TensorRT: Turing, Ampere, Orin); fp8: Ada, Hopper, Blackwell/Thor; int4: weight-only, "
+                 "Ampere on. Quantised rows: the block weight products of the default recipe (int8/fp8 keep the first "
+                 "and last blocks from depth 8 on), measured per weight as ModelOpt stores them; the rest in fp16 "
+                 "(a sensitivity search may keep more). 8-bit KV: `quantize --kv-cache int8`. Attention counted fused "
+                 "below fp32. Engines built with --weight-streaming can keep part of the transformer weights in host "
+                 "memory (slower).")
     return "\n".join(lines)
