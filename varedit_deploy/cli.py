@@ -41,7 +41,7 @@ def _sampling_from(args: argparse.Namespace, base):
 def _cmd_parity(args: argparse.Namespace) -> int:
     from .parity import check_fixture
 
-    report = check_fixture(args.fixture, args.backend)
+    report = check_fixture(args.fixture, args.backend, args.artifacts)
     print(report.table())
     return 0 if report.ok else 1
 
@@ -227,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("parity", help="reproduce a golden fixture of the official code and report the differences")
     p.add_argument("--fixture", required=True, type=Path, help="fixture folder (config.json, *.safetensors)")
     p.add_argument("--backend", default="torch", help="torch (reference), onnxruntime, tensorrt, tensorrt-rtx")
+    p.add_argument("--artifacts", type=Path, help="replay this export of the fixture (e.g. a quantised one) "
+                                                  "instead of exporting it afresh")
     p.set_defaults(func=_cmd_parity)
 
     p = sub.add_parser("edit", help="edit a photo with an instruction")

@@ -191,11 +191,13 @@ def run_reference(fixture: FixtureData) -> FixtureRun:
     )
 
 
-def run_exported(fixture: FixtureData, backend: str) -> FixtureRun:
-    """Export the fixture's model and replay it on `backend` under teacher forcing (fp32 graphs;
-    TensorRT backends first build fp32 engines for this GPU)."""
+def run_exported(fixture: FixtureData, backend: str, artifacts: str | Path | None = None) -> FixtureRun:
+    """Export the fixture's model (or take `artifacts`, exported from it and perhaps quantised) and
+    replay it on `backend` under teacher forcing (exported here: fp32 graphs, and TensorRT backends
+    first build fp32 engines for this GPU; given: its graphs and the engines built for it)."""
     import tempfile
 
+    from .artifact import read_manifest
     from .export.artifacts import export_artifacts
     from .model.loaded import VAREditModel
     from .runtime.pipeline import EditPipeline
@@ -203,10 +205,15 @@ def run_exported(fixture: FixtureData, backend: str) -> FixtureRun:
 
     cfg = fixture.config
     with tempfile.TemporaryDirectory() as tmp:
-        folder = export_artifacts(VAREditModel.from_fixture(fixture.folder), Path(tmp) / "artifact",
-                                  source={"fixture": str(fixture.folder)}, progress=lambda _: None)
         options = {}
-        if backend in ("tensorrt", "tensorrt-rtx"):
+        if artifacts is not None:
+            folder = Path(artifacts)
+            if read_manifest(folder).config.to_dict() != cfg.to_dict():
+                raise ConfigError(f"artifact {folder} is not an export of fixture {fixture.folder} (model configs differ)")
+        else:
+            folder = export_artifacts(VAREditModel.from_fixture(fixture.folder), Path(tmp) / "artifact",
+                                      source={"fixture": str(fixture.folder)}, progress=lambda _: None)
+        if backend in ("tensorrt", "tensorrt-rtx") and artifacts is None:
             from .build.engines import BuildOptions, build_engines
             from .runtime.gpu import current_compute_capability
 
@@ -228,9 +235,19 @@ def run_exported(fixture: FixtureData, backend: str) -> FixtureRun:
 BACKENDS = ("torch", "onnxruntime", "tensorrt", "tensorrt-rtx")
 
 
-def check_fixture(folder: str | Path, backend: str = "torch") -> ParityReport:
+def check_fixture(folder: str | Path, backend: str = "torch", artifacts: str | Path | None = None) -> ParityReport:
+    """`artifacts`: replay that artifact (an export of this fixture, perhaps quantised) instead of exporting."""
     if backend not in BACKENDS:
         raise ConfigError(f"unknown parity backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if artifacts is not None and backend == "torch":
+        raise ConfigError("--artifacts replays an exported artifact: choose --backend onnxruntime, tensorrt or tensorrt-rtx")
     fixture = FixtureData.load(folder)
-    run = run_reference(fixture) if backend == "torch" else run_exported(fixture, backend)
-    return compare(fixture, run, backend)
+    run = run_reference(fixture) if backend == "torch" else run_exported(fixture, backend, artifacts)
+    label = backend
+    if artifacts is not None:
+        from .artifact import read_manifest
+
+        quant = read_manifest(artifacts, verify=False).quantization
+        label += f" on {artifacts}" + (f" ({quant['mode']} {quant['method']}, {quant['high_precision']} elsewhere)"
+                                       if quant else "")
+    return compare(fixture, run, label)
