@@ -179,6 +179,8 @@ def test_build_refuses_targets_tensorrt_rtx_cannot_build(tiny_artifact, capsys):
     assert main(["build", "--artifacts", str(tiny_artifact), "--target", "sm87"]) == 1
     assert "Jetson Orin is sm87" in capsys.readouterr().err
     with pytest.raises(VareditError, match="unknown precision"):
+        build_engines(tiny_artifact, BuildOptions(precision="int2"))
+    with pytest.raises(VareditError, match=r"int4 \(weight-only\) engines are built from a quantised artifact"):
         build_engines(tiny_artifact, BuildOptions(precision="int4"))
 
 
