@@ -19,7 +19,7 @@ import io
 import os
 import re
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -111,8 +111,7 @@ def raise_opset(model, opset: int, sample: Sample, name: str):
     return converted
 
 
-def quantize_graph(source, mode: str, method: str, samples: Sequence[Sample], nodes: Sequence[str], name: str,
-                   log: Callable[[str], None] | None = None):
+def quantize_graph(source, mode: str, method: str, samples: Sequence[Sample], nodes: Sequence[str], name: str):
     """Quantise the weight products `nodes` of the fp32 graph `source` (ModelProto); return the
     quantised ModelProto, fp32 everywhere else."""
     import onnx
@@ -127,9 +126,10 @@ def quantize_graph(source, mode: str, method: str, samples: Sequence[Sample], no
         largest = max(samples, key=lambda s: sum(a.size for a in s.values()))
         shape = {k: v.shape for k, v in largest.items()}
         samples = [s for s in samples if {k: v.shape for k, v in s.items()} == shape]
-    exact = [re.escape(n) for n in nodes]
+    # ModelOpt matches these patterns with re.match (anchored at the start only): anchor both ends.
+    exact = [f"{re.escape(n)}$" for n in nodes]
     everything = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv")]
-    others = [re.escape(n) for n in everything if n not in set(nodes)]
+    others = [f"{re.escape(n)}$" for n in everything if n not in set(nodes)]
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / f"{name}.onnx", Path(tmp) / f"{name}.{mode}.onnx"
         onnx.save_model(model, str(src), save_as_external_data=True, all_tensors_to_one_file=True,
@@ -150,8 +150,6 @@ def quantize_graph(source, mode: str, method: str, samples: Sequence[Sample], no
             tail = captured.getvalue().strip().splitlines()[-3:]
             raise VareditError(f"ModelOpt failed to quantise graph {name} to {mode} ({type(e).__name__}: {e})"
                                + (f"; its log ends: {' | '.join(tail)}" if tail else "")) from None
-        if log is not None:
-            log(captured.getvalue())
         quantized = onnx.load(str(dst))
     prune(quantized)
     onnx.checker.check_model(quantized)
