@@ -46,18 +46,24 @@ class DelegatingBackend(Backend):
 
 @dataclass
 class Recording:
-    """Input samples per graph, at most `per_shape` per distinct input shapes and `per_graph` in all."""
+    """Input samples per graph: at most `per_shape` per distinct input shapes, `per_graph` in all, and
+    `bytes_per_graph` of copies (a release model's late scales carry GBs of past KV per call)."""
 
     per_shape: int = 8
     per_graph: int = 64
+    bytes_per_graph: int = 2 * 2**30
     samples: dict[str, list[Sample]] = field(default_factory=dict)
     _counts: dict[tuple, int] = field(default_factory=dict)
+    _bytes: dict[str, int] = field(default_factory=dict)
 
     def wants(self, graph: str, inputs: Mapping[str, np.ndarray]) -> bool:
         key = (graph, tuple(sorted((k, tuple(v.shape)) for k, v in inputs.items())))
-        if self._counts.get(key, 0) >= self.per_shape or len(self.samples.get(graph, ())) >= self.per_graph:
+        size = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in inputs.values())
+        if (self._counts.get(key, 0) >= self.per_shape or len(self.samples.get(graph, ())) >= self.per_graph
+                or self._bytes.get(graph, 0) + size > self.bytes_per_graph):
             return False
         self._counts[key] = self._counts.get(key, 0) + 1
+        self._bytes[graph] = self._bytes.get(graph, 0) + size
         return True
 
     def add(self, graph: str, sample: Sample) -> None:

@@ -53,46 +53,38 @@ def rewrite(model, scales: dict[str, np.ndarray]) -> list[str]:
     front, back, changed = [], [], []
     constants: dict[str, np.ndarray] = {}
 
-    def params(cache: str, value) -> tuple[str, str, list[int], list[int]]:
+    def convert(value, op: str, source: str, target: str) -> list:
+        """Reshape [L, 2, H, c] -> [L, 2, H*c], (de)quantise per channel along axis 2, reshape back."""
+        cache = cache_of(value.name, output=op == "QuantizeLinear")
         if cache not in scales:
             raise AssertionError(f"no calibrated scale for cache {cache} ({value.name})")
         dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
         float_type = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-        constants[f"kv_scale.{cache}"] = scales[cache].astype(float_type)
-        constants[f"kv_zero.{cache}"] = np.zeros(scales[cache].shape, np.int8)
-        constants[f"kv_flat.{value.name}"] = np.array([0, dims[1], dims[2] * dims[3]], np.int64)
-        constants[f"kv_shape.{value.name}"] = np.array([0, *dims[1:]], np.int64)
-        return f"kv_scale.{cache}", f"kv_zero.{cache}", f"kv_flat.{value.name}", f"kv_shape.{value.name}"
+        scale, zero, flat, shape = (f"kv_scale.{cache}", f"kv_zero.{cache}", f"kv_flat.{value.name}",
+                                    f"kv_shape.{value.name}")
+        constants.update({scale: scales[cache].astype(float_type), zero: np.zeros(scales[cache].shape, np.int8),
+                          flat: np.array([0, dims[1], dims[2] * dims[3]], np.int64),
+                          shape: np.array([0, *dims[1:]], np.int64)})
+        value.type.tensor_type.elem_type = TensorProto.INT8
+        changed.append(value.name)
+        name = value.name
+        return [helper.make_node("Reshape", [source, flat], [f"{name}.flat"], name=f"kv/{name}/flatten"),
+                helper.make_node(op, [f"{name}.flat", scale, zero], [f"{name}.{op}"], axis=2, name=f"kv/{name}/{op}"),
+                helper.make_node("Reshape", [f"{name}.{op}", shape], [target], name=f"kv/{name}/unflatten")]
 
     for value in graph.input:
-        cache = cache_of(value.name, output=False)
-        if cache is None:
-            continue
-        scale, zero, flat, shape = params(cache, value)
-        name = value.name
-        for node in graph.node:
-            node.input[:] = [f"{name}.dequantized" if i == name else i for i in node.input]
-        front += [helper.make_node("Reshape", [name, flat], [f"{name}.flat"], name=f"kv/{name}/flatten"),
-                  helper.make_node("DequantizeLinear", [f"{name}.flat", scale, zero], [f"{name}.dq"], axis=2,
-                                   name=f"kv/{name}/dequantize"),
-                  helper.make_node("Reshape", [f"{name}.dq", shape], [f"{name}.dequantized"], name=f"kv/{name}/unflatten")]
-        value.type.tensor_type.elem_type = TensorProto.INT8
-        changed.append(name)
+        if cache_of(value.name, output=False) is not None:
+            name = value.name
+            for node in graph.node:
+                node.input[:] = [f"{name}.dequantized" if i == name else i for i in node.input]
+            front += convert(value, "DequantizeLinear", name, f"{name}.dequantized")
     for value in graph.output:
-        cache = cache_of(value.name, output=True)
-        if cache is None:
-            continue
-        scale, zero, flat, shape = params(cache, value)
-        name = value.name
-        for node in graph.node:
-            node.output[:] = [f"{name}.float" if o == name else o for o in node.output]
-            node.input[:] = [f"{name}.float" if i == name else i for i in node.input]
-        back += [helper.make_node("Reshape", [f"{name}.float", flat], [f"{name}.flat"], name=f"kv/{name}/flatten"),
-                 helper.make_node("QuantizeLinear", [f"{name}.flat", scale, zero], [f"{name}.q"], axis=2,
-                                  name=f"kv/{name}/quantize"),
-                 helper.make_node("Reshape", [f"{name}.q", shape], [name], name=f"kv/{name}/unflatten")]
-        value.type.tensor_type.elem_type = TensorProto.INT8
-        changed.append(name)
+        if cache_of(value.name, output=True) is not None:
+            name = value.name
+            for node in graph.node:
+                node.output[:] = [f"{name}.float" if o == name else o for o in node.output]
+                node.input[:] = [f"{name}.float" if i == name else i for i in node.input]
+            back += convert(value, "QuantizeLinear", f"{name}.float", name)
     nodes = front + list(graph.node) + back
     graph.ClearField("node")
     graph.node.extend(nodes)
