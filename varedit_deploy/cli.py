@@ -142,6 +142,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
           f"{cfg.transformer.heads} heads, {cfg.transformer.d_tok} bits/token, {sched['image_size']} px, "
           f"{len(sched['sides'])} scales {sched['sides']}")
     print(f"  precision {data['precision']}, exported by {data['exporter']}")
+    quant = manifest.quantization
+    if quant is not None:
+        groups = len(quant["quantized_groups"]) + len(quant["kept_in_high_precision"]) + len(quant["excluded_groups"])
+        print(f"  quantised {quant['mode']} ({quant['method']}), {quant['high_precision']} elsewhere, KV cache "
+              f"{manifest.kv_cache_dtype}: {len(quant['quantized_groups'])} of {groups} layer groups; "
+              f"accuracy report {quant['report']}")
     print(f"  {'graph':<14} {'MB':>9} {'ops':>5}  TensorRT-unsupported")
     for name, g in manifest.graphs.items():
         mb = sum(f["bytes"] for f in g["files"]) / 1e6
