@@ -152,7 +152,9 @@ class _Quantization:
                              f"the exclusions {self.patterns}")
         self.graphs = sorted({graph for g in self.candidates for graph in g.nodes})
         self.backend = OnnxRuntimeBackend(manifest)
-        self.recording = Recording(per_shape=opts.samples_per_scale, per_graph=opts.samples_per_scale * 16)
+        # Up to `samples_per_scale` calls per input shape, and room for every scale at two instruction lengths.
+        scales = manifest.config.schedule.num_scales
+        self.recording = Recording(per_shape=opts.samples_per_scale, per_graph=opts.samples_per_scale * 2 * scales)
         self.refs: list[EditRun] = []
         self.sources: dict[str, Any] = {}  # graph -> fp32 ModelProto
         self.full: dict[str, Any] = {}  # graph -> every candidate group quantised, fp32 elsewhere
@@ -162,8 +164,8 @@ class _Quantization:
                       f"{'--exclude' if opts.exclude is not None else 'the recipe'}); {calib.describe()}")
 
     def progress(self, message: str) -> None:
-        self._progress(f"{message}" if message.startswith(" ") else
-                       f"{message} [{time.perf_counter() - self._t0:.0f} s]")
+        """Stage lines get the seconds since the start; indented detail lines do not."""
+        self._progress(message if message.startswith(" ") else f"{message} [{time.perf_counter() - self._t0:.0f} s]")
 
     def calibrate(self) -> None:
         self.progress(f"[1/6] calibration: {len(self.calib.calibration)} edits on the fp32 graphs (ONNX Runtime)")
