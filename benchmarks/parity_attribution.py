@@ -2,9 +2,9 @@
 
     python benchmarks/parity_attribution.py [--fixture ../shared/fixtures/tiny-8b-1024]
 
-Exports the fixture, runs its `text_cond` and `source_pass` graphs on ONNX Runtime, then runs
-the torch reference's steps (teacher-forced) from the torch or the ORT outputs of those two
-graphs, and prints max |dlogit| / max |logit| per scale for each combination, next to the full
+Exports the fixture, runs its `text_cond` graph and the source pass (`source_embed`, `step`
+with an empty past, `sar_pool`) on ONNX Runtime, then runs the torch reference's steps
+(teacher-forced) from the torch or the ORT outputs of those two stages, and prints max |dlogit| / max |logit| per scale for each combination, next to the full
 ORT loop's (what `varedit-deploy parity --backend onnxruntime` reports). Writes
 benchmarks/results/parity_attribution-<fixture>.md.
 """
@@ -32,6 +32,7 @@ def main() -> None:
     from varedit_deploy.model.sampler import guided_logits
     from varedit_deploy.model.transformer import SourceKV, TextCondition
     from varedit_deploy.parity import FixtureData, check_fixture
+    from varedit_deploy.runtime.kv_cache import SOURCE
     from varedit_deploy.runtime.pipeline import EditPipeline
     from varedit_deploy.sampling import SamplerInputs
 
@@ -42,7 +43,7 @@ def main() -> None:
         prefix = latent_to_tokens(model.vae.encoder(torch.from_numpy(fx.inputs["source_tensor"][None])),
                                   cfg.transformer.patchify)
         cond = {"torch": tr.text_condition(torch.from_numpy(fx.text_features))}
-        source = {"torch": tr.source_pass(prefix, cond["torch"].modulation, cond["torch"].text_k, cond["torch"].text_v)}
+        source = {"torch": tr.source_pass(prefix, cond["torch"])}
     with tempfile.TemporaryDirectory() as tmp:
         art = export_artifacts(model, Path(tmp) / "art", progress=lambda _: None, validate=False)
         pipe = EditPipeline.from_artifacts(art)
@@ -53,16 +54,16 @@ def main() -> None:
             "start_token": loop.x[0], "modulation": loop.modulation, "head_modulation": loop.head_modulation,
             "text_k": text_k, "text_v": text_v})
         be.write(loop.prefix, prefix.numpy())
-        outs = {"sar_k": loop.cache.sar_k, "sar_v": loop.cache.sar_v}
-        for i in range(1, depth):
-            outs[f"source_k_{i}"], outs[f"source_v_{i}"] = loop.cache.source(i)
-        be.graph("source_pass").run({"source_prefix": loop.prefix, "modulation": loop.modulation,
-                                     "text_k": text_k, "text_v": text_v}, outs)
+        be.graph("source_embed").run({"source_prefix": loop.prefix}, {"x": loop.x[-1]})
+        be.graph("step").run(*loop._step_io(SOURCE, text_k, text_v))
+        source_k, source_v = loop.cache.source(0)
+        be.graph("sar_pool").run({"source_k": source_k, "source_v": source_v},
+                                 {"sar_k": loop.cache.sar_k, "sar_v": loop.cache.sar_v})
         host = [torch.from_numpy(np.array(a)) for a in (loop.x[0], loop.modulation, loop.head_modulation, text_k, text_v)]
         cond["ORT"] = TextCondition(*host)
         source["ORT"] = SourceKV(torch.from_numpy(loop.cache.sar_k.copy()), torch.from_numpy(loop.cache.sar_v.copy()),
-                                 [torch.from_numpy(loop.cache.source(i)[0].copy()) for i in range(1, depth)],
-                                 [torch.from_numpy(loop.cache.source(i)[1].copy()) for i in range(1, depth)])
+                                 [torch.from_numpy(loop.cache.source(i)[0].copy()) for i in range(depth)],
+                                 [torch.from_numpy(loop.cache.source(i)[1].copy()) for i in range(depth)])
         pipe.close()
 
     cw, inv_tau, _ = (torch.from_numpy(a) for a in SamplerInputs.from_params(cfg.sampling).arrays())
@@ -70,8 +71,8 @@ def main() -> None:
     sched, heads, head_dim = cfg.schedule, cfg.transformer.heads, cfg.transformer.head_dim
 
     def torch_steps(c: TextCondition, src: SourceKV) -> list[float]:
-        past_k = [torch.zeros(0, 2, heads, head_dim), *src.layer_k]
-        past_v = [torch.zeros(0, 2, heads, head_dim), *src.layer_v]
+        past_k = [torch.zeros(0, 2, heads, head_dim), *src.layer_k[1:]]  # layer 0 reads the SAR instead
+        past_v = [torch.zeros(0, 2, heads, head_dim), *src.layer_v[1:]]
         x, summed, ratios = c.start_token, torch.zeros(1, cfg.vae.codebook_dim, sched.latent_side, sched.latent_side), []
         with torch.inference_mode():
             for s, (start, n) in enumerate(zip(sched.starts, sched.tokens)):

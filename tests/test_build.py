@@ -188,7 +188,7 @@ def _half_round_trips(model) -> list[str]:
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
-@pytest.mark.parametrize("graph", ["step", "source_pass", "vae_encoder", "vae_decoder", "text_encoder"])
+@pytest.mark.parametrize("graph", ["step", "text_cond", "vae_encoder", "vae_decoder", "text_encoder"])
 def test_half_graphs_keep_io_and_sensitive_ops_in_fp32(tiny_artifact, graph, precision):
     model = onnx.load(str(read_manifest(tiny_artifact).graph_path(graph)))
     half = to_half(model, precision)
@@ -307,6 +307,8 @@ def test_build_refuses_targets_tensorrt_rtx_cannot_build(tiny_artifact, capsys):
     assert "Jetson Orin is sm87" in err
     assert out.startswith("build: flavour tensorrt-rtx (default), target sm87, precision fp16 (default)\n")
     with pytest.raises(VareditError, match="unknown precision"):
+        build_engines(tiny_artifact, BuildOptions(precision="int2"))
+    with pytest.raises(VareditError, match=r"int4 \(weight-only\) engines are built from a quantised artifact"):
         build_engines(tiny_artifact, BuildOptions(precision="int4"))
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+
 from .config import ModelConfig
 from .errors import ArtifactError, InputError
 
@@ -97,6 +98,17 @@ class Manifest:
 
     def has_graph(self, name: str) -> bool:
         return name in self.graphs
+
+    @property
+    def quantization(self) -> dict[str, Any] | None:
+        """What `varedit-deploy quantize` recorded (mode, method, exclusions, ...); None for exported artifacts."""
+        return self.data.get("quantization")
+
+    @property
+    def kv_cache_dtype(self) -> str | None:
+        """Element type the graphs fix for the KV caches (int8 for an 8-bit-cache artifact); None
+        where they take the backend's compute dtype."""
+        return self.data.get("kv_cache", {}).get("dtype")
 
     @property
     def tokenizer_file(self) -> Path | None:

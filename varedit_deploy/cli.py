@@ -93,6 +93,12 @@ def _not_negative(value: object) -> object:
     return value
 
 
+def _fraction(value: object) -> object:
+    if not 0 < value <= 1:  # type: ignore[operator]
+        raise ConfigError(f"must be above 0 and at most 1, got {value!r}")
+    return value
+
+
 def _port(value: object) -> object:
     if not 0 <= value <= 65535:  # type: ignore[operator]
         raise ConfigError(f"must be a port number from 0 to 65535, got {value}")
@@ -131,7 +137,7 @@ def _sampling_from(args: argparse.Namespace, base: SamplingConfig) -> SamplingCo
 def _cmd_parity(args: argparse.Namespace) -> int:
     from .parity import check_fixture
 
-    report = check_fixture(args.fixture, args.backend)
+    report = check_fixture(args.fixture, args.backend, args.artifacts)
     print(report.table())
     if not report.ok:
         raise VareditError(f"{args.backend} does not reproduce {args.fixture}: see the rows marked NO above")
@@ -254,16 +260,32 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
     defaults = BuildOptions()
     flavour = args.flavour or defaults.flavour
-    precision = args.precision or defaults.precision
+    precision = args.precision or "the artifact's (fp16 for fp32 graphs, else as stored or quantised)"
     targets = args.target or ([defaults.target] if flavour == "tensorrt-rtx" else ["current"])
     chosen = [("flavour", flavour, args.flavour), ("target", " ".join(targets), args.target),
               ("precision", precision, args.precision)]
     print("build: " + ", ".join(f"{name} {value}{'' if given else ' (default)'}" for name, value, given in chosen))
     for target in targets:
-        opts = BuildOptions(flavour=flavour, precision=precision, target=target, workspace_gib=args.workspace,
+        opts = BuildOptions(flavour=flavour, precision=args.precision, target=target, workspace_gib=args.workspace,
                             weight_streaming=args.weight_streaming, timing_cache=args.timing_cache)
-        print(f"building {flavour} engines for {target}, {precision}")
+        print(f"building {flavour} engines for {target}")
         build_engines(args.artifacts, opts)
+    return 0
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .calibration.quantize import QuantizeOptions, quantize_artifacts
+
+    names = ("mode", "method", "high_precision", "min_bit_agreement", "calibration", "calibration_edits", "held_out",
+             "fixture", "kv_cache", "samples_per_scale")
+    given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    if args.exclude is not None:
+        given["exclude"] = tuple(args.exclude)
+    opts = QuantizeOptions(**given, search=not args.no_search)
+    quantize_artifacts(args.artifacts, args.out, opts,
+                       command="varedit-deploy " + " ".join(shlex.quote(a) for a in args.argv))
     return 0
 
 
@@ -322,7 +344,7 @@ def _model_source_args(p: argparse.ArgumentParser, third: tuple[str, str]) -> No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .build.engines import RTX_TARGETS, BuildOptions
+    from .build.engines import QUANTIZED, RTX_TARGETS, BuildOptions
     from .build.memory_plan import DEVICES
     from .build.precision import PRECISIONS
     from .imaging import MAX_SIDE, MIN_SIDE, OUTPUT_FORMATS
@@ -337,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="torch", choices=BACKENDS,
                    help="torch (the reference), torch-fast (the fused-kernel fast path, fp32), or the exported "
                         "graphs on onnxruntime, tensorrt, tensorrt-rtx")
+    p.add_argument("--artifacts", type=Path, help="replay this export of the fixture (e.g. a quantised one) "
+                                                  "instead of exporting it afresh")
     p.set_defaults(func=_cmd_parity)
 
     p = sub.add_parser("edit", help="edit a photo with an instruction")
@@ -374,8 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flavour", choices=["tensorrt", "tensorrt-rtx"],
                    help="tensorrt-rtx builds ahead of time on any machine; tensorrt builds on the GPU that runs "
                         f"the engines (default: {BuildOptions.flavour})")
-    p.add_argument("--precision", choices=PRECISIONS,
-                   help=f"engine precision (default: {BuildOptions.precision})")
+    p.add_argument("--precision", choices=[*PRECISIONS, *QUANTIZED],
+                   help="engine precision (default: fp16 for an fp32 artifact, the stored precision of an fp16/bf16 "
+                        "one, the quantisation mode of a quantised one)")
     p.add_argument("--target", nargs="+", metavar="TARGET",
                    help=f"GPU targets: for tensorrt-rtx one or more of {' '.join(RTX_TARGETS)}; for tensorrt "
                         f"'current' (default: {BuildOptions.target} for tensorrt-rtx, current for tensorrt)")
@@ -384,6 +409,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-streaming", action="store_true",
                    help="build with weight streaming (part of the weights may stay in host memory)")
     p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("quantize", help="quantise an fp32 artifact (INT8, FP8, INT4 weight-only) from calibrated "
+                                        "Q/DQ, with a sensitivity search and an accuracy report")
+    p.add_argument("--artifacts", required=True, type=Path, help="fp32 artifact folder (see `export`)")
+    p.add_argument("--out", required=True, type=Path, help="quantised artifact folder to write (replaced atomically)")
+    p.add_argument("--mode", required=True, choices=["int8", "fp8", "int4"],
+                   help="int8: W8A8; fp8: E4M3 weights and activations; int4: block-wise weight-only")
+    p.add_argument("--method", help="calibration: int8 entropy (default) or max; fp8 max; int4 awq_clip (default), "
+                                    "awq_lite or rtn_dq")
+    p.add_argument("--high-precision", choices=["fp16", "fp32"],
+                   help="what is not quantised is stored in (default fp16)")
+    p.add_argument("--exclude", nargs="*", metavar="PATTERN",
+                   help="layer groups to keep in high precision, as regular expressions over names like "
+                        "blocks.3.fc2 (default: the recipe's; with no pattern: none)")
+    p.add_argument("--min-bit-agreement", type=_value(float, _fraction),
+                   help="teacher-forced bit agreement the sensitivity search must reach (default 0.99)")
+    p.add_argument("--no-search", action="store_true", help="quantise every candidate group, no sensitivity search")
+    p.add_argument("--calibration", type=Path,
+                   help="folder of photos with instructions.txt, or a CSV image,instruction[,split] "
+                        "(default: photos from scikit-image and the bundled sample x 32 instructions)")
+    p.add_argument("--calibration-edits", type=_value(int, _at_least_one), help="use only the first N calibration edits")
+    p.add_argument("--held-out", type=_value(int, _at_least_one), help="use only the first N held-out edits")
+    p.add_argument("--samples-per-scale", type=_value(int, _at_least_one), help="recorded inputs per graph and input shape (default 8)")
+    p.add_argument("--fixture", type=Path, help="for artifacts exported from a golden fixture (no text encoder): "
+                                                "its text features stand in for every instruction")
+    p.add_argument("--kv-cache", choices=["int8"], help="an 8-bit KV cache with per-channel scales")
+    p.set_defaults(func=_cmd_quantize)
 
     p = sub.add_parser("plan", help="memory plan per precision for a device (e.g. Jetson) or a memory size")
     p.add_argument("--model", default="8b-512", choices=list(PRESETS), metavar="MODEL",

@@ -25,8 +25,14 @@ def inspect_artifact(folder: str | Path) -> tuple[list[str], bool]:
         f"{cfg.transformer.heads} heads, {cfg.transformer.d_tok} bits/token, {sched['image_size']} px, "
         f"{len(sched['sides'])} scales {sched['sides']}",
         f"  precision {data['precision']}; exported by {_exported_by(data.get('exporter', {}))}",
-        f"  {'graph':<14} {'MB':>9} {'ops':>5}  TensorRT-unsupported",
     ]
+    quant = manifest.quantization
+    if quant is not None:
+        groups = len(quant["quantized_groups"]) + len(quant["kept_in_high_precision"]) + len(quant["excluded_groups"])
+        lines.append(f"  quantised {quant['mode']} ({quant['method']}), {quant['high_precision']} elsewhere, KV cache "
+                     f"{manifest.kv_cache_dtype or 'float32'}: {len(quant['quantized_groups'])} of {groups} layer "
+                     f"groups; accuracy report {quant['report']}")
+    lines.append(f"  {'graph':<14} {'MB':>9} {'ops':>5}  TensorRT-unsupported")
     for name, g in manifest.graphs.items():
         mb = sum(f["bytes"] for f in g["files"]) / 1e6
         unsupported = ", ".join(g["tensorrt_unsupported_ops"]) or "-"

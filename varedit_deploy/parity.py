@@ -237,13 +237,15 @@ def run_reference(fixture: FixtureData) -> FixtureRun:
     )
 
 
-def run_exported(fixture: FixtureData, backend: str) -> FixtureRun:
-    """Export the fixture's model and replay it on `backend` under teacher forcing (fp32 graphs;
-    TensorRT backends first build fp32 engines for this GPU). The export skips its per-graph
-    comparison with torch: this replay against the official tensors is the stronger check, and
-    at 1024 px the comparison doubles the export time."""
+def run_exported(fixture: FixtureData, backend: str, artifacts: str | Path | None = None) -> FixtureRun:
+    """Export the fixture's model (or take `artifacts`, exported from it and perhaps quantised) and
+    replay it on `backend` under teacher forcing (exported here: fp32 graphs, and TensorRT backends
+    first build fp32 engines for this GPU; given: its graphs and the engines built for it). The
+    export skips its per-graph comparison with torch: this replay against the official tensors is
+    the stronger check, and at 1024 px the comparison doubles the export time."""
     import tempfile
 
+    from .artifact import read_manifest
     from .export.artifacts import export_artifacts
     from .model.loaded import VAREditModel
     from .runtime.pipeline import EditPipeline
@@ -251,11 +253,16 @@ def run_exported(fixture: FixtureData, backend: str) -> FixtureRun:
 
     cfg = fixture.config
     with tempfile.TemporaryDirectory() as tmp:
-        folder = export_artifacts(VAREditModel.from_fixture(fixture.folder), Path(tmp) / "artifact",
-                                  source={"fixture": str(fixture.folder)}, progress=lambda _: None,
-                                  validate=False)
         options = {}
-        if backend in ("tensorrt", "tensorrt-rtx"):
+        if artifacts is not None:
+            folder = Path(artifacts)
+            if read_manifest(folder).config.to_dict() != cfg.to_dict():
+                raise ConfigError(f"artifact {folder} is not an export of fixture {fixture.folder} (model configs differ)")
+        else:
+            folder = export_artifacts(VAREditModel.from_fixture(fixture.folder), Path(tmp) / "artifact",
+                                      source={"fixture": str(fixture.folder)}, progress=lambda _: None,
+                                      validate=False)
+        if backend in ("tensorrt", "tensorrt-rtx") and artifacts is None:
             from .build.engines import BuildOptions, build_engines
             from .runtime.gpu import current_compute_capability
 
@@ -307,14 +314,24 @@ def run_fast_path(fixture: FixtureData, scales: int | None = None) -> FixtureRun
 BACKENDS = ("torch", "torch-fast", "onnxruntime", "tensorrt", "tensorrt-rtx")
 
 
-def check_fixture(folder: str | Path, backend: str = "torch") -> ParityReport:
+def check_fixture(folder: str | Path, backend: str = "torch", artifacts: str | Path | None = None) -> ParityReport:
+    """`artifacts`: replay that artifact (an export of this fixture, perhaps quantised) instead of exporting."""
     if backend not in BACKENDS:
         raise ConfigError(f"unknown parity backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if artifacts is not None and backend in ("torch", "torch-fast"):
+        raise ConfigError("--artifacts replays an exported artifact: choose --backend onnxruntime, tensorrt or tensorrt-rtx")
     fixture = FixtureData.load(folder)
     if backend == "torch":
         run = run_reference(fixture)
     elif backend == "torch-fast":
         run = run_fast_path(fixture)
     else:
-        run = run_exported(fixture, backend)
-    return compare(fixture, run, backend)
+        run = run_exported(fixture, backend, artifacts)
+    label = backend
+    if artifacts is not None:
+        from .artifact import read_manifest
+
+        quant = read_manifest(artifacts, verify="none").quantization
+        label += f" on {artifacts}" + (f" ({quant['mode']} {quant['method']}, {quant['high_precision']} elsewhere)"
+                                       if quant else "")
+    return compare(fixture, run, label)

@@ -7,6 +7,7 @@ go to `ART/engines/<flavour>-<version>-<target>-<precision>/`, written atomicall
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import tempfile
@@ -20,6 +21,7 @@ from .. import __version__
 from ..artifact import MANIFEST, STAMP, Manifest, file_record, read_manifest, sha256_file, verify_files
 from ..errors import ArtifactError, OutputError, VareditError
 from ..fileio import atomic_dir, check_writable, unlisted_files, write_bytes
+from .capabilities import DESCRIPTION, check_supported
 from .network_report import attention_summary, mark_attentions_decomposable, network_record
 from .precision import PRECISIONS, graph_precision, lower_graph
 from .profiles import graph_profiles
@@ -27,13 +29,14 @@ from .tensorrt_api import import_tensorrt, make_logger, strongly_typed_network
 
 ENGINE_SCHEMA = 2  # 2: per-graph math mode and parsed network; TF32 off
 ENGINE_MANIFEST = "engines.json"
+QUANTIZED = ("int8", "fp8", "int4")  # what a quantised artifact (`varedit-deploy quantize`) is built in
 RTX_TARGETS = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
 
 
 @dataclass(frozen=True)
 class BuildOptions:
     flavour: str = "tensorrt-rtx"
-    precision: str = "fp16"
+    precision: str | None = None  # None: the artifact's own (see engine_precision)
     target: str = "sm89"
     workspace_gib: float | None = None
     weight_streaming: bool = False
@@ -42,6 +45,28 @@ class BuildOptions:
 
 def engine_dir_name(flavour: str, version: str, target: str, precision: str) -> str:
     return f"{flavour}-{version}-{target}-{precision}"
+
+
+def engine_precision(manifest: Manifest, requested: str | None) -> str:
+    """The precision engines of this artifact are built in: a quantised artifact's mode, an fp16/bf16
+    artifact's stored precision, and for an fp32 artifact what is asked (fp16 when nothing is)."""
+    quant = manifest.quantization
+    stored = manifest.data.get("precision", "fp32")
+    if requested is not None and requested not in PRECISIONS + QUANTIZED:
+        raise VareditError(f"unknown precision {requested!r}; choose one of {', '.join(PRECISIONS + QUANTIZED)}")
+    if quant is not None:
+        if requested not in (None, quant["mode"]):
+            raise VareditError(f"artifact {manifest.folder} holds {DESCRIPTION[quant['mode']]} Q/DQ graphs "
+                               f"({quant['high_precision']} elsewhere); build it with --precision {quant['mode']}, "
+                               f"or build {requested} engines from its fp32 source {quant['source_artifact']}")
+        return quant["mode"]
+    if requested in QUANTIZED:
+        raise VareditError(f"{DESCRIPTION[requested]} engines are built from a quantised artifact: "
+                           f"varedit-deploy quantize --artifacts {manifest.folder} --mode {requested} --out ART-{requested}")
+    if stored != "fp32" and requested not in (None, stored):
+        raise VareditError(f"artifact {manifest.folder} holds {stored} graphs; build --precision {stored}, "
+                           f"or export fp32 graphs to build {requested} engines")
+    return requested or (stored if stored != "fp32" else "fp16")
 
 
 def build_command(artifacts: Path, opts: BuildOptions) -> str:
@@ -104,16 +129,14 @@ def build_engines(
     artifacts: str | Path, opts: BuildOptions, progress: Callable[[str], None] = print,
     graphs: list[str] | None = None,
 ) -> Path:
-    if opts.precision not in PRECISIONS:
-        raise VareditError(f"unknown precision {opts.precision!r}; choose one of {', '.join(PRECISIONS)}")
     manifest = read_manifest(artifacts)
+    opts = dataclasses.replace(opts, precision=engine_precision(manifest, opts.precision))
     stored = manifest.data.get("precision", "fp32")
-    if stored != "fp32" and stored != opts.precision:
-        raise VareditError(f"artifact {manifest.folder} holds {stored} graphs; build --precision {stored}, "
-                           f"or export fp32 graphs to build {opts.precision} engines")
-    lower_to = opts.precision if stored == "fp32" else "fp32"
+    # Quantised and half artifacts are typed already; an fp32 one is lowered per graph while parsing.
+    lower_to = opts.precision if stored == "fp32" and manifest.quantization is None else "fp32"
     trt = import_tensorrt(opts.flavour)
     target = _target(trt, opts)
+    check_supported(opts.flavour, target, opts.precision)
     from ..runtime.gpu import gpu_available
 
     logger = make_logger(trt, gpu_less=not gpu_available())
@@ -133,7 +156,7 @@ def build_engines(
             network, _parser = _parse(trt, builder, logger, manifest.graph_path(name),
                                       graph_precision(name, lower_to), name)
             parsed = network_record(network)
-            math = graph_precision(name, opts.precision)
+            math = _math_precision(manifest, name, opts.precision)
             # fp32 has no dedicated fused attention kernel: let each attention decompose.
             decomposable = math == "fp32" and mark_attentions_decomposable(trt, network) > 0
             config = _configure(trt, builder, opts, target, cache_bytes)
@@ -174,6 +197,14 @@ def build_engines(
         write_bytes(opts.timing_cache, cache_bytes)
     progress(f"wrote {out}")
     return out
+
+
+def _math_precision(manifest: Manifest, name: str, precision: str) -> str:
+    """What a graph's matrix work runs in: its quantisation mode, or the precision it is built in."""
+    entry = manifest.graphs[name]
+    if "quantized" in entry:
+        return entry["quantized"]["mode"]
+    return entry.get("precision", "fp32") if manifest.quantization else graph_precision(name, precision)
 
 
 def math_summary(math: dict[str, Any]) -> str:

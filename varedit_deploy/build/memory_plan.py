@@ -15,9 +15,12 @@ artifact (and its engines) really hold.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+from ..calibration.groups import blocks_quantised_by_default
 from ..config import ModelConfig
+from .capabilities import supported
 
 GIB = 2**30
 T5_XL_PARAMS = 1_224_000_000  # Flan-T5-XL encoder (65.8 M of it the embedding)
@@ -27,7 +30,12 @@ DEVICES = {  # total memory in GiB, memory the system keeps
     "orin-agx-64": (64, 4.0), "orin-agx-32": (32, 4.0), "orin-nx-16": (16, 4.0), "orin-nx-8": (8, 2.5),
     "orin-nano-8": (8, 2.5), "thor-128": (128, 4.0),
 }
-BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1, "fp8": 1}
+DEVICE_SM = {"orin-agx-64": "sm87", "orin-agx-32": "sm87", "orin-nx-16": "sm87", "orin-nx-8": "sm87",
+             "orin-nano-8": "sm87", "thor-128": "sm110"}  # Jetson runs full TensorRT (JetPack)
+BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+QUANTIZED = ("int8", "fp8", "int4")
+ROWS = ("fp32", "bf16", "fp16", *QUANTIZED)  # the precisions `plan` prints
+INT4_BLOCK = 128  # ModelOpt's block size for int4 weight-only (calibration/ptq.py)
 
 
 @dataclass(frozen=True)
@@ -91,14 +99,16 @@ def vae_params(config: ModelConfig) -> int:
     return enc + dec
 
 
-def loop_buffer_bytes(config: ModelConfig, compute_dtype: str, text_len: int) -> tuple[int, int]:
+def loop_buffer_bytes(config: ModelConfig, compute_dtype: str, text_len: int,
+                      cache_dtype: str | None = None) -> tuple[int, int]:
     """(KV caches, every other buffer) that the scale loop allocates, summed from the loop's own
-    layout: caches and text K/V in `compute_dtype`, the rest as the loop holds it (fp32, int64)."""
+    layout: caches in `cache_dtype` (default: `compute_dtype`), text K/V in `compute_dtype`, the
+    rest as the loop holds it (fp32, int64)."""
     from ..runtime.loop import loop_layout, text_capacity, text_layout
 
     t, sched = config.transformer, config.schedule
     specs = [*loop_layout(t, sched.tokens, sched.starts, sched.source_tokens, sched.latent_side,
-                          compute_dtype).values(),
+                          compute_dtype, cache_dtype).values(),
              *text_layout(t, text_capacity(text_len), compute_dtype).values()]
     kv = sum(s.nbytes for s in specs if s.kind == "kv_cache")
     return kv, sum(s.nbytes for s in specs) - kv
@@ -106,8 +116,37 @@ def loop_buffer_bytes(config: ModelConfig, compute_dtype: str, text_len: int) ->
 
 def kv_cache_bytes(config: ModelConfig, bytes_per: int) -> int:
     """All layers, K and V, CFG batch 2: every layer holds the source and every target scale
-    (runtime/kv_cache.py), plus the pooled SAR references of layer 0; the loop's own layout."""
-    return loop_buffer_bytes(config, {4: "float32", 2: "bfloat16"}[bytes_per], 0)[0]
+    (runtime/kv_cache.py), plus the pooled SAR references of layer 0; the loop's own layout.
+    `bytes_per` 1: an 8-bit cache (`quantize --kv-cache int8`)."""
+    return loop_buffer_bytes(config, "float32", 0, {4: "float32", 2: "bfloat16", 1: "int8"}[bytes_per])[0]
+
+
+def block_matmuls(config: ModelConfig) -> list[tuple[int, int]]:
+    """(K, N) of the weight products a step runs per block: qkv, proj, cross-attention q and out, fc1, fc2
+    (the layer groups calibration quantises; the cross-attention K/V projection runs in text_cond)."""
+    c, h = config.transformer.dim, config.transformer.mlp_hidden
+    return [(c, 3 * c), (c, c), (c, c), (c, c), (c, h), (h, c)]
+
+
+def quantized_matmul_bytes(k: int, n: int, mode: str, high_bytes: int = 2) -> int:
+    """What one [K, N] weight product stores once ModelOpt quantises it (checked against artifacts in the
+    tests): int8/fp8 weights with a per-channel scale and zero point, plus the activation's scale and zero
+    point; int4 weights packed two per byte with one scale per block of 128 rows per column."""
+    if mode == "int4":
+        return (k * n + 1) // 2 + math.ceil(k / INT4_BLOCK) * n * high_bytes
+    return k * n + n * (high_bytes + 1) + (high_bytes + 1)
+
+
+def transformer_bytes(config: ModelConfig, precision: str) -> int:
+    """Transformer weights at `precision`; a quantised precision quantises the block products of the
+    default recipe (calibration/groups.py) and keeps the rest in fp16."""
+    if precision not in QUANTIZED:
+        return transformer_params(config) * BYTES[precision]
+    blocks = len(blocks_quantised_by_default(precision, config.transformer.depth))
+    shapes = block_matmuls(config)
+    quantized_params = blocks * sum(k * n for k, n in shapes)
+    return ((transformer_params(config) - quantized_params) * 2
+            + blocks * sum(quantized_matmul_bytes(k, n, precision) for k, n in shapes))
 
 
 def activation_bytes(config: ModelConfig, bytes_per: int, text_len: int, fused_attention: bool) -> int:
@@ -124,17 +163,16 @@ def activation_bytes(config: ModelConfig, bytes_per: int, text_len: int, fused_a
     return max(worst, vae)
 
 
-def plan(config: ModelConfig, precision: str, workspace_gib: float, text_len: int) -> MemoryPlan:
+def plan(config: ModelConfig, precision: str, workspace_gib: float, text_len: int, kv_bytes: int | None = None) -> MemoryPlan:
     """Transformer weights at `precision`; T5, VAE, KV cache and activations in fp32 for an fp32
-    build and in 16 bits otherwise (no int8/fp8 recipes for those parts)."""
-    b = BYTES[precision]
+    build and in 16 bits otherwise (no quantisation recipes for those parts); `kv_bytes` 1: an 8-bit cache."""
     act = 4 if precision == "fp32" else 2
     t5 = 0
     if config.text_encoder_dir:  # the official fp16 load keeps the FFN output layers in fp32
         t5 = T5_XL_PARAMS * 4 if act == 4 else T5_XL_PARAMS * 2 + T5_XL_WO_PARAMS * 2
     return MemoryPlan(
-        precision, transformer_params(config) * b / GIB, t5 / GIB, vae_params(config) * act / GIB,
-        kv_cache_bytes(config, act) / GIB,
+        precision, transformer_bytes(config, precision) / GIB, t5 / GIB, vae_params(config) * act / GIB,
+        kv_cache_bytes(config, kv_bytes or act) / GIB,
         activation_bytes(config, act, text_len, fused_attention=precision != "fp32") / GIB, workspace_gib,
     )
 
@@ -148,22 +186,33 @@ def plan_table(config: ModelConfig, device: str | None, memory_gib: float | None
             raise InputError(f"unknown device {device!r}; known: {', '.join(DEVICES)} (or use --memory-gib)")
         total, reserved = DEVICES[device]
         budget, where = total - reserved, f"{device}: {total} GiB shared, {reserved} GiB kept for the system"
+        can = supported("tensorrt", DEVICE_SM[device])
     else:
         budget, where = float(memory_gib), f"{memory_gib} GiB available"
+        can = list(BYTES) + list(QUANTIZED)
     lines = [f"{config.name} ({config.image_size} px, {config.schedule.num_scales} scales), {where}, "
              f"budget {budget:.1f} GiB; below fp32, T5, VAE, KV cache and activations are 16-bit",
              f"{'precision':<9} {'transformer':>11} {'T5-XL':>7} {'VAE':>6} {'KV cache':>9} {'activ.':>7} "
-             f"{'workspace':>9} {'total':>7} {'T5 on CPU':>9} {'T5 freed':>8}  fits"]
-    for precision in ("fp32", "bf16", "fp16", "int8", "fp8"):
+             f"{'workspace':>9} {'total':>7} {'T5 freed':>8} {'8-bit KV':>8}  fits"]
+    for precision in ROWS:
         p = plan(config, precision, workspace_gib, text_len)
-        fits = "yes" if p.total <= budget else "T5 freed" if p.t5_released <= budget else "no"
+        kv8 = plan(config, precision, workspace_gib, text_len, kv_bytes=1)
+        if precision not in can:
+            fits = f"no: no {precision} on {DEVICE_SM[device]}"
+        else:  # the first way that fits, cheapest change first
+            ways = [("yes", p.total), ("T5 freed", p.t5_released), ("8-bit KV", kv8.total),
+                    ("T5 freed, 8-bit KV", kv8.t5_released)]
+            fits = next((way for way, peak in ways if peak <= budget), "no")
         lines.append(f"{precision:<9} {p.transformer_weights:>11.2f} {p.text_encoder_weights:>7.2f} "
                      f"{p.vae_weights:>6.2f} {p.kv_cache:>9.2f} {p.activations:>7.2f} {p.workspace:>9.2f} "
-                     f"{p.total:>7.2f} {p.t5_on_cpu:>9.2f} {p.t5_released:>8.2f}  {fits}")
-    lines.append("GiB. int8: Orin, Ampere; fp8: Ada, Hopper, Thor (no fp8 tensor cores on Orin). Attention counted "
-                 "fused below fp32. T5 on CPU: its weights leave the device; T5 freed: released after encoding, "
-                 "the peak is the larger phase. Engines built with --weight-streaming can keep part of the "
-                 "transformer weights in host memory (slower).")
+                     f"{p.total:>7.2f} {p.t5_released:>8.2f} {kv8.total:>8.2f}  {fits}")
+    lines.append("GiB. int8: W8A8 (TensorRT: Turing, Ampere, Orin); fp8: Ada, Hopper, Blackwell/Thor; int4: weight-only, "
+                 "Ampere on. Quantised rows: the block weight products of the default recipe (int8/fp8 keep the first "
+                 "and last blocks from depth 8 on), measured per weight as ModelOpt stores them; the rest in fp16 "
+                 "(a sensitivity search may keep more). 8-bit KV: `quantize --kv-cache int8`. Attention counted fused "
+                 "below fp32. T5 freed: T5 released after encoding (or run on the CPU), the peak is the larger phase; "
+                 "8-bit KV: the total with an 8-bit cache. Engines built with --weight-streaming can keep part of "
+                 "the transformer weights in host memory (slower).")
     kv, rest = loop_buffer_bytes(config, "bfloat16", text_len)
     lines.append(f"torch fast path (bf16 caches and text K/V, the loop's own allocation): KV cache {kv / GIB:.2f} GiB, "
                  f"other loop buffers {rest / GIB:.2f} GiB (fp32 inputs, modulation, logits, codes; "
@@ -183,7 +232,7 @@ def artifact_table(manifest, engine_dirs: list) -> str:
             stored[part] = stored.get(part, 0) + n
     on_disk = sum(f["bytes"] for g in manifest.graphs.values() for f in g["files"])
     summary = manifest.data.get("weights", {})
-    estimates = {"transformer": transformer_params(config) * BYTES[precision], "vae": vae_params(config) * act}
+    estimates = {"transformer": transformer_bytes(config, precision), "vae": vae_params(config) * act}
     if "text_encoder" in summary:  # the artifact's own T5 (a tiny one for random-weight exports)
         estimates["text_encoder"] = summary["text_encoder"]["parameters"] * act
     lines = [f"artifact {manifest.folder}: {config.name}, {precision} graphs, {on_disk / GIB:.2f} GiB on disk",
@@ -199,8 +248,8 @@ def artifact_table(manifest, engine_dirs: list) -> str:
                      f"{g['weights']['bytes'] / 1e6:>10.1f}  {g['precision']}")
     for folder in engine_dirs:
         data = json.loads((folder / "engines.json").read_text())
-        b = BYTES[data["precision"]]
-        weights = transformer_params(config) * b + vae_params(config) * min(b, act)
+        b = BYTES.get(data["precision"], 2)  # quantised engines: the VAE and T5 stay 16-bit
+        weights = transformer_bytes(config, data["precision"]) + vae_params(config) * min(b, act)
         weights += summary.get("text_encoder", {}).get("parameters", 0) * min(b, act)
         total = sum(rec["bytes"] for rec in data["engines"].values())
         lines.append(f"engines {folder.name}: {total / GIB:.3f} GiB for {len(data['engines'])} graphs; weights at "

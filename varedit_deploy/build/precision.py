@@ -90,22 +90,33 @@ def lower_graph(path, precision: str, out) -> None:
 
 
 def _sort_nodes(graph) -> None:
-    """The converter appends its Casts at the end; ONNX wants nodes in topological order."""
-    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending, ordered = list(graph.node), []
-    while pending:
-        rest = []
-        for n in pending:
-            if all(i in ready for i in n.input):
-                ordered.append(n)
-                ready.update(n.output)
-            else:
-                rest.append(n)
-        if len(rest) == len(pending):
-            raise AssertionError(f"graph has a cycle or an undefined input at {rest[0].name}")
-        pending = rest
-    del graph.node[:]
-    graph.node.extend(ordered)
+    """Restore topological node order (ONNX requires it; the fp16 converter appends its input casts
+    after their readers), keeping the original order wherever it is already valid."""
+    import heapq
+
+    nodes = list(graph.node)
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    producer = {o: k for k, n in enumerate(nodes) for o in n.output}
+    waiting = [0] * len(nodes)
+    readers: dict[int, list[int]] = {}
+    for k, n in enumerate(nodes):
+        for i in set(n.input) - available:
+            waiting[k] += 1
+            readers.setdefault(producer[i], []).append(k)
+    ready = [k for k, w in enumerate(waiting) if w == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        k = heapq.heappop(ready)
+        order.append(k)
+        for r in readers.get(k, ()):
+            waiting[r] -= 1
+            if waiting[r] == 0:
+                heapq.heappush(ready, r)
+    if len(order) != len(nodes):
+        raise AssertionError(f"graph {graph.name} has a cycle")
+    graph.ClearField("node")
+    graph.node.extend(nodes[k] for k in order)
 
 
 def _is_stub(tensor) -> bool:

@@ -53,10 +53,12 @@ class BufferSpec:
 
 
 def loop_layout(t: TransformerConfig, tokens: tuple[int, ...], starts: tuple[int, ...], source_tokens: int,
-                latent_side: int, compute_dtype: str) -> dict[str, BufferSpec]:
-    """Every buffer the loop allocates for a pipeline, by name (text buffers: `text_layout`)."""
+                latent_side: int, compute_dtype: str, cache_dtype: str | None = None) -> dict[str, BufferSpec]:
+    """Every buffer the loop allocates for a pipeline, by name (text buffers: `text_layout`).
+    The caches are in `cache_dtype` where the graphs fix one (int8 for an 8-bit-cache artifact),
+    else in the compute dtype."""
     cache = KVCache.layout(t.depth, t.heads, t.head_dim, source_tokens, starts, tokens)
-    specs = {f"cache.{name}": BufferSpec(shape, compute_dtype, "kv_cache") for name, shape in cache.items()}
+    specs = {f"cache.{name}": BufferSpec(shape, cache_dtype or compute_dtype, "kv_cache") for name, shape in cache.items()}
 
     def act(shape, dtype="float32"):
         return BufferSpec(tuple(shape), dtype, "activations")
@@ -108,7 +110,8 @@ class ScaleLoop:
         self.tokens, self.starts = tuple(sched["tokens"]), tuple(sched["starts"])
         self.source_tokens, self.latent_side = sched["source_tokens"], sched["latent_side"]
         t = self.tcfg
-        specs = loop_layout(t, self.tokens, self.starts, self.source_tokens, self.latent_side, backend.compute_dtype)
+        specs = loop_layout(t, self.tokens, self.starts, self.source_tokens, self.latent_side, backend.compute_dtype,
+                            manifest.kv_cache_dtype)
         buf = {name: backend.empty(spec.shape, spec.dtype) for name, spec in specs.items()}
         self.cache = KVCache.from_buffers({k.removeprefix("cache."): v for k, v in buf.items() if k.startswith("cache.")},
                                           self.source_tokens, self.starts, self.tokens)

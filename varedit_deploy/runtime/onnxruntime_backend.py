@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -59,8 +60,12 @@ class OnnxRuntimeBackend(Backend):
             self.options.add_session_config_entry(key, value)
 
     def _load(self, name: str) -> GraphRunner:
+        return self.session_for(name, self.manifest.graph_path(name))
+
+    def session_for(self, name: str, path: Path) -> OrtGraph:
+        """A runner of graph `name` from the ONNX file `path`, with this backend's session options
+        (calibration runs quantised variants of a graph beside the artifact's own)."""
         ort = _ort()
-        path = self.manifest.graph_path(name)
         try:
             session = ort.InferenceSession(str(path), self.options, providers=self.providers)
         except Exception as e:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..artifact import Manifest
-from ..build.engines import BuildOptions, build_command, check_engines, engine_dir_name
+from ..build.engines import BuildOptions, build_command, check_engines, engine_dir_name, engine_precision
 from ..build.tensorrt_api import import_tensorrt
 from ..errors import ArtifactError, EngineError
 from .backend import Backend, GraphRunner
@@ -155,9 +155,10 @@ class TrtGraph(GraphRunner):
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
-    def __init__(self, manifest: Manifest, flavour: str = "tensorrt", precision: str = "fp16",
+    def __init__(self, manifest: Manifest, flavour: str = "tensorrt", precision: str | None = None,
                  engine_dir: str | Path | None = None, cuda_graphs: bool = True):
         super().__init__(manifest)
+        precision = engine_precision(manifest, precision)  # None: what `build` makes of this artifact by default
         self.trt = import_tensorrt(flavour)
         target = current_compute_capability()
         folder = Path(engine_dir) if engine_dir else manifest.folder / "engines" / engine_dir_name(

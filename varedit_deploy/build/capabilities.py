@@ -1,0 +1,49 @@
+"""Which engine precisions each TensorRT flavour can build for each GPU, in one table.
+
+From the vendors' support matrices (TensorRT, TensorRT-RTX, ModelOpt): FP8 tensor cores from
+Ada (sm89) and Hopper (sm90) on, not on Ampere or Jetson Orin (sm86, sm87); INT8 W8A8 on
+TensorRT from Turing on (Orin included), never on TensorRT-RTX (it lists INT8 and INT4
+weight-only GEMMs, not INT8 activations); INT4 weight-only from Ampere on; BF16 from Ampere on.
+"""
+
+from __future__ import annotations
+
+from ..errors import VareditError
+
+# precision -> (flavour -> predicate on the SM number)
+_SUPPORT = {
+    "fp32": {"tensorrt": lambda sm: True, "tensorrt-rtx": lambda sm: True},
+    "fp16": {"tensorrt": lambda sm: True, "tensorrt-rtx": lambda sm: True},
+    "bf16": {"tensorrt": lambda sm: sm >= 80, "tensorrt-rtx": lambda sm: sm >= 80},
+    "int8": {"tensorrt": lambda sm: sm >= 72, "tensorrt-rtx": lambda sm: False},
+    "fp8": {"tensorrt": lambda sm: sm in (89, 90) or sm >= 100, "tensorrt-rtx": lambda sm: sm in (89, 120, 121)},
+    "int4": {"tensorrt": lambda sm: sm >= 80, "tensorrt-rtx": lambda sm: sm >= 80},
+}
+PRECISIONS = tuple(_SUPPORT)
+DESCRIPTION = {"int8": "int8 (W8A8)", "fp8": "fp8 (E4M3)", "int4": "int4 (weight-only)"}
+
+
+def sm_number(target: str) -> int:
+    """'sm89' -> 89."""
+    return int(target.removeprefix("sm"))
+
+
+def supported(flavour: str, target: str) -> list[str]:
+    """Precisions `flavour` builds for the GPU `target` ('sm89')."""
+    sm = sm_number(target)
+    return [p for p, by in _SUPPORT.items() if by[flavour](sm)]
+
+
+def check_supported(flavour: str, target: str, precision: str) -> None:
+    """Raise a VareditError naming what the target can build when `precision` is not among it."""
+    can = supported(flavour, target)
+    if precision not in can:
+        listed = ", ".join(DESCRIPTION.get(p, p) for p in can)
+        hint = ""
+        if precision == "int8" and flavour == "tensorrt-rtx":
+            hint = ("; TensorRT-RTX has no INT8 activation GEMMs: quantise with --mode fp8 or int4, or build the "
+                    "int8 artifact with --flavour tensorrt on the GPU")
+        elif precision == "fp8":
+            hint = "; FP8 needs Ada (sm89), Hopper (sm90) or Blackwell"
+        raise VareditError(f"{flavour} cannot build {DESCRIPTION.get(precision, precision)} engines for {target}: "
+                           f"it supports {listed} there{hint}")

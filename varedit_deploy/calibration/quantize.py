@@ -1,0 +1,394 @@
+"""`varedit-deploy quantize`: an fp32 artifact -> a quantised artifact with its accuracy report.
+
+1. Calibration: the calibration edits run on the fp32 graphs (ONNX Runtime) through a backend
+   that records every graph call's inputs. 2. References: the held-out edits run on fp32.
+3. Quantisation: ModelOpt quantises every candidate layer group once (fp32 elsewhere); keeping
+   only some groups quantised needs no new calibration (`ptq.keep_quantized`). 4. Sensitivity:
+   groups are scored alone and in growing sets on the held-out edits; the search picks what stays
+   in high precision. 5. The artifact: the chosen groups quantised, everything lowered to
+   `--high-precision` as `export --precision` lowers graphs; optionally an int8 KV cache.
+6. The report: the artifact and an fp16 artifact against fp32 on the held-out edits.
+The output folder is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import __version__
+from ..artifact import MANIFEST, SCHEMA_VERSION, Manifest, file_record, read_manifest, sha256_file, write_manifest
+from ..build.precision import graph_precision, to_half
+from ..errors import ArtifactError, InputError
+from ..export.onnx_export import EXTERNAL_DATA_BYTES, TENSORRT_OPS
+from ..fileio import atomic_dir
+from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
+from ..runtime.pipeline import EditPipeline
+from . import kv_cache, report
+from .backends import Recording, RecordingBackend, SwappedBackend
+from .dataset import CalibrationSet, load_set
+from .evaluate import EditRun, TextSource, image_scores, reference_runs, run_edit, teacher_forced
+from .groups import LayerGroup, default_exclusions, excluded, find_groups
+from .ptq import check_mode, keep_quantized, modelopt, quantize_graph, stored_bytes, versions
+from .sensitivity import SearchResult, search
+
+KV_CACHE_MODES = ("int8",)
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    mode: str
+    method: str | None = None  # None: the mode's default (int8 entropy, fp8 max, int4 awq_clip)
+    high_precision: str = "fp16"
+    exclude: tuple[str, ...] | None = None  # group-name patterns kept in high precision; None: the recipe's
+    min_bit_agreement: float = 0.99
+    search: bool = True  # False: quantise every candidate group
+    calibration: Path | None = None  # folder or CSV; None: the default set
+    calibration_edits: int | None = None  # use only the first N calibration pairs
+    held_out: int | None = None  # use only the first N held-out pairs
+    fixture: Path | None = None  # text features for artifacts exported from a fixture (no text encoder)
+    kv_cache: str | None = None  # "int8": an 8-bit KV cache
+    samples_per_scale: int = 8  # recorded inputs per graph and input shape
+
+
+def quantize_artifacts(artifacts: str | Path, out: str | Path, opts: QuantizeOptions, command: str = "",
+                       progress: Callable[[str], None] = print) -> dict[str, Any]:
+    """Write the quantised artifact `out`; return its report. Everything is checked before work starts."""
+    method = check_mode(opts.mode, opts.method, opts.high_precision)
+    out = Path(out)
+    manifest = read_manifest(artifacts, verify="full")
+    _check(manifest, out, opts)
+    modelopt()  # a missing ModelOpt fails here, before any work
+    calib = load_set(opts.calibration).limited(opts.calibration_edits, opts.held_out)
+    run = _Quantization(manifest, opts, method, calib, _text_source(manifest, opts.fixture), command, progress)
+    try:
+        with tempfile.TemporaryDirectory(prefix="varedit-quantize-") as work, atomic_dir(out) as tmp:
+            run.work = Path(work)
+            run.calibrate()
+            run.references()
+            run.quantize()
+            found = run.sensitivity()
+            result = run.write(tmp, found)
+            rep = run.report(result, found)
+            write_manifest(tmp, {k: v for k, v in result.data.items() if k != "schema_version"})
+    finally:
+        run.backend.close()
+    progress(report.table(rep))
+    progress(f"wrote {out} ({report.REPORT}, quantization_report.md, quantization_grid.png)")
+    return rep
+
+
+def _check(manifest: Manifest, out: Path, opts: QuantizeOptions) -> None:
+    quant = manifest.quantization
+    if quant is not None:
+        raise ArtifactError(f"artifact {manifest.folder} is already quantised ({quant['mode']}, {quant['method']}); "
+                            f"quantise its fp32 source instead ({quant['source_artifact']})")
+    if manifest.data.get("precision", "fp32") != "fp32":
+        raise ArtifactError(f"artifact {manifest.folder} holds {manifest.data['precision']} graphs; --mode "
+                            f"{opts.mode} calibrates fp32 graphs: export with --precision fp32 and quantise that")
+    if out.resolve() == manifest.folder.resolve():
+        raise InputError(f"--out {out} is the artifact being quantised; write the quantised artifact elsewhere")
+    if not 0.0 < opts.min_bit_agreement <= 1.0:
+        raise InputError(f"--min-bit-agreement must be in (0, 1], got {opts.min_bit_agreement}")
+    if opts.kv_cache is not None and opts.kv_cache not in KV_CACHE_MODES:
+        raise InputError(f"--kv-cache {opts.kv_cache!r} is not available; choose {', '.join(KV_CACHE_MODES)} "
+                         "(an fp8 cache needs fp8 buffers, which the numpy-based runtimes do not have)")
+    if opts.samples_per_scale < 1:
+        raise InputError(f"--samples-per-scale must be at least 1, got {opts.samples_per_scale}")
+    for pattern in opts.exclude or ():
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise InputError(f"--exclude {pattern!r} is not a regular expression ({e})") from None
+
+
+def _text_source(manifest: Manifest, fixture: Path | None) -> TextSource:
+    if manifest.has_graph("text_encoder"):
+        if fixture is not None:
+            raise InputError("--fixture gives text features to artifacts without a text encoder; this one has one")
+        return TextSource()
+    if fixture is None:
+        raise InputError(f"artifact {manifest.folder} has no text encoder (it was exported from a fixture); "
+                         "pass --fixture DIR to calibrate with that fixture's text features")
+    from ..parity import FixtureData
+
+    data = FixtureData.load(fixture)
+    if data.config.to_dict() != manifest.config.to_dict():
+        raise InputError(f"fixture {fixture} is a {data.config.name} model; artifact {manifest.folder} is "
+                         f"{manifest.config.name}")
+    return TextSource(data.text_features, f"the fixture's one instruction ({fixture}) for every pair")
+
+
+def _nodes(groups: list[LayerGroup], graph: str) -> list[str]:
+    return [n for g in groups for n in g.nodes.get(graph, ())]
+
+
+class _Quantization:
+    """One `quantize` run: what it has measured so far, stage by stage."""
+
+    def __init__(self, manifest: Manifest, opts: QuantizeOptions, method: str, calib: CalibrationSet,
+                 text: TextSource, command: str, progress: Callable[[str], None]):
+        import onnx
+
+        self.manifest, self.opts, self.method, self.calib, self.text = manifest, opts, method, calib, text
+        self.command, self._progress, self._t0 = command, progress, time.perf_counter()
+        structure = {n: onnx.load(str(manifest.graph_path(n)), load_external_data=False) for n in manifest.graphs}
+        self.groups = find_groups(structure)
+        depth = manifest.config.transformer.depth
+        self.patterns = list(opts.exclude) if opts.exclude is not None else default_exclusions(opts.mode, depth)
+        self.excluded = excluded(self.groups, self.patterns)
+        self.candidates = [g for g in self.groups if g not in self.excluded]
+        if not self.candidates:
+            raise InputError(f"nothing to quantise: all {len(self.groups)} layer groups of {manifest.folder} match "
+                             f"the exclusions {self.patterns}")
+        self.graphs = sorted({graph for g in self.candidates for graph in g.nodes})
+        self.backend = OnnxRuntimeBackend(manifest)
+        # Up to `samples_per_scale` calls per input shape, and room for every scale at two instruction lengths.
+        scales = manifest.config.schedule.num_scales
+        self.recording = Recording(per_shape=opts.samples_per_scale, per_graph=opts.samples_per_scale * 2 * scales)
+        self.refs: list[EditRun] = []
+        self.sources: dict[str, Any] = {}  # graph -> fp32 ModelProto
+        self.full: dict[str, Any] = {}  # graph -> every candidate group quantised, fp32 elsewhere
+        self.work = Path()
+        self.progress(f"{opts.mode} ({method}) of {manifest.folder}: {len(self.candidates)} layer groups in "
+                      f"{', '.join(self.graphs)} ({len(self.excluded)} excluded by "
+                      f"{'--exclude' if opts.exclude is not None else 'the recipe'}); {calib.describe()}")
+
+    def progress(self, message: str) -> None:
+        """Stage lines get the seconds since the start; indented detail lines do not."""
+        self._progress(message if message.startswith(" ") else f"{message} [{time.perf_counter() - self._t0:.0f} s]")
+
+    def calibrate(self) -> None:
+        self.progress(f"[1/6] calibration: {len(self.calib.calibration)} edits on the fp32 graphs (ONNX Runtime)")
+        recorder = EditPipeline(self.manifest, RecordingBackend(self.backend, self.recording))
+        for i, pair in enumerate(self.calib.calibration):
+            run_edit(recorder, self.text, pair, seed=10_000 + i, decode=False)
+        self.progress("      recorded " + ", ".join(f"{g}: {len(self.recording.samples.get(g, []))} calls, "
+                                                    f"{self.recording.shapes(g)} input shapes" for g in self.graphs))
+
+    def references(self) -> None:
+        self.progress(f"[2/6] references: {len(self.calib.held_out)} held-out edits on fp32")
+        self.refs = reference_runs(EditPipeline(self.manifest, self.backend), self.text, self.calib.held_out)
+
+    def quantize(self) -> None:
+        import onnx
+
+        self.progress(f"[3/6] {self.opts.mode} Q/DQ of {len(self.candidates)} layer groups with ModelOpt "
+                      f"({self.method} calibration on the CPU)")
+        for g in self.graphs:
+            self.sources[g] = onnx.load(str(self.manifest.graph_path(g)))
+            self.full[g] = quantize_graph(self.sources[g], self.opts.mode, self.method,
+                                          self.recording.samples.get(g, []), _nodes(self.candidates, g), g)
+
+    def _variant(self, graph: str, quantised: list[LayerGroup]):
+        """`graph` with only the groups `quantised` quantised (same scales as the full quantisation)."""
+        return keep_quantized(self.full[graph], self.sources[graph], set(_nodes(quantised, graph)))
+
+    def _agreement(self, swaps: dict[str, Path], manifest: Manifest | None = None) -> float:
+        """Teacher-forced agreement of the fp32 artifact with some graphs swapped (and its manifest's cache type)."""
+        variant = SwappedBackend(self.backend, swaps)
+        try:
+            pipe = EditPipeline(manifest or self.manifest, variant)
+            return teacher_forced(pipe, self.text, self.refs, reuse_inputs=True).overall
+        finally:
+            variant.close()
+
+    def sensitivity(self) -> SearchResult:
+        names = [c.name for c in self.candidates]
+        if not self.opts.search:
+            self.progress("[4/6] sensitivity search skipped (--no-search)")
+            return SearchResult(self.opts.min_bit_agreement, [])
+        self.progress(f"[4/6] sensitivity of {len(names)} layer groups, scored on the held-out edits (fp32 elsewhere)")
+
+        def evaluate(quantised: set[str]) -> float:
+            chosen = [c for c in self.candidates if c.name in quantised]
+            swaps = {}
+            for g in self.graphs:
+                swaps[g] = self.work / f"{g}.variant.onnx"
+                _save(self._variant(g, chosen), swaps[g])
+            return self._agreement(swaps)
+
+        found = search(names, evaluate, self.opts.min_bit_agreement, self.progress)
+        self.progress(found.table())
+        return found
+
+    def write(self, folder: Path, found: SearchResult) -> Manifest:
+        """Write every graph, the tokenizer and the quantisation record into `folder`."""
+        opts = self.opts
+        chosen = [c for c in self.candidates if c.name not in found.kept]
+        self.progress(f"[5/6] writing the {opts.mode} artifact ({opts.high_precision} elsewhere"
+                      f"{', int8 KV cache' if opts.kv_cache else ''})")
+        scales = kv_cache.calibrate_scales(self.recording.samples) if opts.kv_cache else {}
+        graphs = {name: self._write_graph(name, entry, folder, chosen, scales)
+                  for name, entry in self.manifest.graphs.items()}
+        _copy(self.manifest, self.manifest.data.get("tokenizer", {}).get("files", []), folder)
+        data = {**self.manifest.data, "precision": opts.high_precision, "graphs": graphs}
+        data["quantization"] = {
+            "mode": opts.mode, "method": self.method, "high_precision": opts.high_precision,
+            "exclusions": self.patterns, "excluded_groups": [g.name for g in self.excluded],
+            "kept_in_high_precision": found.kept, "quantized_groups": [g.name for g in chosen],
+            "search": found.to_json(),
+            "calibration_set": {"source": self.calib.source, "sha256": self.calib.sha256(),
+                                "edits": len(self.calib.calibration), "held_out": len(self.calib.held_out),
+                                "text": self.text.origin},
+            "versions": versions(), "report": report.REPORT, "source_artifact": str(self.manifest.folder),
+            "source_manifest_sha256": sha256_file(self.manifest.folder / MANIFEST), "command": self.command,
+        }
+        if opts.kv_cache:
+            data["kv_cache"] = {"dtype": kv_cache.DTYPE, "scales": "per channel (heads x head_dim), max calibration"}
+        return Manifest(folder, {**data, "schema_version": SCHEMA_VERSION})
+
+    def _write_graph(self, name: str, entry: dict[str, Any], folder: Path, chosen, scales) -> dict[str, Any]:
+        import onnx
+
+        opts = self.opts
+        target = folder / entry["files"][0]["path"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        nodes = _nodes(chosen, name)
+        lowered = graph_precision(name, opts.high_precision)
+        cache_io = bool(scales) and _has_cache_io(entry)
+        quantized = None
+        if nodes:
+            model = self._variant(name, chosen)
+            quantized = {"mode": opts.mode, "nodes": len(nodes)}
+        elif lowered != "fp32" or cache_io:
+            model = onnx.load(str(self.manifest.graph_path(name)))
+        else:
+            return {**entry, "files": _copy(self.manifest, entry["files"], folder)}
+        if lowered != "fp32":
+            model = to_half(model, lowered)
+        if cache_io:
+            kv_cache.rewrite(model, scales)
+        return _entry(folder, _save(model, target), entry, model, lowered, quantized)
+
+    def _kv_cache_alone(self) -> float:
+        """Agreement of the fp32 graphs with only the 8-bit KV cache (what the cache costs by itself)."""
+        import onnx
+
+        scales = kv_cache.calibrate_scales(self.recording.samples)
+        swaps = {}
+        for name, entry in self.manifest.graphs.items():
+            if _has_cache_io(entry):
+                model = onnx.load(str(self.manifest.graph_path(name)))
+                kv_cache.rewrite(model, scales)
+                swaps[name] = self.work / f"{name}.kv8.onnx"
+                _save(model, swaps[name])
+        with_kv = Manifest(self.manifest.folder, {**self.manifest.data, "kv_cache": {"dtype": kv_cache.DTYPE}})
+        return self._agreement(swaps, with_kv)
+
+    def report(self, result: Manifest, found: SearchResult) -> dict[str, Any]:
+        import onnx
+
+        self.progress("[6/6] accuracy report: the artifact and an fp16 artifact against fp32 on the held-out edits")
+        fp16 = lowered_copy(self.manifest, self.work / "fp16", "fp16")
+        runs = {}
+        for label, art in (("quantized", result), ("fp16", fp16)):
+            with OnnxRuntimeBackend(art) as be:
+                pipe = EditPipeline(art, be)
+                agreement = teacher_forced(pipe, self.text, self.refs, reuse_inputs=False)
+                images = [run_edit(pipe, self.text, r.pair, r.seed).image for r in self.refs]
+            runs[label] = (agreement, images)
+        (q_agree, q_images), (h_agree, h_images) = runs["quantized"], runs["fp16"]
+        ref_images = [r.image for r in self.refs]
+        weights = {}
+        for name in self.manifest.graphs:
+            b32, b16, bq = (stored_bytes(onnx.load(str(art.graph_path(name)))) for art in (self.manifest, fp16, result))
+            weights[name] = {"fp32": b32["weights"], "fp16": b16["weights"], "artifact": bq["weights"],
+                             "ratio_to_fp16": bq["weights"] / b16["weights"] if b16["weights"] else None,
+                             "tables": bq["tables"], "quantized": "quantized" in result.graphs[name]}
+        quant = result.quantization
+        rep = {
+            "mode": self.opts.mode, "method": self.method, "high_precision": self.opts.high_precision,
+            "kv_cache": self.opts.kv_cache or "float32", "model": self.manifest.config.name,
+            "weights_made_on": report.weights_made_on(self.manifest.data.get("source", {})),
+            "calibration_set": {**quant["calibration_set"], "description": self.calib.describe()},
+            "per_scale_bit_agreement": q_agree.per_scale, "bit_agreement": q_agree.overall,
+            "per_scale_logit_kl": q_agree.per_scale_kl, "bits_compared": sum(q_agree.bits),
+            "fp16_per_scale_bit_agreement": h_agree.per_scale, "fp16_bit_agreement": h_agree.overall,
+            "image_psnr_db": image_scores(q_images, ref_images)["psnr_db"],
+            "image_ssim": image_scores(q_images, ref_images)["ssim"],
+            "image_vs_fp16": image_scores(q_images, h_images), "fp16_image_vs_fp32": image_scores(h_images, ref_images),
+            "weight_bytes": weights,
+            "layer_groups": {"all": [g.name for g in self.groups], "excluded": [g.name for g in self.excluded],
+                             "candidates": [g.name for g in self.candidates],
+                             "quantized": quant["quantized_groups"]},
+            "sensitivity": found.to_json(),
+            "versions": {**quant["versions"], "varedit_deploy": __version__}, "command": self.command,
+        }
+        if self.opts.kv_cache:
+            rep["kv_cache_alone_bit_agreement"] = self._kv_cache_alone()
+        rows = [(r.pair.load(), r.image, h, q) for r, h, q in zip(self.refs, h_images, q_images)]
+        report.write(result.folder, rep, rows)
+        return rep
+
+
+def _has_cache_io(entry: dict[str, Any]) -> bool:
+    return any(kv_cache.cache_of(v["name"], output=False) for v in entry["inputs"]) or any(
+        kv_cache.cache_of(v["name"], output=True) for v in entry["outputs"])
+
+
+def _save(model, path: Path) -> list[Path]:
+    """Write a graph, its weights beside it in `<name>.data` when large (as `export` does)."""
+    import onnx
+
+    if stored_bytes(model)["weights"] > EXTERNAL_DATA_BYTES:
+        data = path.with_name(path.name + ".data")
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+        return [path, data]
+    onnx.save_model(model, str(path))
+    return [path]
+
+
+def _entry(folder: Path, files: list[Path], old: dict[str, Any], model, precision: str,
+           quantized: dict[str, Any] | None) -> dict[str, Any]:
+    """The manifest entry of a rewritten graph: files, I/O types, opset and operators of what was written."""
+    import onnx
+
+    types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.input, *model.graph.output)}
+    io = {k: [{**spec, "dtype": np.dtype(onnx.helper.tensor_dtype_to_np_dtype(types[spec["name"]])).name}
+              for spec in old[k]] for k in ("inputs", "outputs")}
+    ops = Counter(n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx"))
+    entry = {**old, **io, "files": [file_record(folder, p) for p in files], "precision": precision,
+             "opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+             "ops": dict(sorted(ops.items())), "tensorrt_unsupported_ops": sorted(set(ops) - TENSORRT_OPS)}
+    entry.pop("max_abs_error_vs_torch", None)  # measured on the fp32 graph, not this one
+    if quantized is not None:
+        entry["quantized"] = quantized
+    return entry
+
+
+def _copy(manifest: Manifest, records: list[dict[str, Any]], folder: Path) -> list[dict[str, Any]]:
+    """Copy an artifact's files (manifest records) into `folder`; return their new records."""
+    for rec in records:
+        (folder / rec["path"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(manifest.folder / rec["path"], folder / rec["path"])
+    return [file_record(folder, folder / rec["path"]) for rec in records]
+
+
+def lowered_copy(manifest: Manifest, folder: Path, precision: str) -> Manifest:
+    """The artifact with its graphs lowered to `precision` as `export --precision` writes them
+    (an in-memory manifest over `folder`): the report's fp16 comparison."""
+    import onnx
+
+    graphs = {}
+    for name, entry in manifest.graphs.items():
+        lowered = graph_precision(name, precision)
+        if lowered == "fp32":
+            graphs[name] = {**entry, "files": _copy(manifest, entry["files"], folder)}
+            continue
+        target = folder / entry["files"][0]["path"]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        model = to_half(onnx.load(str(manifest.graph_path(name))), lowered)
+        graphs[name] = _entry(folder, _save(model, target), entry, model, lowered, None)
+    _copy(manifest, manifest.data.get("tokenizer", {}).get("files", []), folder)
+    return Manifest(folder, {**manifest.data, "precision": precision, "graphs": graphs})
