@@ -95,13 +95,17 @@ class _WithExplicitParameters(nn.Module):
 
     def __init__(self, module: nn.Module, names: list[str], n_inputs: int):
         super().__init__()
-        self.wrapped = [module]  # a list, so that its parameters are not this module's (traced as constants)
+        self.wrapped = module  # a submodule, so that nodes are named by module scope (/blocks.0/ffn/...)
         self.names, self.n_inputs = names, n_inputs
         self.output_shapes: list[tuple[int, ...]] = []
 
+    def state_dict(self, *args, **kwargs):
+        """Empty: the exporter would trace the wrapped module's parameters as constants."""
+        return {}
+
     def forward(self, *args):
-        with parameters_replaced(self.wrapped[0], dict(zip(self.names, args[self.n_inputs :]))):
-            out = self.wrapped[0](*args[: self.n_inputs])
+        with parameters_replaced(self.wrapped, dict(zip(self.names, args[self.n_inputs :]))):
+            out = self.wrapped(*args[: self.n_inputs])
         self.output_shapes = [tuple(o.shape) for o in (out if isinstance(out, tuple) else (out,))]
         return out
 
@@ -121,8 +125,24 @@ def trace(spec: GraphSpec) -> WeightlessGraph:
                           output_names=spec.outputs, dynamic_axes=spec.dynamic_axes, opset_version=OPSET,
                           dynamo=False, do_constant_folding=True)
     model = onnx.load_from_string(buf.getvalue())
+    _drop_wrapper_scope(model)
     recipes = _cut_weight_nodes(model, set(names) & {i.name for i in model.graph.input})
     return WeightlessGraph(model, recipes, wrapper.output_shapes)
+
+
+def _drop_wrapper_scope(model, prefix: str = "/wrapped/") -> None:
+    """Name nodes and values as an export of the module itself would (/blocks.0/ffn/fc2/MatMul):
+    calibration's layer groups and the half-precision placement read module scopes from them."""
+    def strip(name: str) -> str:
+        return "/" + name[len(prefix):] if name.startswith(prefix) else name
+
+    graph = model.graph
+    for node in graph.node:
+        node.name = strip(node.name)
+        node.input[:] = [strip(i) for i in node.input]
+        node.output[:] = [strip(o) for o in node.output]
+    for value in [*graph.initializer, *graph.value_info, *graph.input, *graph.output]:
+        value.name = strip(value.name)
 
 
 def _cut_weight_nodes(model, params: set[str]) -> dict[str, WeightRecipe]:
