@@ -215,11 +215,11 @@ def test_text_encoder_can_be_released_after_encoding(tiny_artifact, photos):
     from varedit_deploy.runtime.pipeline import EditPipeline
     from varedit_deploy.sampling import NumpyNoise
 
-    keep = EditPipeline.from_artifacts(tiny_artifact).edit(photos["coffee"], "make it red", noise=NumpyNoise(4))
+    keep = EditPipeline.from_artifacts(tiny_artifact).edit(photos["coffee"], "make it red", noise=NumpyNoise(4), record=True)
     pipe = EditPipeline.from_artifacts(tiny_artifact, keep_text_encoder=False)
     assert "text_encoder" not in pipe.backend._graphs
     for _ in range(2):
-        freed = pipe.edit(photos["coffee"], "make it red", noise=NumpyNoise(4))
+        freed = pipe.edit(photos["coffee"], "make it red", noise=NumpyNoise(4), record=True)
         assert "text_encoder" not in pipe.backend._graphs
         assert all(np.array_equal(a, b) for a, b in zip(keep.loop.bits, freed.loop.bits))
 

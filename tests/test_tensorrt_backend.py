@@ -252,8 +252,8 @@ def test_backend_close_releases_everything_it_made(fake_rtx, cudart, tiny_artifa
             backend.graph("next_input_6").run({"bits": bits, "summed_codes": summed}, {"summed_codes_out": out})
         assert cudart.launches == 1
         report = backend.memory_report()
-        assert report["step"]["profiles"] == 7 and report["step"]["shared_bytes"] == 7000
-        assert report["step"]["one_per_profile_bytes"] == 7 * 7000 and report["next_input_6"]["cuda_graphs"] == 1
+        assert report["step"]["profiles"] == 8 and report["step"]["shared_bytes"] == 8000  # 7 scales + the source pass
+        assert report["step"]["one_per_profile_bytes"] == 8 * 8000 and report["next_input_6"]["cuda_graphs"] == 1
     gc.collect()
     assert all(not cudart.live[kind] for kind in ("memory", "stream", "graph", "graph_exec")), dict(cudart.live)
     assert cudart.made["stream"] == 1 and cudart.made["memory"] == len(manifest.graphs) + 3
