@@ -99,7 +99,9 @@ def test_binding_plan_and_cache_views_reproduce_the_official_concatenation(name)
     for k in cache.k:
         k[:] = np.nan
     official: dict[int, list[float]] = {}
-    for call in step_plan(config, text_len=7):
+    calls = sorted(step_plan(config, text_len=7), key=lambda c: c.scale != SOURCE)  # as the loop runs them
+    assert calls[0].scale == SOURCE and [c.scale for c in calls[1:]] == list(range(sched.num_scales))
+    for call in calls:
         b = call.by_tensor()
         if call.scale == SOURCE:  # the source pass: a step call whose new K/V are the source rows of every layer
             source = [label(1, 0, r) for r in range(sched.source_tokens)]
@@ -305,7 +307,8 @@ def test_build_refuses_targets_tensorrt_rtx_cannot_build(tiny_artifact, capsys):
     assert main(["build", "--artifacts", str(tiny_artifact), "--target", "sm87"]) == 1
     out, err = capsys.readouterr()
     assert "Jetson Orin is sm87" in err
-    assert out.startswith("build: flavour tensorrt-rtx (default), target sm87, precision fp16 (default)\n")
+    assert out.startswith("build: flavour tensorrt-rtx (default), target sm87, precision fp16 for fp32 graphs, "
+                          "else the artifact's (default)\n")
     with pytest.raises(VareditError, match="unknown precision"):
         build_engines(tiny_artifact, BuildOptions(precision="int2"))
     with pytest.raises(VareditError, match=r"int4 \(weight-only\) engines are built from a quantised artifact"):

@@ -129,8 +129,8 @@ def test_recording_is_bounded_per_input_shape_and_per_graph(tiny_artifact):
     pipe.edit(photo, "add a hat", seed=1)  # same shapes again: nothing new is recorded
     assert len(recording.samples["step"]) == 5 and recording.shapes("step") == 5  # capped per graph
     assert len(recording.samples["sample"]) == 5 and len(recording.samples["vae_encoder"]) == 1
-    first = recording.samples["step"][0]
-    assert first["x"].shape == (2, 1, 64) and first["past_k_0"].shape == (0, 2, 2, 32)
+    first = recording.samples["step"][0]  # the source pass: the source tokens, an empty past
+    assert first["x"].shape == (2, 256, 64) and first["past_k_0"].shape == (0, 2, 2, 32)
     assert not np.shares_memory(first["past_k_1"], pipe.loop.cache.k[1])  # copies, not views
 
 

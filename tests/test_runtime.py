@@ -81,12 +81,13 @@ def test_teacher_bits_drive_the_loop(pipeline, photos):
     features = pipeline.backend.read(pipeline.encode_text("make it red"))
     sampler = SamplerInputs.from_params(cfg.sampling)
     first = pipeline.loop.run(features, prefix, sampler, NumpyNoise(4), teacher)
-    summed = pipeline.backend.read(first.summed)
+    (summed,) = pipeline.loop.collect(first, [first.summed], record=True)
     second = pipeline.loop.run(features, prefix, sampler, NumpyNoise(5), teacher)
+    (summed_again,) = pipeline.loop.collect(second, [second.summed], record=True)
     assert not all(np.array_equal(a, b) for a, b in zip(first.bits, second.bits))  # the noise mattered
     for a, b in zip(first.guided_logits, second.guided_logits):
         assert np.array_equal(a, b)  # ... but not to what the scales saw
-    assert np.array_equal(pipeline.backend.read(second.summed), summed)
+    assert np.array_equal(summed_again, summed)
     ref = torch.zeros(1, cfg.vae.codebook_dim, cfg.schedule.latent_side, cfg.schedule.latent_side)
     for s, bits in enumerate(teacher):
         ref, _ = NextScaleInput(cfg, s)(torch.from_numpy(bits), ref)
@@ -160,14 +161,28 @@ def test_damage_anywhere_in_a_multi_mib_file_is_detected_on_load(tiny_artifact, 
         EditPipeline.from_artifacts(art)
 
 
-def test_files_above_the_load_limit_are_size_checked_on_load_and_hashed_by_inspect(tiny_artifact, tmp_path,
-                                                                                    monkeypatch, capsys):
+def test_files_above_the_load_limit_are_trusted_while_stamped_and_hashed_by_inspect(tiny_artifact, tmp_path,
+                                                                                     monkeypatch, capsys):
+    """A large file is hashed once and then trusted on load while its size and mtime are those of
+    its verified.json stamp; any write (new mtime) makes the next load hash it again; inspect hashes all."""
+    import os
+
     monkeypatch.setattr(artifact, "HASH_ON_LOAD_LIMIT", 2**20)  # as if the weights were release-sized
     rec = max(read_manifest(tiny_artifact).all_files(), key=lambda r: r["bytes"])
-    art = _broken(tiny_artifact, tmp_path, lambda d: _flip_byte(d / rec["path"], rec["bytes"] - 1))
-    read_manifest(art)  # same size: accepted on load without reading the weights
+
+    def flip_keeping_mtime(d):
+        path = d / rec["path"]
+        st = path.stat()
+        _flip_byte(path, rec["bytes"] - 1)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    art = _broken(tiny_artifact, tmp_path, flip_keeping_mtime)
+    read_manifest(art)  # same size and mtime as stamped: accepted on load without reading the weights
     assert main(["inspect", str(art)]) == 1
-    assert f"DAMAGED: {rec['path']} was altered" in capsys.readouterr().out
+    assert f"PROBLEM damaged: {rec['path']} was altered" in capsys.readouterr().out
+    touched = _broken(tiny_artifact, tmp_path / "w", lambda d: _flip_byte(d / rec["path"], rec["bytes"] - 1))
+    with pytest.raises(ArtifactError, match=f"{rec['path']} was altered"):
+        read_manifest(touched)
     truncated = _broken(tiny_artifact, tmp_path / "t", lambda d: (d / rec["path"]).write_bytes(b"x"))
     with pytest.raises(ArtifactError, match=f"{rec['path']} has 1 bytes"):
         read_manifest(truncated)

@@ -97,7 +97,7 @@ def test_sampler_settings_and_noise_sources_fail_clearly(monkeypatch):
 
     from varedit_deploy.errors import VareditError
 
-    with pytest.raises(ConfigError, match="tau must be positive, got 0"):
+    with pytest.raises(ConfigError, match=r"tau must be a finite number in \[0.001, 10\], got 0.0"):
         SamplerInputs.from_params(SamplingConfig(tau=0.0))
     monkeypatch.setitem(sys.modules, "torch", None)  # a runtime-only install has no torch
     with pytest.raises(VareditError, match=r'pip install "varedit-deploy\[export\]"'):

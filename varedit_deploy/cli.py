@@ -260,7 +260,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
     defaults = BuildOptions()
     flavour = args.flavour or defaults.flavour
-    precision = args.precision or "the artifact's (fp16 for fp32 graphs, else as stored or quantised)"
+    precision = args.precision or "fp16 for fp32 graphs, else the artifact's"
     targets = args.target or ([defaults.target] if flavour == "tensorrt-rtx" else ["current"])
     chosen = [("flavour", flavour, args.flavour), ("target", " ".join(targets), args.target),
               ("precision", precision, args.precision)]

@@ -145,7 +145,8 @@ def _skip_half_round_trips(model) -> None:
     fp32 node, so a value passing between two fp32 nodes (a chain like GroupNorm's centring,
     square, mean and square root, or a graph input read in fp32) is rounded to fp16 on the way,
     and can overflow there. Each Cast(fp16 -> fp32) of a Cast(fp32 -> fp16) now reads the fp32
-    value (a graph output keeps its Cast, as an fp32 copy); casts left without readers go.
+    value (a graph output keeps its Cast, as an fp32 copy); identity casts and casts left without
+    readers go.
     """
     import onnx
 
@@ -155,7 +156,10 @@ def _skip_half_round_trips(model) -> None:
     def cast_to(node) -> int | None:
         return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
 
-    types = {v.name: v.type.tensor_type.elem_type for v in (*graph.value_info, *graph.input)}
+    # Every value's type from inference: a streamed export keeps only the value_info torch wrote.
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*inferred.value_info, *inferred.input)}
+    types.update((t.name, t.data_type) for t in graph.initializer)
     cast_of = {n.output[0]: n.input[0] for n in graph.node if cast_to(n) in (float32, float16)}
 
     def unrounded(name: str) -> str | None:
@@ -167,7 +171,9 @@ def _skip_half_round_trips(model) -> None:
         return found
 
     outputs = {o.name for o in graph.output}
-    original = {}
+    # A cast to the type its input already has (an fp32 cast the converter retyped to fp16) is no cast.
+    original = {n.output[0]: n.input[0] for n in graph.node
+                if cast_to(n) is not None and cast_to(n) == types.get(n.input[0]) and n.output[0] not in outputs}
     for node in graph.node:
         if cast_to(node) == float32 and (source := unrounded(node.output[0])) is not None:
             if node.output[0] in outputs:

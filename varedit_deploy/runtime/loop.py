@@ -37,7 +37,7 @@ from .kv_cache import SOURCE, Call, KVCache
 # the buffer is a host synchronisation on a device backend: the hook decides whether it needs one.
 ScaleHook = Callable[[int, object], None]
 
-ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8}
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int8": 1}
 TEXT_CHUNK = 64  # text buffers grow in steps of this many tokens, so their addresses rarely change
 
 
