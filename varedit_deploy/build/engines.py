@@ -125,6 +125,22 @@ def _parse(trt, builder, logger, path: Path, lower_to: str, name: str):
     return network, parser
 
 
+def _check_parser_ops(trt, flavour: str, manifest: Manifest, names: list[str]) -> None:
+    """Refuse, before any work, graphs whose operators this TensorRT's parser predates."""
+    if flavour != "tensorrt":  # TensorRT-RTX (1.7 on) parses every operator we export
+        return
+
+    def version(text: str) -> tuple[int, ...]:
+        return tuple(int(p) for p in text.split(".")[:2])
+
+    for name in names:
+        for op, since in manifest.graphs[name].get("tensorrt_needs", {}).items():
+            if version(trt.__version__) < version(since):
+                raise VareditError(f"TensorRT {trt.__version__} cannot parse ONNX {op} (added in TensorRT {since}), "
+                                   f"which graph {name} uses; export with --attention decomposed (opset 17) for this "
+                                   f"TensorRT, or build with TensorRT >= {since}")
+
+
 def build_engines(
     artifacts: str | Path, opts: BuildOptions, progress: Callable[[str], None] = print,
     graphs: list[str] | None = None,
@@ -136,12 +152,13 @@ def build_engines(
     lower_to = opts.precision if stored == "fp32" and manifest.quantization is None else "fp32"
     trt = import_tensorrt(opts.flavour)
     target = _target(trt, opts)
+    names = graphs or list(manifest.graphs)
+    _check_parser_ops(trt, opts.flavour, manifest, names)
     check_supported(opts.flavour, target, opts.precision)
     from ..runtime.gpu import gpu_available
 
     logger = make_logger(trt, gpu_less=not gpu_available())
     builder = trt.Builder(logger)
-    names = graphs or list(manifest.graphs)
     out = manifest.folder / "engines" / engine_dir_name(opts.flavour, trt.__version__, target, opts.precision)
     check_writable(out, "engine folder")
     _check_replaceable(out)

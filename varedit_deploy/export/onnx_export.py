@@ -21,7 +21,7 @@ from ..errors import VareditError, require
 from .external_data import nbytes, stubs, write_graph
 from .graphs import GraphSpec
 from .source import ExportSource
-from .weightless import OPSET, parameters_replaced, trace
+from .weightless import parameters_replaced, trace
 
 # Larger graphs keep their weights in `<graph>.onnx.data`, which ONNX Runtime memory-maps; inline
 # weights are parsed with the proto and copied again into the session (about 2x while loading).
@@ -44,6 +44,15 @@ ReduceMin ReduceProd ReduceSum ReduceSumSquare Relu Reshape Resize Round Scatter
 Shape Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum
 Tan Tanh Tile TopK Transpose Trilu Unsqueeze Where Xor
 """.split())
+# Newer operators our graphs may use, with the TensorRT release whose parser added them.
+NEWER_TENSORRT_OPS = {"Attention": "10.14"}
+
+
+def tensorrt_support(ops) -> dict[str, Any]:
+    """Manifest fields: the operators no TensorRT parses, and those that need a newer one than 10.3."""
+    ops = set(ops)
+    return {"tensorrt_unsupported_ops": sorted(ops - TENSORRT_OPS - set(NEWER_TENSORRT_OPS)),
+            "tensorrt_needs": {op: NEWER_TENSORRT_OPS[op] for op in sorted(ops & set(NEWER_TENSORRT_OPS))}}
 
 _ONNX_DTYPES = {1: "float32", 7: "int64", 10: "float16", 16: "bfloat16", 6: "int32", 9: "bool"}
 
@@ -84,9 +93,10 @@ def export_graph(spec: GraphSpec, folder: Path, source: ExportSource, precision:
         "precision": precision,
         "inputs": _io(model.graph.input, spec.inputs),
         "outputs": _io(model.graph.output, spec.outputs),
-        "opset": OPSET,
+        "opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+        "attention": spec.attention,
         "ops": dict(sorted(ops.items())),
-        "tensorrt_unsupported_ops": sorted(set(ops) - TENSORRT_OPS),
+        **tensorrt_support(ops),
         "weights": {"bytes": weight_bytes, "tensors": len(recipes), "by_module": dict(sorted(by_module.items())),
                     "parameters": {m: [n for k, n in read if k == m] for m in sorted({k for k, _ in read})}},
     }
