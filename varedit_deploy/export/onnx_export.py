@@ -18,6 +18,7 @@ import torch
 
 from ..build.precision import to_half
 from ..errors import VareditError, require
+from ..plugins.trt_plugin import ONNX_DOMAIN, PLUGIN_NAME, PLUGIN_NAMESPACE, plugin_record
 from .external_data import nbytes, stubs, write_graph
 from .graphs import GraphSpec
 from .source import ExportSource
@@ -86,6 +87,7 @@ def export_graph(spec: GraphSpec, folder: Path, source: ExportSource, precision:
     except Exception as e:
         raise VareditError(f"exported graph {spec.name} fails the ONNX checker: {e}") from None
     ops = collections.Counter(n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx"))
+    plugin_nodes = sum(n.domain == ONNX_DOMAIN and n.op_type == PLUGIN_NAME for n in model.graph.node)
     used = {p for r in recipes.values() for p in r.params}  # the graph module's parameters it stores
     read = sorted(params[p] for p in used)
     entry: dict[str, Any] = {
@@ -97,12 +99,15 @@ def export_graph(spec: GraphSpec, folder: Path, source: ExportSource, precision:
         "attention": spec.attention,
         "ops": dict(sorted(ops.items())),
         **tensorrt_support(ops),
+        **({"plugin": {**plugin_record(), "nodes": plugin_nodes}} if plugin_nodes else {}),
         "weights": {"bytes": weight_bytes, "tensors": len(recipes), "by_module": dict(sorted(by_module.items())),
                     "parameters": {m: [n for k, n in read if k == m] for m in sorted({k for k, _ in read})}},
     }
     fp32_bytes = 4 * sum(p.numel() for name, p in spec.module.named_parameters() if name in used)
     if validate_bytes is None:
         entry["validation"] = "skipped: not asked for"
+    elif plugin_nodes:
+        entry["validation"] = f"skipped: ONNX Runtime cannot run the {PLUGIN_NAMESPACE}::{PLUGIN_NAME} plugin's nodes"
     elif precision == "bf16":
         entry["validation"] = "skipped: ONNX Runtime's CPU provider has no bf16 kernels"
     elif fp32_bytes > validate_bytes:

@@ -122,7 +122,7 @@ def trace(spec: GraphSpec) -> WeightlessGraph:
         placeholders.append(torch.zeros((), dtype=p.dtype).expand(p.shape))  # 4 bytes, whatever the shape
     wrapper = _WithExplicitParameters(spec.module, names, len(spec.example))
     buf = io.BytesIO()
-    fused = spec.attention == "fused"
+    fused = spec.attention in ("fused", "plugin")  # "plugin": fused, the self-attentions in their own domain
     opset = FUSED_TRACE_OPSET if fused else OPSET
     with warnings.catch_warnings(), torch.inference_mode(), attention_export(spec.attention):
         warnings.simplefilter("ignore")

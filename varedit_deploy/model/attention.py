@@ -13,7 +13,8 @@ keys and values in the cache layout [L, 2, H, c] flattened to [1, L, 2H*c] (3-D 
 rows as heads), so a step never transposes its past; the exporter traces such graphs at opset
 20 and declares 23 (`FUSED_OPSET`). "decomposed" (the default outside an export) is the
 matmul-softmax-matmul form every opset-17 consumer reads (JetPack 6's TensorRT 10.3 has no
-`Attention`).
+`Attention`). "plugin" is "fused" with each self-attention node replaced by the project's
+TensorRT plugin (plugins/trt_plugin.py): same inputs, output and attributes, in its own domain.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from ..plugins.trt_plugin import ONNX_DOMAIN, PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION
+
 # exp(scale_mul) is clamped at 100; the official constant is the float32 log(100).
 MAX_SCALE_MUL = float(torch.log(torch.tensor(100.0)))
 
@@ -33,7 +36,7 @@ def _round_bf16(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.bfloat16).to(x.dtype)
 
 
-ATTENTION_FORMS = ("fused", "decomposed")
+ATTENTION_FORMS = ("fused", "decomposed", "plugin")
 FUSED_OPSET = 23  # ONNX `Attention` (the exporter traces at 20, its newest, and declares 23)
 _form = "decomposed"
 
@@ -52,7 +55,7 @@ def attention_export(form: str) -> Iterator[None]:
 
 
 def _fused() -> bool:
-    return _form == "fused" and torch.onnx.is_in_onnx_export()
+    return _form in ("fused", "plugin") and torch.onnx.is_in_onnx_export()
 
 
 class _OnnxAttention(torch.autograd.Function):
@@ -71,6 +74,18 @@ class _OnnxAttention(torch.autograd.Function):
     def symbolic(g, q, k, v, heads: int, scale: float):
         heads_attrs = {"q_num_heads_i": heads, "kv_num_heads_i": heads} if heads else {}
         out = g.op("Attention", q, k, v, scale_f=scale, **heads_attrs)
+        out.setType(q.type())
+        return out
+
+
+class _PluginAttention(_OnnxAttention):
+    """`_OnnxAttention` in its 3-D form, exported as the plugin's node (TensorRT's ONNX parser finds
+    the creator by op type, `plugin_version` and `plugin_namespace`)."""
+
+    @staticmethod
+    def symbolic(g, q, k, v, heads: int, scale: float):
+        out = g.op(f"{ONNX_DOMAIN}::{PLUGIN_NAME}", q, k, v, heads_i=heads, scale_f=scale,
+                   plugin_version_s=PLUGIN_VERSION, plugin_namespace_s=PLUGIN_NAMESPACE)
         out.setType(q.type())
         return out
 
@@ -109,6 +124,7 @@ def cache_self_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     if _fused():
         heads = int(b * h)  # static (CFG rows x heads): a plain attribute, not a traced size
         flat = q.permute(2, 0, 1, 3).reshape(1, n, heads * c)  # n query rows only
-        out = _OnnxAttention.apply(flat, keys.reshape(1, -1, heads * c), values.reshape(1, -1, heads * c), heads, 1.0)
+        node = _PluginAttention if _form == "plugin" else _OnnxAttention
+        out = node.apply(flat, keys.reshape(1, -1, heads * c), values.reshape(1, -1, heads * c), heads, 1.0)
         return out.reshape(n, b, h * c).transpose(0, 1)
     return self_attention(q, keys.permute(1, 2, 0, 3), values.permute(1, 2, 0, 3)).transpose(1, 2).reshape(b, n, -1)

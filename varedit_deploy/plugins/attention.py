@@ -269,13 +269,13 @@ def scale_attention(q: torch.Tensor, segment_a: tuple[torch.Tensor, torch.Tensor
 
 
 def flat_attention_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float,
-                          sm_count: int = DEFAULT_SM_COUNT):
+                          sm_count: int = DEFAULT_SM_COUNT, plan: AttentionPlan | None = None):
     """The launch of `flat_attention` and its output buffer; tiles as `plan_attention` picks them
-    (one launch: the key range is not split)."""
+    (one launch: the key range is not split, `plan.split` is ignored)."""
     _, n, width = q.shape
     assert q.dtype == k.dtype == v.dtype and k.shape == v.shape and k.shape[2] == width and width % heads == 0
     assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
-    plan = plan_attention(n, k.shape[1], heads, sm_count)
+    plan = plan or plan_attention(n, k.shape[1], heads, sm_count)
     out = torch.empty_like(q)
     args = dict(q_ptr=q, k_ptr=k, v_ptr=v, out_ptr=out, n=n, keys=k.shape[1], scale=float(scale), H=heads,
                 C=width // heads, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
