@@ -374,6 +374,14 @@ def check_engines(engine_dir: str | Path, manifest: Manifest, tensorrt_version: 
             problems.append(f"engine {name} was built from a different {rec['source']}")
         elif rec.get("math", {}).get("precision") == "fp32" and rec["math"]["tf32"]:
             problems.append(f"engine {name} is meant to be fp32 but was built with TF32 ({math_summary(rec['math'])})")
+    have = plugin_record()
+    for record in data.get("plugins", []):
+        if (record["namespace"], record["op"]) != (have["namespace"], have["op"]):
+            problems.append(f"the engines need plugin {record['namespace']}::{record['op']}, which this varedit-deploy "
+                            "does not provide")
+        elif record["version"] != have["version"]:
+            problems.append(f"the engines need plugin {record['namespace']}::{record['op']} version {record['version']}, "
+                            f"this varedit-deploy has version {have['version']}")
     if data.get("tensorrt_version") != tensorrt_version:
         problems.append(f"built with {data.get('flavour')} {data.get('tensorrt_version')}, "
                         f"installed is {tensorrt_version}")
