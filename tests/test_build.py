@@ -255,8 +255,9 @@ def test_tensorrt_rtx_builds_every_graph_for_two_targets(golden, tmp_path_factor
             assert net["fused_attentions"] == net["layers"].get("ATTENTION_OUTPUT", 0)
         depth = manifest.config.transformer.depth
         step = data["engines"]["step"]["network"]
-        # Every attention is either fused or a MatMul-Softmax-MatMul chain: self and cross per block.
-        assert step["fused_attentions"] + step["attention_chains"] == 2 * depth
+        # Self and cross attention of every block, each one fused layer (fp32 too, decomposable).
+        assert step["fused_attentions"] == 2 * depth and step["attention_chains"] == 0
+        assert step["layers"]["ATTENTION_INPUT"] == 2 * depth
         assert data["engines"]["sample"]["network"]["attention_chains"] == 0  # its softmax is no attention
         assert len(data["engines"]["step"]["profiles"]) == manifest.config.schedule.num_scales + 1  # + source pass
         assert check_engines(folder, manifest, data["tensorrt_version"], target) == []
@@ -343,3 +344,18 @@ def test_polygraphy_already_bound_to_tensorrt_is_refused_not_used():
         "    print(e)\n")
     assert done.returncode == 0, done.stderr
     assert re.search(r"already uses (tensorrt|the other TensorRT), not tensorrt_rtx .* new process", done.stdout)
+
+
+def test_a_tensorrt_older_than_the_graphs_operators_is_refused_before_building(tiny_artifact):
+    """JetPack 6's TensorRT 10.3 has no ONNX `Attention`: the build says so and names the way out."""
+    from types import SimpleNamespace
+
+    from varedit_deploy.build.engines import _check_parser_ops
+
+    manifest = read_manifest(tiny_artifact)
+    assert manifest.graphs["step"]["tensorrt_needs"] == {"Attention": "10.14"}
+    with pytest.raises(VareditError, match=r"TensorRT 10.3.0 cannot parse ONNX Attention \(added in TensorRT 10.14\), "
+                                           r"which graph step uses; export with --attention decomposed"):
+        _check_parser_ops(SimpleNamespace(__version__="10.3.0"), "tensorrt", manifest, list(manifest.graphs))
+    _check_parser_ops(SimpleNamespace(__version__="10.14.1"), "tensorrt", manifest, list(manifest.graphs))
+    _check_parser_ops(SimpleNamespace(__version__="1.7.1"), "tensorrt-rtx", manifest, list(manifest.graphs))

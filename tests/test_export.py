@@ -216,3 +216,55 @@ def test_export_needs_exactly_one_model_source(sources, tmp_path, capsys):
     assert main(["export", *argv, "--model", "tiny-2b", "--out", str(tmp_path / "art")]) == 1
     assert "give exactly one model source" in capsys.readouterr().err
     assert not (tmp_path / "art").exists()
+
+
+def _readers(model) -> dict[str, list[str]]:
+    readers: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node.op_type)
+    return readers
+
+
+def test_step_attentions_are_fused_and_read_the_cache_where_it_lies(tiny_artifact):
+    """Default export: every attention of the step (self and cross, each block) is one ONNX
+    `Attention` (opset 23); each layer's past is read once, by the Concat that appends this
+    scale's rows, never transposed into another layout."""
+    from collections import Counter
+
+    m = read_manifest(tiny_artifact)
+    depth = m.config.transformer.depth
+    step = onnx.load(str(m.graph_path("step")), load_external_data=False)
+    ops = Counter(n.op_type for n in step.graph.node)
+    assert m.data["attention"] == "fused" and m.graphs["step"]["attention"] == "fused"
+    assert m.graphs["step"]["opset"] == 23 and m.graphs["step"]["tensorrt_needs"] == {"Attention": "10.14"}
+    assert ops["Attention"] == 2 * depth and "Softmax" not in ops
+    readers = _readers(step)
+    for i in range(depth):
+        for kv in "kv":
+            # (layer 1's length also gives the RoPE offset: a Shape, which reads no data)
+            assert [r for r in readers[f"past_{kv}_{i}"] if r != "Shape"] == ["Concat"], (kv, i)
+    assert {g["opset"] for name, g in m.graphs.items() if name != "step"} == {17}
+
+
+def test_decomposed_attention_export_computes_the_same_step(tiny_artifact, tmp_path):
+    """`--attention decomposed` (TensorRT before 10.14): opset 17, MatMul-Softmax-MatMul, and the
+    same outputs as the fused graph on the same inputs in ONNX Runtime."""
+    import onnxruntime as ort
+
+    art = tmp_path / "decomposed"
+    assert main(["export", "--random-weights", "--model", "tiny-2b", "--attention", "decomposed",
+                 "--out", str(art)]) == 0
+    m, fused = read_manifest(art), read_manifest(tiny_artifact)
+    depth = m.config.transformer.depth
+    step = onnx.load(str(m.graph_path("step")), load_external_data=False)
+    assert m.data["attention"] == "decomposed" and m.graphs["step"]["opset"] == 17
+    assert m.graphs["step"]["tensorrt_needs"] == {} and m.graphs["step"]["tensorrt_unsupported_ops"] == []
+    assert sum(n.op_type == "Softmax" for n in step.graph.node) == 2 * depth
+    assert not any(n.op_type == "Attention" for n in step.graph.node)
+    spec = next(s for s in graph_specs(VAREditModel.random(m.config), None) if s.name == "step")
+    feeds = {name: t.numpy() for name, t in zip(spec.inputs, spec.example)}
+    run = [ort.InferenceSession(str(a.graph_path("step")), providers=["CPUExecutionProvider"]).run(None, feeds)
+           for a in (m, fused)]
+    for name, a, b in zip(spec.outputs, *run):
+        assert np.abs(a - b).max() <= 1e-5 * max(np.abs(b).max(), 1.0), name

@@ -17,7 +17,8 @@ from varedit_deploy.model.loaded import VAREditModel
 from varedit_deploy.model.sampler import guided_logits
 from varedit_deploy.model.sampler import sample_bits as reference_sample_bits
 from varedit_deploy.model.transformer import to_cache, to_heads
-from varedit_deploy.plugins.attention import BLOCK_N, AttentionPlan, plan_attention, prep_qkv, scale_attention
+from varedit_deploy.plugins.attention import flat_attention, prep_qkv, scale_attention
+from varedit_deploy.plugins.plan import BLOCK_N, AttentionPlan, plan_attention
 from varedit_deploy.plugins.sampler import accumulate_codes, next_tokens, sample_bits
 from varedit_deploy.runtime.gpu import gpu_available
 from varedit_deploy.sampling import SamplerInputs
@@ -95,6 +96,25 @@ def test_scale_step_attention_matches_the_reference(model, dtype, layer, scale, 
     assert torch.equal(cache_v[past_len:].cpu(), to_cache(v_ref).to(dtype))
     err = (out.float().cpu() - ref).abs().max().item() / ref.abs().max().item()
     assert err <= attention_tolerance(dtype, temperature.max().item()), err
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n, keys, scale", [(1, 70, 1.0), (9, 300, 1.0), (130, 200, 0.125)])
+def test_flat_attention_matches_sdpa(dtype, n, keys, scale):
+    """The plugin's kernel on the exported node's interface: q [1, n, heads*c] over the cache rows
+    [1, L, heads*c] (2 CFG rows x 4 heads), cosine-attention magnitudes (|q| up to the temperature)."""
+    heads, c, temperature = 8, 16, 20.0
+    g = torch.Generator().manual_seed(n + keys)
+    q = F.normalize(torch.randn(1, n, heads, c, generator=g), dim=-1) * temperature
+    k = F.normalize(torch.randn(1, keys, heads, c, generator=g), dim=-1)
+    v = torch.randn(1, keys, heads, c, generator=g)
+    q, k, v = (t.reshape(1, t.shape[1], heads * c).to(dtype) for t in (q, k, v))
+    ref = F.scaled_dot_product_attention(*(t.float().view(1, -1, heads, c).transpose(1, 2) for t in (q, k, v)),
+                                         scale=scale).transpose(1, 2).reshape(1, n, heads * c)
+    out = flat_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), heads, scale)
+    assert out.dtype == dtype and out.shape == q.shape
+    err = (out.float().cpu() - ref).abs().max().item() / ref.abs().max().item()
+    assert err <= attention_tolerance(dtype, temperature * scale), err
 
 
 def test_attention_plan_splits_the_keys_only_where_blocks_are_few():

@@ -214,7 +214,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     command = "varedit-deploy " + " ".join(shlex.quote(a) for a in args.argv)
     with tempfile.TemporaryDirectory() as text_dir:
         export_artifacts(_export_source(args, Path(text_dir)), args.out, precision=args.precision,
-                         source={"command": command}, overwrite=args.overwrite)
+                         source={"command": command}, overwrite=args.overwrite, attention=args.attention)
     return 0
 
 
@@ -390,6 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace the artifact in --out (keeps built engines whose graphs do not change)")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="graph precision; fp32 graphs can also be lowered when engines are built")
+    p.add_argument("--attention", default="fused", choices=["fused", "decomposed", "plugin"],
+                   help="the step's attentions: fused (ONNX Attention, opset 23: one fused layer each in TensorRT "
+                        ">= 10.14 and TensorRT-RTX), decomposed (MatMul-Softmax-MatMul, opset 17: for older "
+                        "TensorRT such as JetPack 6's 10.3) or plugin (fused, each self-attention our Triton "
+                        "kernel as a TensorRT plugin; TensorRT only, not ONNX Runtime)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("build", help="build TensorRT / TensorRT-RTX engines from an artifact")

@@ -35,7 +35,8 @@ def inspect_artifact(folder: str | Path) -> tuple[list[str], bool]:
     lines.append(f"  {'graph':<14} {'MB':>9} {'ops':>5}  TensorRT-unsupported")
     for name, g in manifest.graphs.items():
         mb = sum(f["bytes"] for f in g["files"]) / 1e6
-        unsupported = ", ".join(g["tensorrt_unsupported_ops"]) or "-"
+        needs = [f"{op} (TensorRT >= {v})" for op, v in g.get("tensorrt_needs", {}).items()]
+        unsupported = ", ".join([*g["tensorrt_unsupported_ops"], *needs]) or "-"
         lines.append(f"  {name:<14} {mb:>9.2f} {sum(g['ops'].values()):>5}  {unsupported}")
     tok = data.get("tokenizer", {}).get("files", [])
     lines.append(f"  tokenizer: {', '.join(f['path'] for f in tok) or 'none (fixture export: starts at text_cond)'}")

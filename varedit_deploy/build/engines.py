@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -21,11 +24,12 @@ from .. import __version__
 from ..artifact import MANIFEST, STAMP, Manifest, file_record, read_manifest, sha256_file, verify_files
 from ..errors import ArtifactError, OutputError, VareditError
 from ..fileio import atomic_dir, check_writable, unlisted_files, write_bytes
-from .capabilities import DESCRIPTION, check_supported
+from .capabilities import DESCRIPTION, check_supported, sm_number
 from .network_report import attention_summary, mark_attentions_decomposable, network_record
 from .precision import PRECISIONS, graph_precision, lower_graph
 from .profiles import graph_profiles
-from .tensorrt_api import import_tensorrt, make_logger, strongly_typed_network
+from ..plugins.trt_plugin import plugin_record, register_plugin
+from .tensorrt_api import import_tensorrt, make_logger, parser_plugin_library_dir, strongly_typed_network
 
 ENGINE_SCHEMA = 2  # 2: per-graph math mode and parsed network; TF32 off
 ENGINE_MANIFEST = "engines.json"
@@ -125,6 +129,22 @@ def _parse(trt, builder, logger, path: Path, lower_to: str, name: str):
     return network, parser
 
 
+def _check_parser_ops(trt, flavour: str, manifest: Manifest, names: list[str]) -> None:
+    """Refuse, before any work, graphs whose operators this TensorRT's parser predates."""
+    if flavour != "tensorrt":  # TensorRT-RTX (1.7 on) parses every operator we export
+        return
+
+    def version(text: str) -> tuple[int, ...]:
+        return tuple(int(p) for p in text.split(".")[:2])
+
+    for name in names:
+        for op, since in manifest.graphs[name].get("tensorrt_needs", {}).items():
+            if version(trt.__version__) < version(since):
+                raise VareditError(f"TensorRT {trt.__version__} cannot parse ONNX {op} (added in TensorRT {since}), "
+                                   f"which graph {name} uses; export with --attention decomposed (opset 17) for this "
+                                   f"TensorRT, or build with TensorRT >= {since}")
+
+
 def build_engines(
     artifacts: str | Path, opts: BuildOptions, progress: Callable[[str], None] = print,
     graphs: list[str] | None = None,
@@ -136,12 +156,19 @@ def build_engines(
     lower_to = opts.precision if stored == "fp32" and manifest.quantization is None else "fp32"
     trt = import_tensorrt(opts.flavour)
     target = _target(trt, opts)
+    names = graphs or list(manifest.graphs)
+    _check_parser_ops(trt, opts.flavour, manifest, names)
     check_supported(opts.flavour, target, opts.precision)
     from ..runtime.gpu import gpu_available
 
+    plugins = _check_plugins(manifest, names)
+    library_dir = parser_plugin_library_dir(trt) if plugins else None
+    if library_dir is not None:
+        return _build_in_child(artifacts, opts, graphs, progress, library_dir)
+    if plugins:
+        register_plugin(trt, arch=sm_number(target))
     logger = make_logger(trt, gpu_less=not gpu_available())
     builder = trt.Builder(logger)
-    names = graphs or list(manifest.graphs)
     out = manifest.folder / "engines" / engine_dir_name(opts.flavour, trt.__version__, target, opts.precision)
     check_writable(out, "engine folder")
     _check_replaceable(out)
@@ -188,7 +215,7 @@ def build_engines(
             "schema_version": ENGINE_SCHEMA, "flavour": opts.flavour, "tensorrt_version": trt.__version__,
             "target": target, "precision": opts.precision, "weight_streaming": opts.weight_streaming,
             "artifact_manifest_sha256": sha256_file(manifest.folder / MANIFEST),
-            "engines": records, "timing_cache": "timing.cache" if cache_bytes else None,
+            "engines": records, "timing_cache": "timing.cache" if cache_bytes else None, "plugins": plugins,
             "builder": {"varedit_deploy": __version__, "python": platform.python_version(), "host": platform.node()},
             "rebuild": build_command(manifest.folder, opts),
         }
@@ -197,6 +224,60 @@ def build_engines(
         write_bytes(opts.timing_cache, cache_bytes)
     progress(f"wrote {out}")
     return out
+
+
+def _check_plugins(manifest: Manifest, names: list[str]) -> list[dict[str, str]]:
+    """The plugins the graphs need (export --attention plugin), checked against ours; what the engine
+    manifest records. Builds register the creator before parsing: the parser maps each plugin node
+    to it by op type, `plugin_version` and `plugin_namespace`."""
+    wanted = [manifest.graphs[n]["plugin"] for n in names if "plugin" in manifest.graphs[n]]
+    if not wanted:
+        return []
+    have = plugin_record()
+    for record in wanted:
+        if {k: record[k] for k in have} != have:
+            raise VareditError(f"the artifact's graphs need plugin {record['namespace']}::{record['op']} version "
+                               f"{record['version']}; this varedit-deploy provides version {have['version']}: export "
+                               "the artifact again with this version")
+    return [have]
+
+
+def _build_in_child(artifacts: str | Path, opts: BuildOptions, graphs: list[str] | None,
+                    progress: Callable[[str], None], library_dir: Path) -> Path:
+    """`build_engines` in a new process whose loader searches `library_dir` (see
+    `parser_plugin_library_dir`); its progress lines are passed on."""
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(library_dir), env.get("LD_LIBRARY_PATH")) if p)
+    request = json.dumps({"artifacts": str(artifacts), "graphs": graphs,
+                          "opts": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(opts).items()}})
+    child = subprocess.Popen([sys.executable, "-m", __name__, request], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    out = None
+    for line in child.stdout:
+        if line.startswith(_CHILD_RESULT):
+            out = Path(line[len(_CHILD_RESULT):].strip())
+        else:
+            progress(line.rstrip("\n"))
+    errors = child.stderr.read()
+    if child.wait() or out is None:
+        last = errors.strip().splitlines()[-1] if errors.strip() else f"exit status {child.returncode}"
+        raise VareditError(f"building with the attention plugin (in a process that can load it) failed: {last}")
+    return out
+
+
+_CHILD_RESULT = "@engines "
+
+
+def _child_main(request: str) -> int:
+    data = json.loads(request)
+    opts = BuildOptions(**{k: Path(v) if k == "timing_cache" and v else v for k, v in data["opts"].items()})
+    try:
+        out = build_engines(data["artifacts"], opts, graphs=data["graphs"])
+    except VareditError as e:
+        print(e, file=sys.stderr)
+        return 1
+    print(_CHILD_RESULT + str(out), flush=True)
+    return 0
 
 
 def _math_precision(manifest: Manifest, name: str, precision: str) -> str:
@@ -293,9 +374,21 @@ def check_engines(engine_dir: str | Path, manifest: Manifest, tensorrt_version: 
             problems.append(f"engine {name} was built from a different {rec['source']}")
         elif rec.get("math", {}).get("precision") == "fp32" and rec["math"]["tf32"]:
             problems.append(f"engine {name} is meant to be fp32 but was built with TF32 ({math_summary(rec['math'])})")
+    have = plugin_record()
+    for record in data.get("plugins", []):
+        if (record["namespace"], record["op"]) != (have["namespace"], have["op"]):
+            problems.append(f"the engines need plugin {record['namespace']}::{record['op']}, which this varedit-deploy "
+                            "does not provide")
+        elif record["version"] != have["version"]:
+            problems.append(f"the engines need plugin {record['namespace']}::{record['op']} version {record['version']}, "
+                            f"this varedit-deploy has version {have['version']}")
     if data.get("tensorrt_version") != tensorrt_version:
         problems.append(f"built with {data.get('flavour')} {data.get('tensorrt_version')}, "
                         f"installed is {tensorrt_version}")
     if compute_capability is not None and data.get("target") != compute_capability:
         problems.append(f"built for {data.get('target')}, this GPU is {compute_capability}")
     return problems
+
+
+if __name__ == "__main__":  # the child of `_build_in_child`
+    sys.exit(_child_main(sys.argv[1]))

@@ -7,11 +7,16 @@ of time on a CPU-only machine for SM75-SM121.
 
 from __future__ import annotations
 
+import ctypes
 import importlib
+import os
+import tempfile
+from pathlib import Path
 from types import ModuleType
 
 from ..errors import VareditError
 
+UNVERSIONED_RTX_LIBRARY = "libtensorrt_rtx.so"
 FLAVOURS = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
 _INSTALL = {
     "tensorrt": "TensorRT is not installed: on Jetson it comes with JetPack (6.x: TensorRT 10.3); elsewhere "
@@ -55,3 +60,38 @@ def make_logger(trt: ModuleType, gpu_less: bool):
             print(f"[{'E' if severity <= trt.ILogger.Severity.ERROR else 'W'}] {msg}")
 
     return Logger()
+
+
+def parser_plugin_library_dir(trt: ModuleType) -> Path | None:
+    """A folder the dynamic loader must search so that TensorRT-RTX's ONNX parser can reach plugin
+    creators, or None when it needs none.
+
+    The parser dlopens `libtensorrt_rtx.so` (found in its own folder, then on LD_LIBRARY_PATH) for
+    the plugin registry, and the wheel ships only `libtensorrt_rtx.so.1`: without it, parsing a graph
+    with plugin nodes aborts the process. The folder returned holds that name as a link to the
+    loaded library (the loader then maps the same file, so there is one registry); LD_LIBRARY_PATH
+    is read when a process starts, so only a new process can use it (`build_engines` starts one)."""
+    if trt.__name__ != "tensorrt_rtx":
+        return None
+    try:
+        ctypes.CDLL(UNVERSIONED_RTX_LIBRARY)
+        return None
+    except OSError:
+        pass
+    import tensorrt_rtx_libs
+
+    libs = Path(tensorrt_rtx_libs.__file__).parent
+    if (libs / UNVERSIONED_RTX_LIBRARY).exists():
+        return None
+    versioned = sorted(libs.glob(UNVERSIONED_RTX_LIBRARY + ".*"))
+    if not versioned:
+        raise VareditError(f"no {UNVERSIONED_RTX_LIBRARY}.* in {libs}; reinstall tensorrt-rtx")
+    folder = Path(tempfile.gettempdir()) / f"varedit-deploy-{os.getuid()}" / f"tensorrt_rtx-{trt.__version__}"
+    folder.mkdir(parents=True, exist_ok=True)
+    link = folder / UNVERSIONED_RTX_LIBRARY
+    if not link.exists():
+        tmp = folder / f".{UNVERSIONED_RTX_LIBRARY}.{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(versioned[0])
+        tmp.replace(link)
+    return folder

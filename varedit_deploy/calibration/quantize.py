@@ -29,7 +29,7 @@ from .. import __version__
 from ..artifact import MANIFEST, SCHEMA_VERSION, Manifest, file_record, read_manifest, sha256_file, write_manifest
 from ..build.precision import graph_precision, to_half
 from ..errors import ArtifactError, InputError
-from ..export.onnx_export import EXTERNAL_DATA_BYTES, TENSORRT_OPS
+from ..export.onnx_export import EXTERNAL_DATA_BYTES, tensorrt_support
 from ..fileio import atomic_dir
 from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
 from ..runtime.pipeline import EditPipeline
@@ -360,7 +360,7 @@ def _entry(folder: Path, files: list[Path], old: dict[str, Any], model, precisio
     ops = Counter(n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx"))
     entry = {**old, **io, "files": [file_record(folder, p) for p in files], "precision": precision,
              "opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
-             "ops": dict(sorted(ops.items())), "tensorrt_unsupported_ops": sorted(set(ops) - TENSORRT_OPS)}
+             "ops": dict(sorted(ops.items())), **tensorrt_support(ops)}
     entry.pop("max_abs_error_vs_torch", None)  # measured on the fp32 graph, not this one
     if quantized is not None:
         entry["quantized"] = quantized

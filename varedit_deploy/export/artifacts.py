@@ -27,6 +27,7 @@ from ..artifact import file_record, write_manifest, write_stamp
 from ..build.precision import PRECISIONS, graph_precision
 from ..errors import ConfigError
 from ..fileio import atomic_dir
+from ..model.attention import ATTENTION_FORMS
 from ..model.loaded import VAREditModel
 from ..runtime.preview_fit import add_preview
 from .destination import carry_engines, check_export_target
@@ -67,18 +68,23 @@ def export_artifacts(
     external_data_bytes: int = EXTERNAL_DATA_BYTES,
     validate: bool = True,
     overwrite: bool = False,
+    attention: str = "fused",
 ) -> Path:
     """Export every graph of `model` into the artifact folder `out`: a new or empty folder, or
-    with `overwrite` an existing artifact (replaced atomically, keeping still-valid engines)."""
+    with `overwrite` an existing artifact (replaced atomically, keeping still-valid engines).
+    `attention`: the step's attentions as ONNX `Attention` nodes ("fused", opset 23) or spelled
+    out ("decomposed", opset 17: TensorRT before 10.14, e.g. JetPack 6)."""
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if attention not in ATTENTION_FORMS:
+        raise ConfigError(f"unknown attention form {attention!r}; choose one of {', '.join(ATTENTION_FORMS)}")
     out = Path(out)
     previous = check_export_target(out, overwrite)
     import onnx
     import torch
 
     src = model if isinstance(model, ExportSource) else ExportSource.from_model(model)
-    specs = graph_specs(src.model, src.t5)
+    specs = graph_specs(src.model, src.t5, attention)
     graphs: dict[str, dict[str, Any]] = {}
     progress(f"exporting {src.description} at {precision}: {len(specs)} graphs")
     with atomic_dir(out, replace=previous is not None) as tmp:
@@ -101,6 +107,7 @@ def export_artifacts(
         write_manifest(tmp, {
             "model": src.config.to_dict(),
             "precision": precision,
+            "attention": attention,
             "schedule": schedule_record(src.model),
             "graphs": graphs,
             "weights": _weights_summary(src, graphs),

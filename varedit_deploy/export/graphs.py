@@ -28,6 +28,7 @@ class GraphSpec:
     inputs: list[str]
     outputs: list[str]
     dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
+    attention: str = "decomposed"  # how its attentions are exported (model/attention.py)
 
 
 class TextEncoderGraph(nn.Module):
@@ -113,8 +114,9 @@ def step_io_names(depth: int) -> tuple[list[str], list[str]]:
             ["logits", *new])
 
 
-def graph_specs(model: VAREditModel, t5: nn.Module | None) -> list[GraphSpec]:
+def graph_specs(model: VAREditModel, t5: nn.Module | None, attention: str = "fused") -> list[GraphSpec]:
     """Specs for every graph of `model`; `t5` (fp32 T5 encoder) is None for fixtures without T5.
+    `attention` is the form of the step's attentions (the other graphs' are small: opset 17).
 
     The modules may be skeletons (parameters on `meta`): the examples are made without running
     them, at magnitudes like a real edit's."""
@@ -169,7 +171,7 @@ def graph_specs(model: VAREditModel, t5: nn.Module | None) -> list[GraphSpec]:
     specs.append(GraphSpec(
         "step", StepGraph(tr),
         (rand(2, n, dim), modulation, head_modulation, text_k, text_v, rand(n, 2, h, c), rand(n, 2, h, c), *past),
-        step_in, step_out, axes,
+        step_in, step_out, axes, attention,
     ))
     rows = n * tcfg.d_tok
     specs.append(GraphSpec(

@@ -18,10 +18,11 @@ import torch
 
 from ..build.precision import to_half
 from ..errors import VareditError, require
+from ..plugins.trt_plugin import ONNX_DOMAIN, PLUGIN_NAME, PLUGIN_NAMESPACE, plugin_record
 from .external_data import nbytes, stubs, write_graph
 from .graphs import GraphSpec
 from .source import ExportSource
-from .weightless import OPSET, parameters_replaced, trace
+from .weightless import parameters_replaced, trace
 
 # Larger graphs keep their weights in `<graph>.onnx.data`, which ONNX Runtime memory-maps; inline
 # weights are parsed with the proto and copied again into the session (about 2x while loading).
@@ -44,6 +45,15 @@ ReduceMin ReduceProd ReduceSum ReduceSumSquare Relu Reshape Resize Round Scatter
 Shape Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum
 Tan Tanh Tile TopK Transpose Trilu Unsqueeze Where Xor
 """.split())
+# Newer operators our graphs may use, with the TensorRT release whose parser added them.
+NEWER_TENSORRT_OPS = {"Attention": "10.14"}
+
+
+def tensorrt_support(ops) -> dict[str, Any]:
+    """Manifest fields: the operators no TensorRT parses, and those that need a newer one than 10.3."""
+    ops = set(ops)
+    return {"tensorrt_unsupported_ops": sorted(ops - TENSORRT_OPS - set(NEWER_TENSORRT_OPS)),
+            "tensorrt_needs": {op: NEWER_TENSORRT_OPS[op] for op in sorted(ops & set(NEWER_TENSORRT_OPS))}}
 
 _ONNX_DTYPES = {1: "float32", 7: "int64", 10: "float16", 16: "bfloat16", 6: "int32", 9: "bool"}
 
@@ -77,6 +87,7 @@ def export_graph(spec: GraphSpec, folder: Path, source: ExportSource, precision:
     except Exception as e:
         raise VareditError(f"exported graph {spec.name} fails the ONNX checker: {e}") from None
     ops = collections.Counter(n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx"))
+    plugin_nodes = sum(n.domain == ONNX_DOMAIN and n.op_type == PLUGIN_NAME for n in model.graph.node)
     used = {p for r in recipes.values() for p in r.params}  # the graph module's parameters it stores
     read = sorted(params[p] for p in used)
     entry: dict[str, Any] = {
@@ -84,15 +95,19 @@ def export_graph(spec: GraphSpec, folder: Path, source: ExportSource, precision:
         "precision": precision,
         "inputs": _io(model.graph.input, spec.inputs),
         "outputs": _io(model.graph.output, spec.outputs),
-        "opset": OPSET,
+        "opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+        "attention": spec.attention,
         "ops": dict(sorted(ops.items())),
-        "tensorrt_unsupported_ops": sorted(set(ops) - TENSORRT_OPS),
+        **tensorrt_support(ops),
+        **({"plugin": {**plugin_record(), "nodes": plugin_nodes}} if plugin_nodes else {}),
         "weights": {"bytes": weight_bytes, "tensors": len(recipes), "by_module": dict(sorted(by_module.items())),
                     "parameters": {m: [n for k, n in read if k == m] for m in sorted({k for k, _ in read})}},
     }
     fp32_bytes = 4 * sum(p.numel() for name, p in spec.module.named_parameters() if name in used)
     if validate_bytes is None:
         entry["validation"] = "skipped: not asked for"
+    elif plugin_nodes:
+        entry["validation"] = f"skipped: ONNX Runtime cannot run the {PLUGIN_NAMESPACE}::{PLUGIN_NAME} plugin's nodes"
     elif precision == "bf16":
         entry["validation"] = "skipped: ONNX Runtime's CPU provider has no bf16 kernels"
     elif fp32_bytes > validate_bytes:

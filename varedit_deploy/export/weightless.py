@@ -21,9 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..model.attention import FUSED_OPSET, attention_export
 from .graphs import GraphSpec
 
-OPSET = 17
+OPSET = 17  # every graph but a step with fused attention
+FUSED_TRACE_OPSET = 20  # the newest the TorchScript exporter writes; the graph then declares FUSED_OPSET
 # The single-output ops torch.onnx's (TorchScript) constant folder evaluates
 # (torch/csrc/jit/passes/onnx/constant_fold.cpp), less its reductions and Softmax, which no
 # VAREdit graph applies to a weight (numpy's results there need not be torch's to the bit).
@@ -43,6 +45,7 @@ class WeightRecipe:
     params: list[str]
     nodes: list = field(default_factory=list)  # onnx.NodeProto, in evaluation order
     constants: list = field(default_factory=list)  # onnx.TensorProto
+    opset: int = OPSET  # of the graph the nodes were cut from
 
     def evaluate(self, fetch: Callable[[str], np.ndarray]) -> np.ndarray:
         """The initializer's float32 value; `fetch(param)` gives one parameter's value."""
@@ -55,7 +58,7 @@ class WeightRecipe:
         inputs = [helper.make_tensor_value_info(p, onnx.TensorProto.FLOAT, None) for p in self.params]
         output = helper.make_tensor_value_info(self.name, onnx.TensorProto.UNDEFINED, None)
         graph = helper.make_graph(self.nodes, "recipe", inputs, [output], initializer=self.constants)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)])
         return ReferenceEvaluator(model).run(None, {p: fetch(p) for p in self.params})[0]
 
 
@@ -119,14 +122,20 @@ def trace(spec: GraphSpec) -> WeightlessGraph:
         placeholders.append(torch.zeros((), dtype=p.dtype).expand(p.shape))  # 4 bytes, whatever the shape
     wrapper = _WithExplicitParameters(spec.module, names, len(spec.example))
     buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.inference_mode():
+    fused = spec.attention in ("fused", "plugin")  # "plugin": fused, the self-attentions in their own domain
+    opset = FUSED_TRACE_OPSET if fused else OPSET
+    with warnings.catch_warnings(), torch.inference_mode(), attention_export(spec.attention):
         warnings.simplefilter("ignore")
         torch.onnx.export(wrapper, (*spec.example, *placeholders), buf, input_names=[*spec.inputs, *names],
-                          output_names=spec.outputs, dynamic_axes=spec.dynamic_axes, opset_version=OPSET,
+                          output_names=spec.outputs, dynamic_axes=spec.dynamic_axes, opset_version=opset,
                           dynamo=False, do_constant_folding=True)
     model = onnx.load_from_string(buf.getvalue())
     _drop_wrapper_scope(model)
-    recipes = _cut_weight_nodes(model, set(names) & {i.name for i in model.graph.input})
+    recipes = _cut_weight_nodes(model, set(names) & {i.name for i in model.graph.input}, opset)
+    if fused:  # no operator the graph uses changed between opsets 20 and 23 but the new `Attention`
+        for entry in model.opset_import:
+            if entry.domain in ("", "ai.onnx"):
+                entry.version = FUSED_OPSET
     return WeightlessGraph(model, recipes, wrapper.output_shapes)
 
 
@@ -145,7 +154,7 @@ def _drop_wrapper_scope(model, prefix: str = "/wrapped/") -> None:
         value.name = strip(value.name)
 
 
-def _cut_weight_nodes(model, params: set[str]) -> dict[str, WeightRecipe]:
+def _cut_weight_nodes(model, params: set[str], opset: int) -> dict[str, WeightRecipe]:
     """Move the foldable nodes that depend on parameters into recipes; parameters and the
     values those nodes make become stub initializers (external data, filled when written)."""
     import onnx
@@ -171,7 +180,7 @@ def _cut_weight_nodes(model, params: set[str]) -> dict[str, WeightRecipe]:
     needed = sorted((v for v in [*params, *made_by] if v in used), key=first_use.__getitem__)
 
     def recipe(value: str) -> WeightRecipe:
-        r, seen = WeightRecipe(value, []), set()
+        r, seen = WeightRecipe(value, [], opset=opset), set()
 
         def visit(name: str) -> None:
             if name in seen or not name:

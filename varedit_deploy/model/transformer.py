@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig, Schedule, TransformerConfig
-from .attention import bf16_flash_attention, cosine_qk, self_attention
+from .attention import bf16_flash_attention, cache_self_attention, cosine_qk
 from .buffers import constant
 from .resample import area_matrix
 from .rope import apply_rope, rope_table
@@ -156,18 +156,18 @@ class Block(nn.Module):
         sin: torch.Tensor,
         text_k: torch.Tensor,
         text_v: torch.Tensor,
-        prefix_k: torch.Tensor,  # [2, H, P, c] keys attended before this call's own (P may be 0)
+        prefix_k: torch.Tensor,  # [P, 2, H, c] (cache layout) keys attended before this call's own (P may be 0)
         prefix_v: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns the new hidden state and this call's own k, v ([2, H, n, c])."""
+        """Returns the new hidden state and this call's own k, v ([n, 2, H, c], cache layout)."""
         own: dict[str, torch.Tensor] = {}
 
         def attend(y: torch.Tensor) -> torch.Tensor:
-            q, own["k"], own["v"] = self.sa.qkv(y, cos, sin)
-            keys = torch.cat([prefix_k, own["k"]], dim=2)
-            values = torch.cat([prefix_v, own["v"]], dim=2)
-            b, _, n, _ = q.shape
-            return self_attention(q, keys, values).transpose(1, 2).reshape(b, n, -1)
+            q, k, v = self.sa.qkv(y, cos, sin)
+            own["k"], own["v"] = to_cache(k), to_cache(v)
+            keys = torch.cat([prefix_k, own["k"]], dim=0)
+            values = torch.cat([prefix_v, own["v"]], dim=0)
+            return cache_self_attention(q, keys, values)
 
         x = self.mix(x, mod, text_k, text_v, attend)
         return x, own["k"], own["v"]
@@ -322,13 +322,12 @@ class VAREditTransformer(nn.Module):
         cos, sin = self.step_rope(past_k[1].shape[0], n)
         new_k, new_v = [], []
         for i, blk in enumerate(self.blocks):
-            prefix_k, prefix_v = to_heads(past_k[i]), to_heads(past_v[i])
+            prefix_k, prefix_v = past_k[i], past_v[i]
             if i == 0:  # SAR: the pooled source of this scale, then earlier targets
-                prefix_k = torch.cat([to_heads(sar_k), prefix_k], dim=2)
-                prefix_v = torch.cat([to_heads(sar_v), prefix_v], dim=2)
+                prefix_k, prefix_v = torch.cat([sar_k, prefix_k]), torch.cat([sar_v, prefix_v])
             x, k, v = blk(x, modulation[i], cos, sin, text_k[i], text_v[i], prefix_k, prefix_v)
-            new_k.append(to_cache(k))
-            new_v.append(to_cache(v))
+            new_k.append(k)
+            new_v.append(v)
         return self.logits(x, head_modulation), new_k, new_v
 
     def step_rope(self, offset, n: int) -> tuple[torch.Tensor, torch.Tensor]:

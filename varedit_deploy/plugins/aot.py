@@ -101,25 +101,53 @@ def _ptxas_numbers(log: str, name: str) -> tuple[int, int, int]:
     return int(regs.group(1)), int(frame.group(2)), int(frame.group(1))
 
 
-def compile_launch(launch, arch: int) -> CompiledKernel:
-    """Compile one launch for sm_`arch` (always freshly, so that ptxas reports) and read its statistics."""
+def _compile(launch, arch: int, log: io.StringIO):
+    """Triton's compiled kernel of one launch for sm_`arch` (always freshly, so that ptxas reports
+    into `log`), with the signature and constexprs it was specialised with."""
     import triton
     from triton.backends.compiler import GPUTarget
 
     signature, constexprs, attrs = specialise(launch)
     src = triton.compiler.ASTSource(fn=launch.fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    log = io.StringIO()
     with triton.knobs.compilation.scope(), triton.knobs.nvidia.scope(), contextlib.redirect_stdout(log):
         triton.knobs.compilation.always_compile = True
         triton.knobs.nvidia.dump_ptxas_log = True
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                            options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
+    return k, signature, constexprs
+
+
+def compile_launch(launch, arch: int) -> CompiledKernel:
+    """Compile one launch for sm_`arch` and read its statistics."""
+    log = io.StringIO()
+    k, signature, constexprs = _compile(launch, arch, log)
     registers, spills, stack = _ptxas_numbers(log.getvalue(), k.metadata.name)
     tensor_core, local, total = _sass_counts(k.asm["cubin"])
     sig = ",".join(v if v != "constexpr" else f"{constexprs[n]!r}" for n, v in signature.items()
                    if n in constexprs or v != "constexpr")
     return CompiledKernel(launch.name, arch, launch.config(), sig, k.asm["ptx"], k.asm["cubin"], k.metadata.num_warps,
                           registers, spills, stack, k.metadata.shared, tensor_core, local, total)
+
+
+@dataclass(frozen=True)
+class KernelBinary:
+    """What launching a compiled kernel through the CUDA driver needs (no Triton at run time)."""
+
+    arch: int
+    entry: str  # the cubin's function name
+    params: tuple[str, ...]  # Triton types of the runtime parameters, in order ("*fp16", "i32", "fp32")
+    num_warps: int
+    shared_bytes: int  # dynamic shared memory per block
+    cubin: bytes = field(repr=False)
+
+
+def compile_binary(launch, arch: int) -> KernelBinary:
+    """Compile one launch for sm_`arch` for launching by hand (`plugins.cuda_launch`)."""
+    k, signature, _ = _compile(launch, arch, io.StringIO())
+    if k.metadata.global_scratch_size or k.metadata.profile_scratch_size:
+        raise RuntimeError(f"{launch.name} needs Triton's scratch memory, which a hand launch does not provide")
+    params = tuple(kind for kind in signature.values() if kind != "constexpr")
+    return KernelBinary(arch, k.metadata.name, params, k.metadata.num_warps, k.metadata.shared, k.asm["cubin"])
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,9 @@ RoPE -> concat caches -> SDPA:
   Scales with few queries would launch only B*H blocks over up to ~15k keys, so there the
   key range is split across blocks (flash-decoding) and `_combine_splits_kernel` merges the
   partial results.
+* `flat_attention`: the same online softmax over one key range for the op boundary of the
+  exported step (the TensorRT plugin, `plugins.trt_plugin`): q [1, n, H*c] and keys/values
+  [1, L, H*c] as the cache lies (the CFG rows are heads), out [1, n, H*c], any softmax scale.
 
 All run under `TRITON_INTERPRET=1` on CPU tensors (how CI checks them against the reference);
 `plugins.aot` compiles the same launches ahead of time for SM targets.
@@ -24,30 +27,13 @@ All run under `TRITON_INTERPRET=1` on CPU tensors (how CI checks them against th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from .launch import KernelLaunch, native
-
-# Tiles by the compile statistics of benchmarks/kernel_report.py (RESULTS.md), the same on every
-# target: with 16-bit caches both use tensor cores (HGMMA on sm90, HMMA on sm89/sm87), spill nothing
-# and fit sm89's 99 KB of shared memory. Small tiles (one warpgroup, two per SM) for scales with
-# few queries, large ones where there are enough row blocks to fill the GPU.
-BLOCK_N = 64
-SMALL = (64, 4, 2)  # BLOCK_M, warps, stages
-LARGE = (128, 8, 2)
-# A launch wants at least this many blocks per SM before the key range is split across blocks,
-# and every split keeps at least this many keys (fewer would spend more on merging than on keys).
-BLOCKS_PER_SM = 2
-MIN_KEYS_PER_SPLIT = 512
-COMBINE_M = 32  # rows per block of the merge (an elementwise pass over the partials)
-# The interpreter has no device to ask: it plans for an H100/H200 (132 SMs), so CPU tests run the
-# same splits the GPU runs.
-DEFAULT_SM_COUNT = 132
-
+from .plan import COMBINE_M, DEFAULT_SM_COUNT, AttentionPlan, plan_attention
 
 @triton.jit
 def _cast(x, DTYPE: tl.constexpr, NATIVE: tl.constexpr):
@@ -201,28 +187,20 @@ def _combine_splits_kernel(part_ptr, stats_ptr, out_ptr, n, B: tl.constexpr, H: 
     _store_rows(out_ptr, acc / total[:, None], b, h, rows, cols, row_ok, n, H, C, NATIVE)
 
 
-@dataclass(frozen=True)
-class AttentionPlan:
-    """Tiles, warps and key split of one scale_attention call (static per scale and layer)."""
-
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-    split: int
-    keys_per_split: int
-
-
-def plan_attention(n: int, keys: int, batch_heads: int, sm_count: int = DEFAULT_SM_COUNT) -> AttentionPlan:
-    """Large query blocks where there are many queries; the key range split across blocks where
-    the row blocks alone would leave SMs idle (the first scales have 1 to a few hundred queries)."""
-    wanted = BLOCKS_PER_SM * sm_count
-    enough_rows = n >= LARGE[0] and math.ceil(n / LARGE[0]) * batch_heads >= wanted
-    block_m, warps, stages = LARGE if enough_rows else SMALL
-    blocks = math.ceil(n / block_m) * batch_heads
-    split = max(1, min(math.ceil(wanted / blocks), keys // MIN_KEYS_PER_SPLIT))
-    per_split = math.ceil(math.ceil(keys / split) / BLOCK_N) * BLOCK_N  # whole key tiles per split
-    return AttentionPlan(block_m, BLOCK_N, warps, stages, math.ceil(keys / per_split), per_split)
+@triton.jit(do_not_specialize=["n", "keys"])
+def _flat_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, n, keys, scale, H: tl.constexpr, C: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+                           NATIVE: tl.constexpr):
+    """Queries of one (row block, head) of q [1, n, H*C] over all `keys` rows of k, v [1, keys, H*C]
+    (one batch of H heads: the cache layout with B = 1), scores scaled by `scale` through q."""
+    bh, b, h, rows, cols, row_ok = _row_block(n, H, C, BLOCK_M)
+    q = tl.load(q_ptr + (rows[:, None] * H + h) * C + cols[None, :], mask=row_ok[:, None], other=0.0)
+    acc = tl.zeros((BLOCK_M, C), dtype=tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc, m_i, l_i = _attend_segment(acc, m_i, l_i, q.to(tl.float32) * scale, k_ptr, v_ptr, 0, keys, b, h, 1, H, C,
+                                    BLOCK_N, PRECISION, NATIVE)
+    _store_rows(out_ptr, acc / l_i[:, None], b, h, rows, cols, row_ok, n, H, C, NATIVE)
 
 
 def prep_qkv_launch(qkv: torch.Tensor, temperature: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -287,4 +265,29 @@ def scale_attention(q: torch.Tensor, segment_a: tuple[torch.Tensor, torch.Tensor
     launches, out = scale_attention_launches(q, segment_a, segment_b, plan, sm_count)
     for launch in launches:
         launch()
+    return out
+
+
+def flat_attention_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float,
+                          sm_count: int = DEFAULT_SM_COUNT, plan: AttentionPlan | None = None):
+    """The launch of `flat_attention` and its output buffer; tiles as `plan_attention` picks them
+    (one launch: the key range is not split, `plan.split` is ignored)."""
+    _, n, width = q.shape
+    assert q.dtype == k.dtype == v.dtype and k.shape == v.shape and k.shape[2] == width and width % heads == 0
+    assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous()
+    plan = plan or plan_attention(n, k.shape[1], heads, sm_count)
+    out = torch.empty_like(q)
+    args = dict(q_ptr=q, k_ptr=k, v_ptr=v, out_ptr=out, n=n, keys=k.shape[1], scale=float(scale), H=heads,
+                C=width // heads, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n,
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32", NATIVE=native())
+    return KernelLaunch("flat_attention", _flat_attention_kernel, (math.ceil(n / plan.block_m), heads), args,
+                        plan.num_warps, plan.num_stages), out
+
+
+def flat_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v per head: q [1, n, heads*c], k/v [1, L, heads*c] -> [1, n, heads*c] in
+    q's dtype, fp32 softmax and sums (ONNX `Attention` in its 3-D form, no mask)."""
+    sm_count = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else DEFAULT_SM_COUNT
+    launch, out = flat_attention_launch(q, k, v, heads, scale, sm_count)
+    launch()
     return out

@@ -40,6 +40,14 @@ def _pointer(arr: np.ndarray, name: str) -> int:
     return arr.ctypes.data
 
 
+def check_onnxruntime_can_run(manifest: Manifest) -> None:
+    """Refuse an artifact whose graphs hold TensorRT plugin nodes (export --attention plugin)."""
+    if manifest.data.get("attention") == "plugin":
+        raise ArtifactError(f"artifact {manifest.folder} was exported with --attention plugin: its step graph holds "
+                            "TensorRT plugin nodes, which ONNX Runtime cannot run; use a TensorRT backend, or export "
+                            "it again without --attention plugin")
+
+
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
@@ -49,6 +57,7 @@ class OnnxRuntimeBackend(Backend):
         (weights stay memory-mapped from the artifact instead of repacked into process memory:
         faster to load, and no copy, but the small scales run slower: benchmarks/RESULTS.md)."""
         super().__init__(manifest)
+        check_onnxruntime_can_run(manifest)
         ort = _ort()
         self.providers = list(providers or ["CPUExecutionProvider"])
         self.options = ort.SessionOptions()

@@ -96,6 +96,9 @@ def add_preview(folder: Path, progress: Callable[[str], None] = print) -> None:
     if manifest.data.get("precision") == "bf16":  # ONNX Runtime's CPU provider has no bf16 kernels
         progress("preview projection: skipped for bf16 graphs (a server fits one on its own backend at start)")
         return
+    if manifest.data.get("attention") == "plugin":  # TensorRT plugin nodes: ONNX Runtime cannot run the step
+        progress("preview projection: skipped for plugin graphs (a server fits one on its own backend at start)")
+        return
     with make_backend("onnxruntime", manifest) as backend:
         projection, report = fit_preview(EditPipeline(manifest, backend))
     path = Path(folder) / PREVIEW_FILE

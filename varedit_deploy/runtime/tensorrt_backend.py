@@ -28,6 +28,7 @@ from ..artifact import Manifest
 from ..build.engines import BuildOptions, build_command, check_engines, engine_dir_name, engine_precision
 from ..build.tensorrt_api import import_tensorrt
 from ..errors import ArtifactError, EngineError
+from ..plugins.trt_plugin import register_plugin
 from .backend import Backend, GraphRunner
 from .binding_plan import select_profile
 from .gpu import CudaGraph, DeviceArray, Stream, current_compute_capability
@@ -172,7 +173,10 @@ class TensorRTBackend(Backend):
         if problems:
             raise ArtifactError(f"engines in {folder} cannot run here: " + "; ".join(problems) + f"; rebuild: {fix}")
         self.folder = folder
-        self.records = json.loads((folder / "engines.json").read_text())["engines"]
+        data = json.loads((folder / "engines.json").read_text())
+        self.records = data["engines"]
+        if data.get("plugins"):  # check_engines matched their versions: register before deserialising
+            register_plugin(self.trt)
         self.runtime = self.trt.Runtime(self.trt.Logger(self.trt.Logger.ERROR))
         self.stream = Stream()
         self.cuda_graphs = cuda_graphs
