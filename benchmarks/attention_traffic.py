@@ -39,10 +39,10 @@ def trace_step(config, form: str):
 
 
 def with_shapes(model, shapes: dict[str, tuple[int, ...]]):
-    """`model` with its inputs fixed to `shapes`, shape-inferred."""
+    """`model` with its inputs and outputs fixed to `shapes`, shape-inferred."""
     import onnx
 
-    for value in model.graph.input:
+    for value in [*model.graph.input, *model.graph.output]:
         if value.name in shapes:
             dims = value.type.tensor_type.shape.dim
             for d, n in zip(dims, shapes[value.name]):
@@ -88,17 +88,16 @@ def main() -> None:
     args = ap.parse_args()
 
     from varedit_deploy.config import from_name
-    from varedit_deploy.export.graphs import step_io_names
 
     config = from_name(args.model)
     t, sched = config.transformer, config.schedule
     s = range(sched.num_scales)[args.scale]
     n, start, lt = sched.tokens[s], sched.starts[s], 77
-    inputs, _ = step_io_names(2)
     row = (2, t.heads, t.head_dim)
     shapes = {"x": (2, n, t.dim), "text_k": (2, 2, t.heads, lt, t.head_dim), "text_v": (2, 2, t.heads, lt, t.head_dim),
               "sar_k": (n, *row), "sar_v": (n, *row), "past_k_0": (start, *row), "past_v_0": (start, *row),
-              "past_k_1": (sched.source_tokens + start, *row), "past_v_1": (sched.source_tokens + start, *row)}
+              "past_k_1": (sched.source_tokens + start, *row), "past_v_1": (sched.source_tokens + start, *row),
+              "logits": (2, n, t.num_logits), **{f"new_{kv}_{i}": (n, *row) for kv in "kv" for i in (0, 1)}}
     results = {}
     for form in ("decomposed", "fused"):
         print(f"tracing the {form} step of {args.model} (2 blocks) ...", flush=True)
@@ -115,10 +114,10 @@ def main() -> None:
              "|---|---:|---:|---:|---|"]
     for form, r in results.items():
         step = r["step"]
-        lines.append(f"| {form} | {step['layout'] / gb:.2f} | {step['attention_kv_read'] / gb:.2f} | "
-                     f"{(step['layout'] + step['attention_kv_read']) / gb:.2f} | "
+        lines.append(f"| {form} | {step['layout'] / gb:.3f} | {step['attention_kv_read'] / gb:.3f} | "
+                     f"{(step['layout'] + step['attention_kv_read']) / gb:.3f} | "
                      f"{'Concat of past + new rows' if form == 'fused' else 'Transpose of the whole past, Concat'} |")
-    lines += ["", f"(The past K and V of blocks 0 and 1 alone hold {past_bytes / gb:.2f} GB at this scale.)"]
+    lines += ["", f"(The past K and V of blocks 0 and 1 alone hold {past_bytes / gb:.3f} GB at this scale.)"]
     text = "\n".join(lines)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -165,9 +165,11 @@ def test_fp16_export_runs_on_onnxruntime_and_reports_its_agreement(tmp_path, tin
     full = EditPipeline.from_artifacts(tiny_artifact).edit(photos["astronaut"], "make it red",
                                                            noise=NumpyNoise(2), record=True)
     agreement = np.mean(np.concatenate([(a == b).ravel() for a, b in zip(half.loop.bits, full.loop.bits)]))
-    # Measured 0.99988 (1 of 8,336 bits differs) with the current fp32 placement, 2-core x86_64 CPU,
-    # ONNX Runtime 1.32; fp32 parity is the gate, this holds the fp16 path to what it achieves.
-    assert agreement > 0.999, agreement
+    # Measured 0.99868 (11 of 8,336 bits differ; 2-core x86_64 CPU, ONNX Runtime 1.32) with
+    # `text_cond` lowered too (its per-block text K/V projections are an eighth of the weights;
+    # fp32 it gives 0.99904) and the AdaLN condition and head kept fp32 as the official code keeps
+    # them. fp32 parity is the gate; this holds the fp16 path to what it achieves.
+    assert agreement > 0.9985, agreement
 
 
 def test_random_weights_export_leaves_only_the_artifact(tiny_artifact):

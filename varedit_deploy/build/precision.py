@@ -29,6 +29,16 @@ def graph_precision(graph: str, precision: str) -> str:
     return precision if graph in HALF_GRAPHS else "fp32"
 
 
+# Module scopes the official code runs in fp32 even under autocast (spec/transformer.md: the
+# AdaLN condition `shared_ada_lin`, the head's `ada_lin`, and the logits `head`).
+FP32_SCOPES = ("/shared_ada_lin/", "/ada_lin/", "/head/")
+
+
+def fp32_nodes(model) -> list[str]:
+    """Nodes that stay fp32 whole: written-out normalisations and the official fp32 scopes."""
+    return normalisation_nodes(model) + [n.name for n in model.graph.node if n.name.startswith(FP32_SCOPES)]
+
+
 def normalisation_nodes(model) -> list[str]:
     """Names of the nodes in every module scope that holds a ReduceMean (the TorchScript exporter
     names nodes by module path, `/mid/block_1/norm1/ReduceMean`): the statistics, centring,
@@ -57,7 +67,7 @@ def to_half(model, precision: str):
 
     with mock.patch.object(float16, "make_value_info_from_tensor", value_info):
         half = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=KEEP_FP32_OPS,
-                                                node_block_list=normalisation_nodes(model))
+                                                node_block_list=fp32_nodes(model))
     _skip_half_round_trips(half)
     if precision == "bf16":
         _relabel_bf16(half, originals)
@@ -180,8 +190,14 @@ def _skip_half_round_trips(model) -> None:
                 node.input[0] = source  # the graph output keeps its name: an fp32 copy
             else:
                 original[node.output[0]] = source
+
+    def resolve(name: str) -> str:
+        while name in original:
+            name = original[name]
+        return name
+
     for node in graph.node:
-        node.input[:] = [original.get(name, name) for name in node.input]
+        node.input[:] = [resolve(name) for name in node.input]
     while True:
         read = {name for n in graph.node for name in n.input} | outputs
         unused = [n for n in graph.node if n.op_type == "Cast" and n.output[0] not in read]

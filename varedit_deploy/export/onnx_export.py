@@ -143,11 +143,14 @@ def compare_with_module(spec: GraphSpec, path: Path, source: ExportSource, used:
     the source's weights in float32, fetched for the parameters the graph uses (`used`) alone."""
     import onnxruntime as ort
 
+    from ..runtime.onnxruntime_backend import disabled_optimizers
+
     owners = source.owners()
     tensors = {name: torch.from_numpy(source.tensor(*owners[id(p)])) if name in used
                else torch.zeros((), dtype=p.dtype).expand(p.shape)  # read for its shape at most
                for name, p in spec.module.named_parameters()}
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"],
+                                disabled_optimizers=disabled_optimizers({"Attention"} if spec.attention == "fused" else ()))
     got = sess.run(None, {n: v.numpy() for n, v in zip(spec.inputs, spec.example)})
     del sess
     with torch.inference_mode(), parameters_replaced(spec.module, tensors):

@@ -73,6 +73,8 @@ class _OnnxAttention(torch.autograd.Function):
     @staticmethod
     def symbolic(g, q, k, v, heads: int, scale: float):
         heads_attrs = {"q_num_heads_i": heads, "kv_num_heads_i": heads} if heads else {}
+        # (no softmax_precision attribute: TensorRT's parser rejects it; its fused kernels keep
+        # the softmax in fp32)
         out = g.op("Attention", q, k, v, scale_f=scale, **heads_attrs)
         out.setType(q.type())
         return out

@@ -12,6 +12,13 @@ from ..errors import ArtifactError, require
 from .backend import Backend, GraphRunner
 
 
+def disabled_optimizers(ops) -> list[str]:
+    """ONNX Runtime 1.32's NchwcTransformer crashes the process (a segfault while the session is
+    built) on a 16-bit graph holding `Attention`; it only reorganises convolutions, which no graph
+    with attention has, so it is off for those."""
+    return ["NchwcTransformer"] if "Attention" in ops else []
+
+
 def _ort():
     return require("onnxruntime", "ort")
 
@@ -76,7 +83,8 @@ class OnnxRuntimeBackend(Backend):
         (calibration runs quantised variants of a graph beside the artifact's own)."""
         ort = _ort()
         try:
-            session = ort.InferenceSession(str(path), self.options, providers=self.providers)
+            session = ort.InferenceSession(str(path), self.options, providers=self.providers,
+                                           disabled_optimizers=disabled_optimizers(self.manifest.graphs[name]["ops"]))
         except Exception as e:
             raise ArtifactError(f"graph {path} cannot be loaded by ONNX Runtime ({e})") from None
         return OrtGraph(name, session)
