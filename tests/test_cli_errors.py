@@ -139,7 +139,18 @@ CASES = [
     ("build-target-sm87", ["build", "--artifacts", "{art}", "--target", "sm87"], FAILURE, "Jetson Orin is sm87"),
     ("build-workspace-negative", ["build", "--artifacts", "{art}", "--workspace", "-1"], USAGE, "positive"),
     ("build-workspace-nan", ["build", "--artifacts", "{art}", "--workspace", "nan"], USAGE, "positive"),
-    ("build-precision", ["build", "--artifacts", "{art}", "--precision", "int4"], USAGE, "invalid choice"),
+    ("build-precision", ["build", "--artifacts", "{art}", "--precision", "int2"], USAGE, "invalid choice"),
+    ("build-quantized-precision", ["build", "--artifacts", "{art}", "--precision", "int8"], FAILURE,
+     "engines are built from a quantised artifact"),
+    # --- quantize
+    ("quantize-nothing", ["quantize"], USAGE, "required: --artifacts, --out, --mode"),
+    ("quantize-mode", ["quantize", "--artifacts", "{art}", "--out", "{ws}/q", "--mode", "int2"], USAGE, "invalid choice"),
+    ("quantize-budget", ["quantize", "--artifacts", "{art}", "--out", "{ws}/q", "--mode", "int8",
+                         "--min-bit-agreement", "0"], USAGE, "above 0 and at most 1"),
+    ("quantize-held-out", ["quantize", "--artifacts", "{art}", "--out", "{ws}/q", "--mode", "int8", "--held-out", "0"],
+     USAGE, "at least 1"),
+    ("quantize-missing", ["quantize", "--artifacts", "{ws}/nope", "--out", "{ws}/q", "--mode", "int8"], FAILURE,
+     "no such folder"),
     ("build-flavour", ["build", "--artifacts", "{art}", "--flavour", "trt"], USAGE, "invalid choice"),
     # --- inspect
     ("inspect-missing", ["inspect", "{ws}/nope"], FAILURE, "no such folder"),
@@ -242,4 +253,4 @@ def test_version_and_help():
     assert out.returncode == 0 and out.stdout.strip() == f"varedit-deploy {__version__}"
     out = subprocess.run([sys.executable, "-m", "varedit_deploy.cli", "build", "--help"], capture_output=True,
                          text=True)
-    assert out.returncode == 0 and "(default: tensorrt-rtx)" in out.stdout and "(default: fp16)" in out.stdout
+    assert out.returncode == 0 and "(default: tensorrt-rtx)" in out.stdout and "(default: fp16 for an fp32" in out.stdout

@@ -175,15 +175,16 @@ def test_fp16_export_runs_on_onnxruntime_and_reports_its_agreement(tmp_path, tin
 def test_random_weights_export_leaves_only_the_artifact(tiny_artifact):
     """`tiny_artifact` is `export --random-weights` through the CLI: its tiny T5 went into the
     artifact (graph and tokenizer) and the temporary T5 folder beside it is gone."""
-    m = read_manifest(tiny_artifact, full=True)
+    m = read_manifest(tiny_artifact, verify="full")
     assert m.has_graph("text_encoder") and m.tokenizer_file.is_file()
     assert m.data["source"]["command"] == f"varedit-deploy export --random-weights --model tiny-2b --out {tiny_artifact}"
     assert [p.name for p in tiny_artifact.parent.iterdir()] == ["tiny-2b"]
 
 
 def test_export_from_a_release_folder_loads_the_release_weights(tmp_path, tiny_text_dir, monkeypatch, capsys):
-    """`export --checkpoint-dir`: the CLI loads the release strictly and hands that model to the
-    exporter (replaced here by a recorder; exporting itself is tested above)."""
+    """`export --checkpoint-dir`: the CLI reads the release strictly (memory-mapped, tensor by
+    tensor) and hands it to the exporter (replaced here by a recorder; exporting itself is tested
+    above)."""
     from fixture_writer import release_like, write_release
 
     import varedit_deploy.export.artifacts as artifacts
@@ -198,13 +199,14 @@ def test_export_from_a_release_folder_loads_the_release_weights(tmp_path, tiny_t
     monkeypatch.setattr(artifacts, "export_artifacts", lambda m, out, **kw: seen.update(model=m, out=out, **kw))
     out = tmp_path / "art"
     assert main(["export", "--checkpoint-dir", str(tmp_path), "--model", config.name, "--out", str(out)]) == 0
-    loaded = seen["model"]
+    src = seen["model"]
     assert seen["out"] == out and seen["precision"] == "fp32"
     assert seen["source"]["command"].startswith(f"varedit-deploy export --checkpoint-dir {tmp_path}")
-    for ours, theirs in ((model.transformer, loaded.transformer), (model.vae, loaded.vae)):
-        a, b = ours.state_dict(), theirs.state_dict()
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert loaded.text_encoder is not None and loaded.text_encoder.precision == "fp32"
+    for key, ours in (("transformer", model.transformer), ("vae", model.vae)):
+        params = dict(ours.named_parameters())
+        assert set(src.weights[key]) == set(params)
+        assert all(np.array_equal(src.tensor(key, k), params[k].detach().numpy()) for k in params)
+    assert src.t5 is not None and src.text_folder is not None and "text_encoder" in src.weights
 
 
 @pytest.mark.parametrize("sources", [[], ["--random-weights", "--fixture", "{fixture}"],
@@ -215,8 +217,10 @@ def test_export_needs_exactly_one_model_source(sources, tmp_path, capsys):
     from varedit_deploy.cli import main
 
     argv = [a.format(fixture=fixture_dir("tiny-2b"), tmp=tmp_path) for a in sources]
-    assert main(["export", *argv, "--model", "tiny-2b", "--out", str(tmp_path / "art")]) == 1
-    assert "give exactly one model source" in capsys.readouterr().err
+    assert main(["export", *argv, "--model", "tiny-2b", "--out", str(tmp_path / "art")]) == 2  # an option error
+    err = capsys.readouterr().err  # argparse's own words for a mutually exclusive, required choice
+    assert ("one of the arguments --checkpoint-dir --fixture --random-weights is required" in err
+            or "not allowed with argument" in err), err
     assert not (tmp_path / "art").exists()
 
 

@@ -100,7 +100,9 @@ def test_layer_groups_are_found_in_the_exported_graphs(tiny_artifact):
     # The head, embeddings, attention score products and conditioning belong to no group.
     grouped = {n for g in groups for names in g.nodes.values() for n in names}
     step_matmuls = {n.name for n in models["step"].graph.node if n.op_type == "MatMul"}
-    assert "/head/MatMul" in step_matmuls - grouped and "/blocks.0/MatMul_1" in step_matmuls - grouped
+    assert "/head/MatMul" in step_matmuls - grouped  # (attention products are Attention nodes, in no group)
+    assert {n.name for n in models["step"].graph.node if n.op_type == "Attention"} == {
+        f"/blocks.{b}/{part}Attention" for b in range(3) for part in ("", "ca/")}
     assert not any("text_cond" in g.nodes for g in groups)
 
 

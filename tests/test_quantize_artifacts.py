@@ -61,7 +61,7 @@ def test_the_int8_artifact_records_how_it_was_made(int8, tiny_artifact):
     assert q["source_manifest_sha256"] and q["command"].startswith("varedit-deploy quantize")
     assert sorted(q["kept_in_high_precision"] + q["quantized_groups"]) == sorted(
         f"blocks.{b}.{k}" for b in range(3) for k in ("qkv", "proj", "ca", "fc1", "fc2"))
-    assert m.data["precision"] == "fp16" and m.kv_cache_dtype == np.int8
+    assert m.data["precision"] == "fp16" and m.kv_cache_dtype == "int8"
     step = m.graphs["step"]
     assert step["opset"] >= 19 and step["ops"]["DequantizeLinear"] > 0 and step["quantized"]["mode"] == "int8"
     assert {i["name"]: i["dtype"] for i in step["inputs"]}["past_k_1"] == "int8"
@@ -82,7 +82,8 @@ def test_the_report_has_what_a_user_needs_to_trust_it(int8):
     assert r["weights_made_on"]["trained"] is False and "random weights" in r["weights_made_on"]["weights"]
     assert r["image_psnr_db"] > 0 and 0 < r["image_ssim"] <= 1 and r["image_vs_fp16"]["psnr_db"] > 0
     w = r["weight_bytes"]
-    assert w["step"]["quantized"] and w["step"]["artifact"] < 0.7 * w["step"]["fp16"] and w["step"]["fp16"] * 2 == pytest.approx(w["step"]["fp32"], rel=0.01)
+    assert w["step"]["quantized"] and w["step"]["artifact"] < 0.7 * w["step"]["fp16"]
+    assert 0.5 < w["step"]["fp16"] / w["step"]["fp32"] < 0.52  # half, but the head stays fp32 (as the official code keeps it)
     assert not w["vae_decoder"]["quantized"] and w["vae_decoder"]["artifact"] == w["vae_decoder"]["fp16"]
     s = r["sensitivity"]
     assert len(s["ranking"]) == 15 and s["reached"] == (s["agreement"] >= 0.99)
@@ -106,6 +107,7 @@ def test_the_reported_agreement_is_what_the_artifacts_compute(int8, tiny_artifac
         prefix = pipe.encode_image(preprocess(photo, pipe.config.image_size))
         teacher = runs["fp32"].bits if name == "int8" else None
         runs[name] = pipe.loop.run(features, prefix, sampler, NumpyNoise(0), teacher)
+        pipe.loop.collect(runs[name], record=True)  # the bits, read back once
         if name == "int8":
             assert pipe.loop.cache.k[1].dtype == np.int8 and pipe.loop.cache.sar_v.dtype == np.int8
     same = [float(np.mean(a == b)) for a, b in zip(runs["fp32"].bits, runs["int8"].bits)]
@@ -183,10 +185,10 @@ def test_a_target_that_cannot_run_the_mode_gets_a_specific_error(int8, fp8, caps
 
 
 # ----------------------------------------------------------------------------- bad input
-def _refused(argv, capsys, out):
+def _refused(argv, capsys, out, expected: int = 1):
     code = main(argv)
     err = capsys.readouterr().err
-    assert code == 1 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert code == expected and err.startswith("error: ") and err.count("\n") == 1, err
     assert not out.exists() and not list(out.parent.glob(f".{out.name}*")), "something was written"
     return err
 
@@ -206,22 +208,22 @@ def _edited_copy(tiny_artifact, tmp_path, edit):
     return folder
 
 
-@pytest.mark.parametrize("case, argv, message", [
-    ("half", [], "holds fp16 graphs; --mode int8 calibrates fp32 graphs"),
-    ("no-t5", [], "has no text encoder (it was exported from a fixture); pass --fixture DIR"),
-    ("ok", ["--calibration", "nowhere"], "calibration set nowhere: no such folder or CSV file"),
-    ("ok", ["--min-bit-agreement", "1.5"], "--min-bit-agreement must be in (0, 1]"),
-    ("ok", ["--exclude", "blocks.*"], "nothing to quantise: all 15 layer groups"),
-    ("ok", ["--exclude", "blocks.(("], "is not a regular expression"),
-    ("ok", ["--method", "awq_clip"], "--mode int8 calibrates with entropy, max, not 'awq_clip'"),
-    ("ok", ["--held-out", "0"], "--held-out must be at least 1"),
+@pytest.mark.parametrize("case, argv, message, code", [
+    ("half", [], "holds fp16 graphs; --mode int8 calibrates fp32 graphs", 1),
+    ("no-t5", [], "has no text encoder (it was exported from a fixture); pass --fixture DIR", 1),
+    ("ok", ["--calibration", "nowhere"], "calibration set nowhere: no such folder or CSV file", 1),
+    ("ok", ["--min-bit-agreement", "1.5"], "--min-bit-agreement: must be above 0 and at most 1, got 1.5", 2),
+    ("ok", ["--exclude", "blocks.*"], "nothing to quantise: all 15 layer groups", 1),
+    ("ok", ["--exclude", "blocks.(("], "is not a regular expression", 1),
+    ("ok", ["--method", "awq_clip"], "--mode int8 calibrates with entropy, max, not 'awq_clip'", 1),
+    ("ok", ["--held-out", "0"], "--held-out: must be at least 1, got 0", 2),
 ])
-def test_bad_requests_get_one_line_and_write_nothing(tiny_artifact, tmp_path, capsys, case, argv, message):
+def test_bad_requests_get_one_line_and_write_nothing(tiny_artifact, tmp_path, capsys, case, argv, message, code):
     edits = {"half": lambda d: d.update(precision="fp16"), "no-t5": lambda d: d["graphs"].pop("text_encoder"),
              "ok": lambda d: None}
     art = _edited_copy(tiny_artifact, tmp_path, edits[case])
     out = tmp_path / "q"
-    err = _refused(["quantize", "--artifacts", str(art), "--out", str(out), "--mode", "int8", *argv], capsys, out)
+    err = _refused(["quantize", "--artifacts", str(art), "--out", str(out), "--mode", "int8", *argv], capsys, out, code)
     assert message in err
 
 

@@ -49,12 +49,26 @@ def test_the_transformer_is_stored_once(tiny_artifact):
 
 
 def _ordinary_export(spec) -> bytes:
+    """torch.onnx.export of the spec with the weights in memory, in the spec's attention form."""
+    import onnx
+
+    from varedit_deploy.model.attention import FUSED_OPSET, attention_export
+    from varedit_deploy.export.weightless import FUSED_TRACE_OPSET, OPSET
+
     f = io.BytesIO()
-    with warnings.catch_warnings(), torch.inference_mode():
+    fused = spec.attention != "decomposed"
+    with warnings.catch_warnings(), torch.inference_mode(), attention_export(spec.attention):
         warnings.simplefilter("ignore")
         torch.onnx.export(spec.module, spec.example, f, input_names=spec.inputs, output_names=spec.outputs,
-                          dynamic_axes=spec.dynamic_axes, opset_version=17, dynamo=False, do_constant_folding=True)
-    return f.getvalue()
+                          dynamic_axes=spec.dynamic_axes, opset_version=FUSED_TRACE_OPSET if fused else OPSET,
+                          dynamo=False, do_constant_folding=True)
+    if not fused:
+        return f.getvalue()
+    model = onnx.load_from_string(f.getvalue())
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = FUSED_OPSET
+    return model.SerializeToString()
 
 
 @pytest.mark.parametrize("fixture, name", [("tiny-2b", "text_cond"), ("tiny-2b", "step"), ("tiny-8b", "step"),

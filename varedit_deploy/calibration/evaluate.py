@@ -54,9 +54,9 @@ def run_edit(pipe: EditPipeline, text: TextSource, pair: EditPair, seed: int, te
         prefix = pipe.encode_image(preprocess(photo, pipe.config.image_size))
     loop = pipe.loop.run(features, prefix, SamplerInputs.from_params(pipe.config.sampling), NumpyNoise(seed),
                          teacher.bits if teacher is not None else None)
+    features, prefix = pipe.loop.collect(loop, [features, prefix], record=True)  # bits and logits too
     image = np.asarray(postprocess(pipe.decode(loop.summed), photo.size)) if decode else None
-    read = pipe.backend.read
-    return EditRun(pair, seed, loop.bits, loop.guided_logits, read(features), read(prefix), image)
+    return EditRun(pair, seed, loop.bits, loop.guided_logits, features, prefix, image)
 
 
 def reference_runs(pipe: EditPipeline, text: TextSource, pairs) -> list[EditRun]:

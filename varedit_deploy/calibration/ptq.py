@@ -130,6 +130,9 @@ def quantize_graph(source, mode: str, method: str, samples: Sequence[Sample], no
     exact = [f"{re.escape(n)}$" for n in nodes]
     everything = [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv")]
     others = [f"{re.escape(n)}$" for n in everything if n not in set(nodes)]
+    if model is source:  # saving with external data rewrites the proto in place: keep the caller's intact
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / f"{name}.onnx", Path(tmp) / f"{name}.{mode}.onnx"
         onnx.save_model(model, str(src), save_as_external_data=True, all_tensors_to_one_file=True,

@@ -230,7 +230,7 @@ class _Quantization:
         scales = kv_cache.calibrate_scales(self.recording.samples) if opts.kv_cache else {}
         graphs = {name: self._write_graph(name, entry, folder, chosen, scales)
                   for name, entry in self.manifest.graphs.items()}
-        _copy(self.manifest, self.manifest.data.get("tokenizer", {}).get("files", []), folder)
+        _copy(self.manifest, _companion_files(self.manifest), folder)
         data = {**self.manifest.data, "precision": opts.high_precision, "graphs": graphs}
         data["quantization"] = {
             "mode": opts.mode, "method": self.method, "high_precision": opts.high_precision,
@@ -390,5 +390,11 @@ def lowered_copy(manifest: Manifest, folder: Path, precision: str) -> Manifest:
         target.parent.mkdir(parents=True, exist_ok=True)
         model = to_half(onnx.load(str(manifest.graph_path(name))), lowered)
         graphs[name] = _entry(folder, _save(model, target), entry, model, lowered, None)
-    _copy(manifest, manifest.data.get("tokenizer", {}).get("files", []), folder)
+    _copy(manifest, _companion_files(manifest), folder)
     return Manifest(folder, {**manifest.data, "precision": precision, "graphs": graphs})
+
+
+def _companion_files(manifest: Manifest) -> list[dict[str, Any]]:
+    """The artifact's files besides its graphs (tokenizer, preview projection), carried over as they are."""
+    preview = [manifest.data["preview"]["file"]] if "preview" in manifest.data else []
+    return manifest.data.get("tokenizer", {}).get("files", []) + preview

@@ -23,6 +23,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -73,10 +74,15 @@ class _OnnxAttention(torch.autograd.Function):
     @staticmethod
     def symbolic(g, q, k, v, heads: int, scale: float):
         heads_attrs = {"q_num_heads_i": heads, "kv_num_heads_i": heads} if heads else {}
+        out_type = q.type()
+        if scale != 1.0:  # scaled as PyTorch's own export does: q and k each by sqrt(scale), in fp32 (an
+            # Attention-scaled product rounds differently and flips the official bf16 rounding of its output)
+            root = g.op("Constant", value_t=torch.tensor(np.sqrt(np.float32(scale)), dtype=torch.float32))
+            q, k, scale = g.op("Mul", q, root), g.op("Mul", k, root), 1.0
         # (no softmax_precision attribute: TensorRT's parser rejects it; its fused kernels keep
         # the softmax in fp32)
         out = g.op("Attention", q, k, v, scale_f=scale, **heads_attrs)
-        out.setType(q.type())
+        out.setType(out_type)
         return out
 
 
