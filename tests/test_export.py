@@ -4,7 +4,6 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-import torch
 
 from conftest import fixture_dir
 from varedit_deploy.artifact import SCHEMA_VERSION, read_manifest, sha256_file
