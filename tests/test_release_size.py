@@ -52,22 +52,19 @@ def _ordinary_export(spec) -> bytes:
     """torch.onnx.export of the spec with the weights in memory, in the spec's attention form."""
     import onnx
 
-    from varedit_deploy.model.attention import FUSED_OPSET, attention_export
-    from varedit_deploy.export.weightless import FUSED_TRACE_OPSET, OPSET
+    from varedit_deploy.export.weightless import FUSED_TRACE_OPSET, declare_fused_opset, trace_opset
+    from varedit_deploy.model.attention import attention_export
 
     f = io.BytesIO()
-    fused = spec.attention != "decomposed"
+    opset = trace_opset(spec.attention)
     with warnings.catch_warnings(), torch.inference_mode(), attention_export(spec.attention):
         warnings.simplefilter("ignore")
         torch.onnx.export(spec.module, spec.example, f, input_names=spec.inputs, output_names=spec.outputs,
-                          dynamic_axes=spec.dynamic_axes, opset_version=FUSED_TRACE_OPSET if fused else OPSET,
-                          dynamo=False, do_constant_folding=True)
-    if not fused:
+                          dynamic_axes=spec.dynamic_axes, opset_version=opset, dynamo=False, do_constant_folding=True)
+    if opset != FUSED_TRACE_OPSET:
         return f.getvalue()
     model = onnx.load_from_string(f.getvalue())
-    for entry in model.opset_import:
-        if entry.domain in ("", "ai.onnx"):
-            entry.version = FUSED_OPSET
+    declare_fused_opset(model)
     return model.SerializeToString()
 
 

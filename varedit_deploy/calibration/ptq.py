@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import VareditError, require
+from ..export.weightless import graph_opset
 
 MODES = ("int8", "fp8", "int4")
 METHODS = {"int8": ("entropy", "max"), "fp8": ("max",), "int4": ("awq_clip", "awq_lite", "rtn_dq")}
@@ -92,7 +93,7 @@ def raise_opset(model, opset: int, sample: Sample, name: str):
     import onnx
     import onnxruntime as ort
 
-    current = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    current = graph_opset(model)
     if current >= opset:
         return model
     try:

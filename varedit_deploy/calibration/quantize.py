@@ -30,6 +30,7 @@ from ..artifact import MANIFEST, SCHEMA_VERSION, Manifest, file_record, read_man
 from ..build.precision import graph_precision, to_half
 from ..errors import ArtifactError, InputError
 from ..export.onnx_export import EXTERNAL_DATA_BYTES, tensorrt_support
+from ..export.weightless import graph_opset
 from ..fileio import atomic_dir
 from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
 from ..runtime.pipeline import EditPipeline
@@ -359,7 +360,7 @@ def _entry(folder: Path, files: list[Path], old: dict[str, Any], model, precisio
               for spec in old[k]] for k in ("inputs", "outputs")}
     ops = Counter(n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx"))
     entry = {**old, **io, "files": [file_record(folder, p) for p in files], "precision": precision,
-             "opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+             "opset": graph_opset(model),
              "ops": dict(sorted(ops.items())), **tensorrt_support(ops)}
     entry.pop("max_abs_error_vs_torch", None)  # measured on the fp32 graph, not this one
     if quantized is not None:

@@ -22,7 +22,7 @@ from ..plugins.trt_plugin import ONNX_DOMAIN, PLUGIN_NAME, PLUGIN_NAMESPACE, plu
 from .external_data import nbytes, stubs, write_graph
 from .graphs import GraphSpec
 from .source import ExportSource
-from .weightless import parameters_replaced, trace
+from .weightless import graph_opset, parameters_replaced, trace
 
 # Larger graphs keep their weights in `<graph>.onnx.data`, which ONNX Runtime memory-maps; inline
 # weights are parsed with the proto and copied again into the session (about 2x while loading).
@@ -95,7 +95,7 @@ def export_graph(spec: GraphSpec, folder: Path, source: ExportSource, precision:
         "precision": precision,
         "inputs": _io(model.graph.input, spec.inputs),
         "outputs": _io(model.graph.output, spec.outputs),
-        "opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+        "opset": graph_opset(model),
         "attention": spec.attention,
         "ops": dict(sorted(ops.items())),
         **tensorrt_support(ops),
@@ -114,7 +114,7 @@ def export_graph(spec: GraphSpec, folder: Path, source: ExportSource, precision:
         entry["validation"] = (f"skipped: {fp32_bytes / 2**30:.1f} GiB of float32 weights exceed the "
                                f"{validate_bytes / 2**30:.1f} GiB limit for a side-by-side run in PyTorch")
     else:
-        entry["max_abs_error_vs_torch"] = compare_with_module(spec, path, source, used)
+        entry["max_abs_error_vs_torch"] = compare_with_module(spec, path, source, used, set(ops))
     return entry
 
 
@@ -138,9 +138,11 @@ def _io(values, names: list[str]) -> list[dict[str, Any]]:
     return out
 
 
-def compare_with_module(spec: GraphSpec, path: Path, source: ExportSource, used: set[str]) -> dict[str, float]:
+def compare_with_module(spec: GraphSpec, path: Path, source: ExportSource, used: set[str],
+                        ops: set[str]) -> dict[str, float]:
     """Max |ONNX Runtime - PyTorch| per output on the spec's example inputs. The module runs with
-    the source's weights in float32, fetched for the parameters the graph uses (`used`) alone."""
+    the source's weights in float32, fetched for the parameters the graph uses (`used`) alone;
+    `ops`, the graph's operators, choose ONNX Runtime's optimisers."""
     import onnxruntime as ort
 
     from ..runtime.onnxruntime_backend import disabled_optimizers
@@ -150,7 +152,7 @@ def compare_with_module(spec: GraphSpec, path: Path, source: ExportSource, used:
                else torch.zeros((), dtype=p.dtype).expand(p.shape)  # read for its shape at most
                for name, p in spec.module.named_parameters()}
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"],
-                                disabled_optimizers=disabled_optimizers({"Attention"} if spec.attention == "fused" else ()))
+                                disabled_optimizers=disabled_optimizers(ops))
     got = sess.run(None, {n: v.numpy() for n, v in zip(spec.inputs, spec.example)})
     del sess
     with torch.inference_mode(), parameters_replaced(spec.module, tensors):

@@ -122,8 +122,7 @@ def trace(spec: GraphSpec) -> WeightlessGraph:
         placeholders.append(torch.zeros((), dtype=p.dtype).expand(p.shape))  # 4 bytes, whatever the shape
     wrapper = _WithExplicitParameters(spec.module, names, len(spec.example))
     buf = io.BytesIO()
-    fused = spec.attention in ("fused", "plugin")  # "plugin": fused, the self-attentions in their own domain
-    opset = FUSED_TRACE_OPSET if fused else OPSET
+    opset = trace_opset(spec.attention)
     with warnings.catch_warnings(), torch.inference_mode(), attention_export(spec.attention):
         warnings.simplefilter("ignore")
         torch.onnx.export(wrapper, (*spec.example, *placeholders), buf, input_names=[*spec.inputs, *names],
@@ -132,11 +131,28 @@ def trace(spec: GraphSpec) -> WeightlessGraph:
     model = onnx.load_from_string(buf.getvalue())
     _drop_wrapper_scope(model)
     recipes = _cut_weight_nodes(model, set(names) & {i.name for i in model.graph.input}, opset)
-    if fused:  # no operator the graph uses changed between opsets 20 and 23 but the new `Attention`
-        for entry in model.opset_import:
-            if entry.domain in ("", "ai.onnx"):
-                entry.version = FUSED_OPSET
+    if opset == FUSED_TRACE_OPSET:
+        declare_fused_opset(model)
     return WeightlessGraph(model, recipes, wrapper.output_shapes)
+
+
+def trace_opset(attention: str) -> int:
+    """The opset a graph with attentions in form `attention` is traced at ("plugin" is fused, its
+    self-attentions in their own domain)."""
+    return OPSET if attention == "decomposed" else FUSED_TRACE_OPSET
+
+
+def declare_fused_opset(model) -> None:
+    """Declare FUSED_OPSET: no operator the graph uses changed between opsets 20 and 23 but the new
+    `Attention`."""
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = FUSED_OPSET
+
+
+def graph_opset(model) -> int:
+    """The default-domain opset a ModelProto declares."""
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def _drop_wrapper_scope(model, prefix: str = "/wrapped/") -> None:
