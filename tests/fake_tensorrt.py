@@ -19,7 +19,14 @@ STREAM_CAPTURE_INVALIDATED = 901  # cudaErrorStreamCaptureInvalidated
 
 
 class FakeCudart:
-    """The subset of `cuda.bindings.runtime` in use; counts what is made and released."""
+    """The subset of `cuda.bindings.runtime` in use; counts what is made and released.
+
+    Each fake hands out handles from a range of its own, so an array left over from an earlier
+    test, freed by the garbage collector while a later test's fake is installed, cannot release
+    one of that fake's handles (it fails inside `__del__`, which swallows it, instead).
+    """
+
+    instances = 0
 
     class cudaStreamCaptureMode:
         cudaStreamCaptureModeThreadLocal = 1
@@ -44,7 +51,8 @@ class FakeCudart:
         self.executed: list[tuple] = []  # work the "GPU" ran, in order
         self.launches = 0
         self.invalidate_capture = False
-        self._next = 0x10000
+        FakeCudart.instances += 1
+        self._next = FakeCudart.instances << 32
 
     def _make(self, kind: str) -> int:
         self._next += 0x1000  # 256-byte aligned, like cudaMalloc

@@ -6,6 +6,7 @@ everything it made."""
 import gc
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +28,11 @@ PROFILES = [{"name": f"scale_{s}", "shapes": {"x": [[2, n, 8]] * 3, "text_k": [[
 
 
 @pytest.fixture
-def cudart(monkeypatch) -> FakeCudart:
+def cudart(monkeypatch) -> Iterator[FakeCudart]:
     fake = FakeCudart()
     monkeypatch.setattr(gpu, "cudart", lambda: fake)
-    return fake
+    yield fake
+    gc.collect()  # arrays in reference cycles are freed now, against the fake that made them
 
 
 def step_engine(cudart: FakeCudart, **kw) -> FakeEngine:
