@@ -5,6 +5,7 @@
 #   tests.log          pytest -m gpu (the fast-path GPU tests), then the kernel and fast-path tests, compiled
 #   benchmark.log      benchmarks/gpu_fast_path.py progress: 2b-512 (2 runs), then 8b-512 if time is left
 #   gpu_fast_path.json / .md / .png   the benchmark's results; the .md table is ready for RESULTS.md
+#   batch_steps.json / .md   benchmarks/gpu_batch_steps.py: 2b-512 steps at batch 1, 4, 16 (what a batch axis would gain)
 #   summary.md         one page: steps, exit codes, and the benchmark table
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh        (run from the repository root; OUT defaults to ./gpu_check_out)
@@ -94,6 +95,11 @@ step "kernel and fast-path tests, compiled kernels" 120 "$OUT/tests.log" \
 left=$(( BUDGET - $(elapsed) - 15 ))
 step "benchmark 2b-512, 2 runs" $(( left < 180 ? left : 180 )) "$OUT/benchmark.log" \
     $PY benchmarks/gpu_fast_path.py --models 2b-512 --runs 2 --out "$OUT"
+left=$(( BUDGET - $(elapsed) - 15 ))
+if [ $left -ge 30 ]; then
+    step "batched steps 2b-512, batch 1/4/16" $(( left < 90 ? left : 90 )) "$OUT/benchmark.log" \
+        $PY benchmarks/gpu_batch_steps.py --model 2b-512 --out "$OUT"
+fi
 left=$(( BUDGET - $(elapsed) - 10 ))
 if [ $left -ge 120 ]; then
     step "benchmark 8b-512, 2 runs" "$left" "$OUT/benchmark.log" \
@@ -112,6 +118,8 @@ fi
     grep -E "passed|failed|error" "$OUT/tests.log" | tail -4
     echo
     cat "$OUT/gpu_fast_path.md" 2>/dev/null || echo "(no benchmark results)"
+    echo
+    cat "$OUT/batch_steps.md" 2>/dev/null || echo "(no batched-step results)"
 } >"$OUT/summary.md"
 rm -f "$OUT/steps.md"
 cat "$OUT/summary.md"
