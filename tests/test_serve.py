@@ -141,6 +141,7 @@ def test_errors_have_openai_shape_and_status(server, photo):
         (dict(photo=photo, key="wrong", prompt="x"), 401, "invalid_api_key", None),
         (dict(photo=photo, prompt="x", n="11"), 400, "invalid_value", "n"),
         (dict(photo=photo, prompt="x", tau="0"), 400, "invalid_value", "tau"),
+        (dict(photo=photo, prompt="x", cfg="25"), 400, "invalid_value", "cfg"),  # past the model's range: not a 500
         (dict(photo=photo, prompt="x", size="big"), 400, "invalid_value", "size"),
         (dict(photo=photo, prompt="x", response_format="url"), 400, "invalid_value", "response_format"),
         (dict(photo=photo, prompt="x", mask="m"), 400, "unknown_parameter", "mask"),
@@ -167,7 +168,14 @@ def test_errors_have_openai_shape_and_status(server, photo):
     assert httpx.get(f"{server}/v1/models").status_code == 401
     assert httpx.get(f"{server}/health").json() == {"status": "ok"}  # probes need no key
     assert "access-control-allow-origin" not in httpx.get(f"{server}/health", headers={"Origin": "http://x"}).headers
+    r = httpx.post(f"{server}/v1/images/edits", content=b"--x\r\ngarbage", headers={
+        "Authorization": f"Bearer {KEY}", "Content-Type": "multipart/form-data"})  # no boundary
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_multipart"
+    r = httpx.put(f"{server}/v1/images/edits", headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 405 and "POST" in r.headers["allow"]
     assert _metric(server, 'varedit_errors_total{code="invalid_api_key",status="401"}') == 3
+    # refused by its Content-Length before the app: counted like every other error
+    assert _metric(server, 'varedit_errors_total{code="request_too_large",status="413"}') == 1
     assert _post(server, photo, prompt="still fine", seed="1").status_code == 200  # the worker survived them all
 
 

@@ -41,6 +41,10 @@ def test_every_listed_field_is_read():
     (_fields(prompt="x", size="0x10"), "size"),
     (_fields(prompt="x", size="640x480", model="m", background="transparent"), "background"),
     (_fields(prompt="x", cfg="nan"), "cfg"),
+    (_fields(prompt="x", cfg="25"), "cfg"),  # the model's sampling ranges, not a wider one of the form's
+    (_fields(prompt="x", cfg="-1"), "cfg"),
+    (_fields(prompt="x", tau="50"), "tau"),
+    (_fields(prompt="x", tau="0.0001"), "tau"),
     (_fields(prompt="x", seed="-1"), "seed"),
     (_fields(prompt="x", stream="yes"), "stream"),
     (_fields(prompt="x", partial_images="4"), "partial_images"),

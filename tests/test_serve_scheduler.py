@@ -97,3 +97,18 @@ def test_queue_bound_and_drain(pipe, image):
         expired.future.result(60)
     assert expired.started is None  # dropped in the queue, never ran
     late.close()
+
+
+def test_a_forced_close_answers_the_queued_edits_cancelled(pipe, image):
+    """A second SIGINT: queued edits are answered cancelled instead of run, the running one stops at its next scale."""
+    stats = Recorder()
+    scheduler = Scheduler([pipe], max_batch=1, max_queue=8, batch_window_s=0.0, stats=stats)
+    first = _job(pipe, image, 1)
+    queued = [_job(pipe, image, seed) for seed in (2, 3, 4)]
+    scheduler.submit([first, *queued])
+    scheduler.close(cancel=True)
+    assert all(j.future.done() for j in [first, *queued])
+    for job in queued:
+        with pytest.raises(EditCancelled):
+            job.future.result(0)
+    assert stats.outcomes.count("cancelled") >= len(queued)  # `first` ran to its end, or was still queued too

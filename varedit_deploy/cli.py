@@ -87,6 +87,15 @@ def _at_least_one(value: object) -> object:
     return value
 
 
+def _pixel_limit(value: object) -> object:
+    """Photos are refused past MAX_SIDE a side anyway (and Pillow's bomb guard starts above MAX_SIDE^2)."""
+    from .imaging import MAX_SIDE
+
+    if not 1 <= value <= MAX_SIDE * MAX_SIDE:  # type: ignore[operator]
+        raise ConfigError(f"must be from 1 to {MAX_SIDE}^2 = {MAX_SIDE * MAX_SIDE}, got {value}")
+    return value
+
+
 def _not_negative(value: object) -> object:
     if not 0 <= value < float("inf"):  # type: ignore[operator]
         raise ConfigError(f"must be a finite number >= 0, got {value!r}")
@@ -475,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", dest="max_queue", type=_value(int, _at_least_one), help="edits waiting before 429 (default 64)")
     p.add_argument("--timeout", dest="timeout_s", type=_value(float, _positive), help="per-request deadline in s (default 300)")
     p.add_argument("--max-upload-mib", dest="max_upload_mib", type=_value(float, _positive), help="request body limit (default 20)")
-    p.add_argument("--max-pixels", dest="max_pixels", type=_value(int, _at_least_one), help="source image pixel limit (default 4096^2)")
+    p.add_argument("--max-pixels", dest="max_pixels", type=_value(int, _pixel_limit),
+                   help=f"source image pixel limit, at most {MAX_SIDE}^2 (default 4096^2)")
     p.add_argument("--cache-mib", dest="cache_mib", type=_value(float, _not_negative),
                    help="size of each of the T5 and VAE-encoder caches (default 64; 0 turns them off)")
     p.add_argument("--cors-origin", dest="cors_origins", action="append",

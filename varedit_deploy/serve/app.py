@@ -11,7 +11,7 @@ import base64
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from PIL import Image
@@ -44,8 +44,8 @@ class BodyTooLarge(Exception):
 class BodyLimit:
     """Refuse a request body over `max_bytes`: by its Content-Length before reading, else while it streams."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, on_refused: Callable[[ApiError], None] = lambda error: None):
+        self.app, self.max_bytes, self.on_refused = app, max_bytes, on_refused
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -54,6 +54,7 @@ class BodyLimit:
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             error = _too_large(self.max_bytes) if length.isdigit() else ApiError(
                 400, "the Content-Length header is not a number", code="invalid_request")
+            self.on_refused(error)  # answered here, before the app's error handler: counted all the same
             return await JSONResponse(error.body(), error.status, headers={"Connection": "close"})(scope, receive, send)
         seen = 0
 
@@ -93,8 +94,11 @@ def create_app(state: ServerState) -> Starlette:
         arrived = time.monotonic()
         _authorize(state, request)
         _check_open(state)
-        form, image = await _read_request(state, request)
+        form, upload = await _read_request(state, request)
         prompt_tokens = _prompt_tokens(state, form.prompt)
+        if state.scheduler.depth + form.n > state.options.max_queue:  # before paying for the decode (submit decides)
+            raise _queue_full(state.scheduler.retry_after_s())
+        image = await asyncio.to_thread(decode_upload, upload, state.options.max_pixels)
         seed = form.seed if form.seed is not None else state.default_sampling.seed
         previews = preview_scales(state.num_scales, form.partial_images) if form.stream else ()
         events: asyncio.Queue = asyncio.Queue()
@@ -105,8 +109,7 @@ def create_app(state: ServerState) -> Starlette:
         try:
             state.scheduler.submit(jobs)
         except QueueFull as e:
-            raise ApiError(429, f"the server is busy: {e}", "rate_limit_error", code="queue_full",
-                           headers={"Retry-After": str(e.retry_after_s)}) from None
+            raise _queue_full(e.retry_after_s) from None
         except NotAccepting:
             raise _shutting_down() from None
         size = form.size or image.size
@@ -125,7 +128,7 @@ def create_app(state: ServerState) -> Starlette:
     async def api_error(request: Request, exc: Exception) -> Response:
         if isinstance(exc, HTTPException):
             code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
-            exc = ApiError(exc.status_code, exc.detail or "", code=code)
+            exc = ApiError(exc.status_code, exc.detail or "", code=code, headers=exc.headers)  # 405 keeps its Allow
         assert isinstance(exc, ApiError)
         if state.metrics:
             state.metrics.error(exc.status, exc.code)
@@ -145,7 +148,8 @@ def create_app(state: ServerState) -> Starlette:
         middleware=middleware,
         exception_handlers={ApiError: api_error, HTTPException: api_error, Exception: server_error},
     )
-    app.add_middleware(BodyLimit, max_bytes=state.options.max_upload_bytes)  # outermost: before any parsing
+    app.add_middleware(BodyLimit, max_bytes=state.options.max_upload_bytes,  # outermost: before any parsing
+                       on_refused=lambda error: state.metrics and state.metrics.error(error.status, error.code))
     return app
 
 
@@ -173,8 +177,13 @@ def _shutting_down() -> ApiError:
                     code="shutting_down", headers={"Retry-After": "1"})
 
 
-async def _read_request(state: ServerState, request: Request) -> tuple[EditForm, Image.Image]:
-    """Parse the multipart form and decode its image (limits first), or raise ApiError."""
+def _queue_full(retry_after_s: int) -> ApiError:
+    return ApiError(429, f"the server is busy: the queue is full; retry in {retry_after_s} s", "rate_limit_error",
+                    code="queue_full", headers={"Retry-After": str(retry_after_s)})
+
+
+async def _read_request(state: ServerState, request: Request) -> tuple[EditForm, bytes]:
+    """Parse the multipart form: the checked fields and the image's bytes (not decoded yet), or raise ApiError."""
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
         raise ApiError(415, f"send multipart/form-data (got {content_type or 'no content type'!r})",
@@ -184,8 +193,10 @@ async def _read_request(state: ServerState, request: Request) -> tuple[EditForm,
                                        max_part_size=MAX_TEXT_FIELD_BYTES)
     except BodyTooLarge:
         raise _too_large(state.options.max_upload_bytes) from None
-    except (MultiPartException, ValueError, KeyError, AssertionError) as e:
-        raise ApiError(400, f"malformed multipart body ({e or type(e).__name__})", code="invalid_multipart") from None
+    except (MultiPartException, HTTPException, ValueError, KeyError, AssertionError) as e:
+        # (Starlette answers its parser's errors as HTTPException 400 before they reach us as MultiPartException)
+        reason = getattr(e, "detail", None) or str(e) or type(e).__name__
+        raise ApiError(400, f"malformed multipart body ({reason})", code="invalid_multipart") from None
     try:
         fields: dict[str, list[Any]] = {}
         for name, value in multipart.multi_items():
@@ -197,8 +208,7 @@ async def _read_request(state: ServerState, request: Request) -> tuple[EditForm,
         data = await upload.read()
     finally:
         await multipart.close()  # spooled upload files
-    image = await asyncio.to_thread(decode_upload, data, state.options.max_pixels)
-    return form, image
+    return form, data
 
 
 def _prompt_tokens(state: ServerState, prompt: str) -> int:
@@ -247,6 +257,10 @@ async def _results(request: Request, jobs: list[Job]) -> list | None:
     watcher = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({gathered, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the server forces its exit: the edits stop at their next scale
+        for job in jobs:
+            job.cancel()
+        raise
     finally:
         watcher.cancel()
     if not gathered.done():

@@ -8,17 +8,19 @@ the field (`param`) it refused, and nothing here touches a tensor.
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import check_sampling_option
+from ..errors import ConfigError
+
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
 QUALITIES = ("auto", "low", "medium", "high")
 MAX_IMAGES = 10
 MAX_PROMPT_CHARS = 32000
-IGNORED = ("user", "safety_identifier")  # accepted and not used, as OpenAI's own image models do with them
+IGNORED = ("user", "safety_identifier", "input_fidelity")  # accepted and not used, as OpenAI's models that lack them do
 
 
 class ApiError(Exception):
@@ -94,7 +96,7 @@ def parse_edit_form(fields: dict[str, list[Any]], max_output_side: int) -> tuple
         output_format=_choice(one, "output_format", OUTPUT_FORMATS, "png"),
         output_compression=_int(one, "output_compression", 0, 100, 100), stream=stream,
         partial_images=partial_images, quality=_choice(one, "quality", QUALITIES, "auto"), background=background,
-        cfg=_float(one, "cfg", -1e3, 1e3), tau=_float(one, "tau", 1e-6, 1e3),
+        cfg=_sampling_option(one, "cfg"), tau=_sampling_option(one, "tau"),
         seed=_int(one, "seed", 0, 2**63 - 1 - MAX_IMAGES, None),
     ), images[0]
 
@@ -119,16 +121,18 @@ def _int(one: dict[str, str], name: str, lo: int, hi: int, default: int | None) 
     return value
 
 
-def _float(one: dict[str, str], name: str, lo: float, hi: float) -> float | None:
+def _sampling_option(one: dict[str, str], name: str) -> float | None:
+    """cfg or tau, in the range the model's sampling settings take (`config.SAMPLING_RANGES`)."""
     if name not in one:
         return None
     try:
         value = float(one[name].strip())
     except ValueError:
         raise bad_field(name, f"{name!r} must be a number, got {one[name]!r}") from None
-    if not (math.isfinite(value) and lo <= value <= hi):
-        raise bad_field(name, f"{name!r} must be between {lo:g} and {hi:g}, got {one[name]!r}")
-    return value
+    try:
+        return check_sampling_option(name, value)
+    except ConfigError as e:
+        raise bad_field(name, str(e)) from None
 
 
 def _bool(one: dict[str, str], name: str, default: bool) -> bool:

@@ -116,10 +116,14 @@ class Scheduler:
         ahead = (len(self._queue) + self._busy) / max(len(self.pipelines), 1)
         return max(1, int(ahead * self._edit_seconds + 0.999))
 
-    def close(self, timeout: float | None = None) -> None:
-        """Stop accepting, let the workers finish every queued edit, and wait for them."""
+    def close(self, timeout: float | None = None, cancel: bool = False) -> None:
+        """Stop accepting, let the workers finish every queued edit (or, with `cancel`, answer the
+        queued ones cancelled and stop the running ones at their next scale), and wait for them."""
         with self._cond:
             self._accepting = False
+            if cancel:
+                for job in self._queue:
+                    job.cancel()
             self._cond.notify_all()
         for t in self._threads:
             t.join(timeout)

@@ -73,5 +73,5 @@ def run(server) -> Exception | None:
     finally:
         state.drain()
         loader.join()
-        state.close()  # workers finish anything still queued
+        state.close(cancel=server.force_exit)  # workers finish what is queued, unless the exit is forced
     return failure[0] if failure else None

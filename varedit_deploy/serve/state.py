@@ -71,9 +71,10 @@ class ServerState:
         """Refuse new edits from now on (SIGTERM); queued and running edits still finish."""
         self.draining = True
 
-    def close(self) -> None:
+    def close(self, cancel: bool = False) -> None:
+        """Finish the queued edits, or (`cancel`: a forced exit) cancel them, then release the pipelines."""
         if self.scheduler is not None:
-            self.scheduler.close()
+            self.scheduler.close(cancel=cancel)
         for pipe in self.pipelines:
             pipe.close()
 
