@@ -95,3 +95,18 @@ def test_output_paths_are_checked_before_any_work(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(OutputError, match="is a file, not a folder"):
         check_output(tmp_path / "file" / "out.png")
+
+
+def test_high_bit_depth_grayscale_keeps_its_tones(tmp_path):
+    """16-bit PNGs (Pillow mode I;16), 32-bit integer and float images: Pillow's own RGB conversion
+    clips them at 255, which turns a 16-bit photo white; they are scaled to 8 bits instead."""
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    loaded = np.asarray(load_image(tmp_path / "ramp16.png"))
+    assert loaded.shape == (64, 64, 3) and (loaded == loaded[..., :1]).all()
+    assert np.abs(loaded[..., 0].astype(float) - ramp / 257.0).max() <= 0.5
+    fraction = np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64)
+    assert np.abs(np.asarray(as_rgb(Image.fromarray(fraction)))[..., 0] - fraction * 255).max() <= 0.5
+    wide = (np.arange(64 * 64).reshape(64, 64) * 1000).astype(np.int32)  # past 16 bits: stretched to its range
+    stretched = np.asarray(as_rgb(Image.fromarray(wide)))[..., 0]
+    assert stretched.min() == 0 and stretched.max() == 255 and (np.diff(stretched.ravel().astype(int)) >= 0).all()

@@ -75,6 +75,24 @@ def test_older_artifact_gets_the_same_projection_fitted_in_memory(tiny_artifact,
     assert not (old / PREVIEW_FILE).exists()  # fitted in memory; the artifact is not touched
 
 
+def test_first_preview_of_an_older_artifact_leaves_the_edit_alone(tiny_artifact, tmp_path):
+    """Fitting the map runs edits on the pipeline's buffers: a preview asked for mid-edit must not
+    be where that happens (the edit would go on from the fit's state)."""
+    old = tmp_path / "old"
+    shutil.copytree(tiny_artifact, old)
+    data = json.loads((old / "manifest.json").read_text())
+    del data["preview"]
+    (old / "manifest.json").write_text(json.dumps(data))
+    photo = np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    expected = np.asarray(EditPipeline.from_artifacts(old).edit(photo, "add a red hat", seed=3).image)
+    pipe = EditPipeline.from_artifacts(old)
+    shown = []
+    result = pipe.edit(photo, "add a red hat", seed=3,
+                       on_scale=lambda s, summed: shown.append(pipe.preview_image(summed, (48, 40))) if s == 3 else None)
+    assert len(shown) == 1 and shown[0].size == (48, 40)
+    assert np.array_equal(np.asarray(result.image), expected)
+
+
 def test_stored_projection_reproduces_its_fit_on_the_pipeline(tiny_artifact):
     """The artifact's projection, applied through the pipeline, gives the fit it recorded and beats a constant.
 

@@ -92,6 +92,12 @@ def test_teacher_bits_drive_the_loop(pipeline, photos):
     for s, bits in enumerate(teacher):
         ref, _ = NextScaleInput(cfg, s)(torch.from_numpy(bits), ref)
     assert np.abs(summed - ref.numpy()).max() < 1e-6
+    # A check of the first scales only needs their bits; fewer bits than scales run is refused.
+    partial = pipeline.loop.run(features, prefix, sampler, NumpyNoise(4), teacher[:3], scales=3)
+    pipeline.loop.collect(partial, record=True)
+    assert all(np.array_equal(a, b) for a, b in zip(partial.guided_logits, first.guided_logits[:3]))
+    with pytest.raises(InputError, match="teacher bits for 2 scales; this run has 3"):
+        pipeline.loop.run(features, prefix, sampler, NumpyNoise(4), teacher[:2], scales=3)
 
 
 def test_runtime_tokenizer_matches_transformers(tiny_artifact, tiny_model):
@@ -121,6 +127,12 @@ def test_runtime_imports_no_torch():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
+def _edit_manifest(folder, change) -> None:
+    data = json.loads((folder / "manifest.json").read_text())
+    change(data)
+    (folder / "manifest.json").write_text(json.dumps(data))
+
+
 def _broken(src, tmp_path, how):
     dst = tmp_path / "art"
     shutil.copytree(src, dst)
@@ -136,6 +148,12 @@ def _broken(src, tmp_path, how):
     (lambda d: (d / "manifest.json").write_text(json.dumps({**json.loads((d / "manifest.json").read_text()),
                                                              "schema_version": 99})), "schema version 99"),
     (lambda d: (d / "manifest.json").write_text("{oops"), "not valid JSON"),
+    (lambda d: _edit_manifest(d, lambda m: m.pop("schedule")), "incomplete: its schedule does not match"),
+    (lambda d: _edit_manifest(d, lambda m: m["schedule"]["tokens"].append(400)), "schedule does not match"),
+    (lambda d: _edit_manifest(d, lambda m: m.pop("graphs")), "incomplete: it has no table of graphs"),
+    (lambda d: _edit_manifest(d, lambda m: m.update(graphs=["step"])), "no table of graphs"),
+    (lambda d: _edit_manifest(d, lambda m: m["graphs"].pop("sample")), "graphs missing: sample"),
+    (lambda d: _edit_manifest(d, lambda m: m["graphs"]["step"].pop("ops")), "graph 'step' has no valid record"),
     (lambda d: (d / "manifest.json").unlink(), "not an exported artifact"),
 ])
 def test_damaged_artifacts_are_refused_with_the_fix(tiny_artifact, tmp_path, how, message):

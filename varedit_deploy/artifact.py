@@ -163,6 +163,49 @@ def rebuild_hint(data: dict[str, Any], folder: Path) -> str:
     return f"it was written by `{command}`: run that again"
 
 
+REQUIRED_GRAPHS = ("text_cond", "vae_encoder", "vae_decoder", "source_embed", "sar_pool", "step", "sample")
+
+
+def schedule_record(config: ModelConfig) -> dict[str, Any]:
+    """The manifest's schedule section: what the loop sizes its buffers and views from."""
+    sched, tcfg = config.schedule, config.transformer
+    return {
+        "sides": list(sched.sides),
+        "tokens": list(sched.tokens),
+        "starts": list(sched.starts),
+        "source_tokens": sched.source_tokens,
+        "latent_side": sched.latent_side,
+        "image_size": config.image_size,
+        "per_scale": [
+            {"scale": s, "tokens": n, "past_targets": start, "past_len": sched.source_tokens + start,
+             "sample_rows": n * tcfg.d_tok}
+            for s, (n, start) in enumerate(zip(sched.tokens, sched.starts))
+        ],
+        # The source pass is a run of the step graph: the source tokens, no SAR, an empty past.
+        "source_pass": {"tokens": sched.source_tokens, "sar_tokens": 0, "past_targets": 0, "past_len": 0},
+    }
+
+
+def structure_problems(data: dict[str, Any], config: ModelConfig) -> list[str]:
+    """What a truncated or hand-edited manifest lacks, found before anything is loaded from it."""
+    graphs = data.get("graphs")
+    if not isinstance(graphs, dict):
+        return ["it has no table of graphs"]
+    problems = []
+    needed = [*REQUIRED_GRAPHS, *(f"next_input_{s}" for s in range(config.schedule.num_scales))]
+    missing = [name for name in needed if name not in graphs]
+    if missing:
+        problems.append(f"graphs missing: {', '.join(missing)}")
+    for name, graph in graphs.items():
+        files = graph.get("files") if isinstance(graph, dict) else None
+        if not (isinstance(files, list) and files and isinstance(graph.get("ops"), dict)
+                and all(isinstance(f, dict) and {"path", "bytes", "sha256"} <= set(f) for f in files)):
+            problems.append(f"graph {name!r} has no valid record of its files and operators")
+    if data.get("schedule") != schedule_record(config):
+        problems.append("its schedule does not match its model section")
+    return problems
+
+
 def read_manifest(folder: str | Path, verify: str = "quick") -> Manifest:
     """Load and check an artifact's manifest (`verify`: see `Manifest.verify`); raise
     ArtifactError naming every problem."""
@@ -187,6 +230,10 @@ def read_manifest(folder: str | Path, verify: str = "quick") -> Manifest:
         manifest.config
     except Exception as e:
         raise ArtifactError(f"artifact {folder}: the model section of {MANIFEST} is invalid ({e})") from None
+    problems = structure_problems(data, manifest.config)
+    if problems:
+        raise ArtifactError(f"artifact {folder}: {MANIFEST} is incomplete: {'; '.join(problems)}; "
+                            f"{rebuild_hint(data, folder)}")
     problems = manifest.verify(verify)
     if problems:
         raise ArtifactError(f"artifact {folder} is damaged: {'; '.join(problems)}; {rebuild_hint(data, folder)}")

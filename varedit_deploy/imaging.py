@@ -70,8 +70,25 @@ def check_output(path: str | Path) -> Path:
     return path
 
 
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and 32-bit grayscale (I;16*, I, F) as 8-bit L: Pillow's own conversion clips them at 255
+    (a 16-bit photo turns white). Integers in 0..65535 are 16-bit samples (x 255/65535), floats in
+    0..1 are fractions; anything else is stretched from its minimum to its maximum."""
+    values = np.asarray(img, dtype=np.float64)
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if img.mode != "F" and lo >= 0 and hi <= 65535:
+        scaled = values / 257.0
+    elif img.mode == "F" and lo >= 0 and hi <= 1:
+        scaled = values * 255.0
+    else:
+        scaled = (values - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(values)
+    return Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8), "L")
+
+
 def _to_rgb(img: Image.Image, name: str) -> Image.Image:
     check_size(img.size, name)
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        img = _to_8bit(img)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         # Composite on white, like the white padding canvas, instead of dropping alpha to black.
         rgba = img.convert("RGBA")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..artifact import file_record, write_manifest, write_stamp
+from ..artifact import file_record, schedule_record, write_manifest, write_stamp
 from ..build.precision import PRECISIONS, graph_precision
 from ..errors import ConfigError
 from ..fileio import atomic_dir
@@ -38,25 +38,6 @@ from .source import ExportSource
 TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 _BLOCK = re.compile(r"blocks?\.(\d+)\.")  # ours (blocks.i) and T5's (encoder.block.i)
 LONG_GRAPH_BYTES = 256 * 2**20  # graphs with more weights than this report their progress per block
-
-
-def schedule_record(model: VAREditModel) -> dict[str, Any]:
-    sched, tcfg = model.config.schedule, model.config.transformer
-    return {
-        "sides": list(sched.sides),
-        "tokens": list(sched.tokens),
-        "starts": list(sched.starts),
-        "source_tokens": sched.source_tokens,
-        "latent_side": sched.latent_side,
-        "image_size": model.config.image_size,
-        "per_scale": [
-            {"scale": s, "tokens": n, "past_targets": start, "past_len": sched.source_tokens + start,
-             "sample_rows": n * tcfg.d_tok}
-            for s, (n, start) in enumerate(zip(sched.tokens, sched.starts))
-        ],
-        # The source pass is a run of the step graph: the source tokens, no SAR, an empty past.
-        "source_pass": {"tokens": sched.source_tokens, "sar_tokens": 0, "past_targets": 0, "past_len": 0},
-    }
 
 
 def export_artifacts(
@@ -108,7 +89,7 @@ def export_artifacts(
             "model": src.config.to_dict(),
             "precision": precision,
             "attention": attention,
-            "schedule": schedule_record(src.model),
+            "schedule": schedule_record(src.model.config),
             "graphs": graphs,
             "weights": _weights_summary(src, graphs),
             "tokenizer": tokenizer,

@@ -28,6 +28,7 @@ import numpy as np
 
 from ..artifact import Manifest
 from ..config import TransformerConfig
+from ..errors import InputError
 from ..sampling import NoiseSource, SamplerInputs, draw_edit
 from .backend import Backend
 from .kv_cache import SOURCE, Call, KVCache
@@ -182,9 +183,12 @@ class ScaleLoop:
             be.write(self.prefix, source_prefix)
         be.write(self._sampler, np.concatenate(sampler.arrays()))
         be.write(self._noise_all, draw_edit(noise, [n * t.d_tok for n in self.tokens]))
+        ran = len(self.tokens) if scales is None else scales
         if teacher_bits is not None:
-            be.write(self._teacher_all, np.concatenate([np.asarray(b, np.int64).reshape(-1, t.d_tok)
-                                                        for b in teacher_bits]))
+            if len(teacher_bits) < ran:
+                raise InputError(f"teacher bits for {len(teacher_bits)} scales; this run has {ran}")
+            fed = np.concatenate([np.asarray(b, np.int64).reshape(-1, t.d_tok) for b in teacher_bits[:ran]])
+            be.write(self._teacher_all[:len(fed)], fed)  # the first scales' rows: a run of `scales` needs no more
         summed_in, summed_out = self.summed
         be.write(summed_in, np.zeros((1, t.codebook_dim, self.latent_side, self.latent_side), np.float32))
         cfg_weights, inv_tau, threshold = self.sampler_inputs
@@ -200,7 +204,7 @@ class ScaleLoop:
         self._run(marks, "source_pass", "sar_pool", {"source_k": source_k, "source_v": source_v},
                   {"sar_k": self.cache.sar_k, "sar_v": self.cache.sar_v})
 
-        out.scales = len(self.tokens) if scales is None else scales
+        out.scales = ran
         for s in range(out.scales):
             first = len(marks)
             self._run(marks, "step", "step", *self._step_io(s, text_k, text_v))

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..artifact import Manifest, read_manifest
+from ..artifact import Manifest, read_manifest, schedule_record
 from ..config import ModelConfig, SamplingConfig
 from ..errors import ArtifactError, InputError
 from ..imaging import as_rgb, postprocess, preprocess
@@ -86,7 +86,6 @@ class EditPipeline:
         """The torch fast path on a loaded `VAREditModel` (bf16 blocks, fused kernels, CUDA graphs)."""
         import torch
 
-        from ..export.artifacts import schedule_record
         from .torch_backend import TorchBackend
 
         names = ["text_cond", "vae_encoder", "vae_decoder", "source_embed", "sar_pool", "step", "sample",
@@ -94,7 +93,7 @@ class EditPipeline:
         if model.text_encoder is not None:
             names.insert(0, "text_encoder")
         manifest = Manifest(Path(f"<{model.config.name} in memory>"), {
-            "model": model.config.to_dict(), "schedule": schedule_record(model), "graphs": {n: {} for n in names}})
+            "model": model.config.to_dict(), "schedule": schedule_record(model.config), "graphs": {n: {} for n in names}})
         backend = TorchBackend(manifest, model, device, dtype or torch.bfloat16, cuda_graphs)
         tokenizer = None
         if model.text_encoder is not None:
@@ -191,6 +190,10 @@ class EditPipeline:
         sampling = dataclasses.replace(sampling, **overrides)
         noise_source = make_noise(noise, sampling.seed) if isinstance(noise, str) else noise
         img = as_rgb(image)
+        if on_scale is not None and self._preview is None:
+            # The hook may ask for previews, and fitting the map (an artifact without one) runs edits on
+            # this pipeline's own buffers: done now, never in the middle of this edit.
+            self._preview = self.preview
         mark = self.backend.mark
         t0 = time.perf_counter()
         m0 = mark()
