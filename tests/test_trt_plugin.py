@@ -134,3 +134,25 @@ def test_tensorrt_rtx_builds_the_step_with_the_plugin_for_sm89(plugin_artifact):
     problems = check_engines(folder, read_manifest(plugin_artifact), data["tensorrt_version"], "sm89")
     assert (f"the engines need plugin varedit::{PLUGIN_NAME} version 2, this varedit-deploy has version "
             f"{PLUGIN_VERSION}") in problems
+
+
+def test_the_parser_library_link_is_this_installation_s(tmp_path, monkeypatch):
+    """The unversioned name the parser dlopens must map this venv's library: another venv's copy (same
+    TensorRT-RTX version, a link left by its build) loads beside ours, two registries, a corrupt heap."""
+    from pathlib import Path
+
+    import tensorrt_rtx_libs
+
+    from varedit_deploy.build.tensorrt_api import UNVERSIONED_RTX_LIBRARY, parser_plugin_library_dir
+
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    ours = sorted(Path(tensorrt_rtx_libs.__file__).parent.glob(UNVERSIONED_RTX_LIBRARY + ".*"))[0].resolve()
+    folder = parser_plugin_library_dir(trt)
+    link = folder / UNVERSIONED_RTX_LIBRARY
+    assert link.resolve() == ours
+    other = tmp_path / "other-venv" / (UNVERSIONED_RTX_LIBRARY + ".1")
+    other.parent.mkdir()
+    other.write_bytes(b"")
+    link.unlink()
+    link.symlink_to(other)  # what a same-version build from another venv could have left
+    assert parser_plugin_library_dir(trt) == folder and link.resolve() == ours

@@ -8,6 +8,7 @@ of time on a CPU-only machine for SM75-SM121.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import importlib
 import os
 import tempfile
@@ -86,12 +87,16 @@ def parser_plugin_library_dir(trt: ModuleType) -> Path | None:
     versioned = sorted(libs.glob(UNVERSIONED_RTX_LIBRARY + ".*"))
     if not versioned:
         raise VareditError(f"no {UNVERSIONED_RTX_LIBRARY}.* in {libs}; reinstall tensorrt-rtx")
-    folder = Path(tempfile.gettempdir()) / f"varedit-deploy-{os.getuid()}" / f"tensorrt_rtx-{trt.__version__}"
+    # One folder per installed library, not per version: two venvs with the same TensorRT-RTX must not
+    # share a link, or a build loads the other venv's copy beside its own (two registries, a corrupt heap).
+    target = versioned[0].resolve()
+    key = hashlib.sha256(str(target).encode()).hexdigest()[:12]
+    folder = Path(tempfile.gettempdir()) / f"varedit-deploy-{os.getuid()}" / f"tensorrt_rtx-{trt.__version__}-{key}"
     folder.mkdir(parents=True, exist_ok=True)
     link = folder / UNVERSIONED_RTX_LIBRARY
-    if not link.exists():
+    if not link.exists() or link.resolve() != target:
         tmp = folder / f".{UNVERSIONED_RTX_LIBRARY}.{os.getpid()}"
         tmp.unlink(missing_ok=True)
-        tmp.symlink_to(versioned[0])
+        tmp.symlink_to(target)
         tmp.replace(link)
     return folder
