@@ -10,7 +10,8 @@ HTTP to it from a thread pool:
    baseline for the HTTP overhead.
 2. concurrency 1, 4, 16 with --max-batch 1 and 16 (caches off, so every edit does all its
    work): p50/p95/p99 latency and edits/s; and the same requests with stream=true and
-   partial_images=1: time to the first preview.
+   partial_images=1: time to the first preview; and at concurrency 1 answered as jpeg. Each
+   client thread keeps one keep-alive connection, as real clients do.
 3. soak: N requests at concurrency 4 in one server process (caches on, 3 photos x 3 prompts);
    the server's RSS at start, middle and end.
 4. faults mixed into 100 requests at concurrency 8: 10% clients that disconnect mid-edit,
@@ -97,12 +98,23 @@ class Server:
         return self.proc.wait(120)
 
 
-def edit(url: str, photo: bytes, prompt: str, seed: int, stream: bool = False) -> dict:
+_local = threading.local()
+
+
+def client() -> httpx.Client:
+    """This load thread's keep-alive client, as a real one (the openai SDK) keeps a client: making an
+    httpx client per request costs about 24 ms here (its SSL context), the client's time, not the server's."""
+    if not hasattr(_local, "client"):
+        _local.client = httpx.Client(timeout=600)
+    return _local.client
+
+
+def edit(url: str, photo: bytes, prompt: str, seed: int, stream: bool = False, output_format: str = "png") -> dict:
     files = {"image": ("p.png", photo, "image/png")}
-    data = {"prompt": prompt, "seed": str(seed)}
+    data = {"prompt": prompt, "seed": str(seed), "output_format": output_format}
     t0 = time.perf_counter()
     if not stream:
-        r = httpx.post(f"{url}/v1/images/edits", files=files, data=data, timeout=600)
+        r = client().post(f"{url}/v1/images/edits", files=files, data=data)
         latency = time.perf_counter() - t0
         timing = dict(part.strip().split(";dur=") for part in r.headers.get("server-timing", "").split(",") if part)
         # what HTTP added: the request's time less its queueing and its time in a worker
@@ -110,21 +122,22 @@ def edit(url: str, photo: bytes, prompt: str, seed: int, stream: bool = False) -
         return {"status": r.status_code, "latency": latency, "http": http,
                 "edit": float(timing.get("edit", "nan")) / 1e3}
     first = None
-    with httpx.stream("POST", f"{url}/v1/images/edits", files=files, timeout=600,
-                      data={**data, "stream": "true", "partial_images": "1"}) as r:
+    with client().stream("POST", f"{url}/v1/images/edits", files=files,
+                         data={**data, "stream": "true", "partial_images": "1"}) as r:
         for line in r.iter_lines():
             if first is None and line.startswith("event: image_edit.partial_image"):
                 first = time.perf_counter() - t0
         return {"status": r.status_code, "latency": time.perf_counter() - t0, "first_preview": first}
 
 
-def load(url: str, pics: list[bytes], concurrency: int, requests: int, stream: bool = False) -> dict:
+def load(url: str, pics: list[bytes], concurrency: int, requests: int, stream: bool = False,
+         output_format: str = "png") -> dict:
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        runs = list(pool.map(lambda i: edit(url, pics[0], PROMPTS[0], i, stream), range(requests)))
+        runs = list(pool.map(lambda i: edit(url, pics[0], PROMPTS[0], i, stream, output_format), range(requests)))
     wall = time.perf_counter() - t0
     lat = np.array([r["latency"] for r in runs])
-    out = {"concurrency": concurrency, "requests": requests, "ok": sum(r["status"] == 200 for r in runs),
+    out = {"format": output_format, "concurrency": concurrency, "requests": requests, "ok": sum(r["status"] == 200 for r in runs),
            "edits_per_s": requests / wall, **{f"p{q}": float(np.percentile(lat, q)) for q in (50, 95, 99)}}
     if not stream:
         http, edit_s = np.array([r["http"] for r in runs]), np.array([r["edit"] for r in runs])
@@ -248,6 +261,9 @@ def load_phase(artifacts: Path, pics: list[bytes]) -> list[dict]:
             for c in (1, 4, 16):
                 rows.append({"stream": stream, "batch": batch, **load(server.url, pics, c, max(8, 2 * c), stream)})
                 print(f"      {rows[-1]}", flush=True)
+        if batch == 1:  # the same edits answered as jpeg: how much of the overhead is the PNG encoder
+            rows.append({"stream": False, "batch": batch, **load(server.url, pics, 1, 8, output_format="jpeg")})
+            print(f"      {rows[-1]}", flush=True)
         server.stop()
     return rows
 
@@ -307,7 +323,8 @@ def render_load(r: dict) -> list[str]:
         first = (f"{x['first_preview_p50'] * ms:.0f} ({x['first_preview_share']:.0%})" if x["stream"] else "-")
         http = ("-" if x["stream"] else
                 f"{x['http_overhead_p50_ms']:.1f} ({x['http_overhead_share_of_edit']:.1%})")
-        lines.append(f"| {'stream' if x['stream'] else 'b64_json'} | {x['batch']} | {x['concurrency']} | "
+        mode = ("stream, partial_images=1" if x["stream"] else "b64_json") + f", {x.get('format', 'png')}"
+        lines.append(f"| {mode} | {x['batch']} | {x['concurrency']} | "
                      f"{x['requests']} | {x['ok']} | {x['p50'] * ms:.0f} | {x['p95'] * ms:.0f} | {x['p99'] * ms:.0f} | "
                      f"{x['edits_per_s']:.2f} | {http} | {first} |")
     return lines
