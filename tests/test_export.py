@@ -130,6 +130,26 @@ def test_reexport_keeps_engines_of_unchanged_graphs_and_drops_the_others(tmp_pat
 
     export_artifacts(VAREditModel.random(from_name("tiny-2b")), art, overwrite=True, validate=False)
     assert f"dropped engines/{kept.name}: the model or its schedule changed" in capsys.readouterr().out
+
+
+def test_reexport_with_other_weights_in_external_data_drops_the_engines(tmp_path, capsys):
+    """Weights in .onnx.data leave the .onnx byte-identical when only their values change (a fine-tune):
+    the engines built from the old weights must not be kept."""
+    import torch
+
+    golden = fixture_dir("tiny-2b")
+    options = {"progress": lambda _: None, "validate": False, "external_data_bytes": 0}
+    art = export_artifacts(VAREditModel.from_fixture(golden), tmp_path / "art", **options)
+    built = build_engines(art, BuildOptions(precision="fp32", target="sm86"), progress=lambda _: None,
+                          graphs=["text_cond"])
+    tuned = VAREditModel.from_fixture(golden)
+    with torch.no_grad():
+        for p in tuned.transformer.parameters():
+            p.mul_(1.5)
+    capsys.readouterr()
+    export_artifacts(tuned, art, overwrite=True, progress=print, validate=False, external_data_bytes=0)
+    assert f"dropped engines/{built.name}: graphs changed: text_cond" in capsys.readouterr().out
+    assert not (art / "engines").exists()
     assert not (art / "engines").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
 

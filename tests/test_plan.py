@@ -101,3 +101,22 @@ def test_plan_cli_for_a_jetson_and_for_a_memory_size(capsys):
 def test_plan_cli_errors(argv, message, capsys):
     assert main(["plan", *argv]) == 2  # malformed or conflicting options
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_plan_counts_the_cache_the_tensorrt_runtime_allocates(precision):
+    """16-bit and quantised engines keep fp32 inputs and outputs, so the TensorRT backend holds fp32
+    caches: the plan must not count them at 16 bits (it said a model fitted a board it did not)."""
+    from varedit_deploy.runtime.loop import loop_layout
+    from varedit_deploy.runtime.tensorrt_backend import TensorRTBackend
+
+    config = from_name("8b-512")
+    t, sched = config.transformer, config.schedule
+    layout = loop_layout(t, sched.tokens, sched.starts, sched.source_tokens, sched.latent_side,
+                         TensorRTBackend.compute_dtype)
+    allocated = sum(s.nbytes for s in layout.values() if s.kind == "kv_cache")
+    assert plan(config, precision, 1.0, 77).kv_cache * GIB == pytest.approx(allocated)
+    eight_bit = loop_layout(t, sched.tokens, sched.starts, sched.source_tokens, sched.latent_side,
+                            TensorRTBackend.compute_dtype, "int8")
+    assert plan(config, precision, 1.0, 77, kv_bytes=1).kv_cache * GIB == pytest.approx(
+        sum(s.nbytes for s in eight_bit.values() if s.kind == "kv_cache"))

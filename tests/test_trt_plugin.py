@@ -156,3 +156,10 @@ def test_the_parser_library_link_is_this_installation_s(tmp_path, monkeypatch):
     link.unlink()
     link.symlink_to(other)  # what a same-version build from another venv could have left
     assert parser_plugin_library_dir(trt) == folder and link.resolve() == ours
+    sdk = tmp_path / "sdk"  # another libtensorrt_rtx.so on the loader path is not trusted to be ours
+    sdk.mkdir()
+    (sdk / UNVERSIONED_RTX_LIBRARY).symlink_to(ours)
+    monkeypatch.setenv("LD_LIBRARY_PATH", str(sdk))
+    assert parser_plugin_library_dir(trt) == folder
+    monkeypatch.setenv("LD_LIBRARY_PATH", f"{folder}:{sdk}")  # the child build_engines starts
+    assert parser_plugin_library_dir(trt) is None

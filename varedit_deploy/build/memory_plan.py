@@ -164,16 +164,19 @@ def activation_bytes(config: ModelConfig, bytes_per: int, text_len: int, fused_a
 
 
 def plan(config: ModelConfig, precision: str, workspace_gib: float, text_len: int, kv_bytes: int | None = None) -> MemoryPlan:
-    """Transformer weights at `precision`; T5, VAE, KV cache and activations in fp32 for an fp32
-    build and in 16 bits otherwise (no quantisation recipes for those parts); `kv_bytes` 1: an 8-bit cache."""
+    """Transformer weights at `precision`; T5, VAE and the graphs' activations in fp32 for an fp32 build
+    and in 16 bits otherwise (no quantisation recipes for those parts). The KV cache and the loop's other
+    buffers are what the TensorRT runtime allocates (`loop_layout`): its engines keep fp32 inputs and
+    outputs, so the caches are fp32 at every precision, or 8-bit with `kv_bytes` 1 (an int8-cache artifact)."""
     act = 4 if precision == "fp32" else 2
     t5 = 0
     if config.text_encoder_dir:  # the official fp16 load keeps the FFN output layers in fp32
         t5 = T5_XL_PARAMS * 4 if act == 4 else T5_XL_PARAMS * 2 + T5_XL_WO_PARAMS * 2
+    kv, loop_rest = loop_buffer_bytes(config, "float32", text_len, "int8" if kv_bytes == 1 else None)
+    graph_peak = activation_bytes(config, act, text_len, fused_attention=precision != "fp32")
     return MemoryPlan(
         precision, transformer_bytes(config, precision) / GIB, t5 / GIB, vae_params(config) * act / GIB,
-        kv_cache_bytes(config, kv_bytes or act) / GIB,
-        activation_bytes(config, act, text_len, fused_attention=precision != "fp32") / GIB, workspace_gib,
+        kv / GIB, (graph_peak + loop_rest) / GIB, workspace_gib,
     )
 
 
@@ -191,7 +194,8 @@ def plan_table(config: ModelConfig, device: str | None, memory_gib: float | None
         budget, where = float(memory_gib), f"{memory_gib} GiB available"
         can = list(BYTES) + list(QUANTIZED)
     lines = [f"{config.name} ({config.image_size} px, {config.schedule.num_scales} scales), {where}, "
-             f"budget {budget:.1f} GiB; below fp32, T5, VAE, KV cache and activations are 16-bit",
+             f"budget {budget:.1f} GiB; below fp32, T5, VAE and activations are 16-bit; the KV cache is fp32 "
+             "as the TensorRT runtime holds it (fp32 engine inputs and outputs); activ. includes the loop's buffers",
              f"{'precision':<9} {'transformer':>11} {'T5-XL':>7} {'VAE':>6} {'KV cache':>9} {'activ.':>7} "
              f"{'workspace':>9} {'total':>7} {'T5 freed':>8} {'8-bit KV':>8}  fits"]
     for precision in ROWS:

@@ -7,7 +7,6 @@ of time on a CPU-only machine for SM75-SM121.
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import importlib
 import os
@@ -74,11 +73,6 @@ def parser_plugin_library_dir(trt: ModuleType) -> Path | None:
     is read when a process starts, so only a new process can use it (`build_engines` starts one)."""
     if trt.__name__ != "tensorrt_rtx":
         return None
-    try:
-        ctypes.CDLL(UNVERSIONED_RTX_LIBRARY)
-        return None
-    except OSError:
-        pass
     import tensorrt_rtx_libs
 
     libs = Path(tensorrt_rtx_libs.__file__).parent
@@ -92,6 +86,9 @@ def parser_plugin_library_dir(trt: ModuleType) -> Path | None:
     target = versioned[0].resolve()
     key = hashlib.sha256(str(target).encode()).hexdigest()[:12]
     folder = Path(tempfile.gettempdir()) / f"varedit-deploy-{os.getuid()}" / f"tensorrt_rtx-{trt.__version__}-{key}"
+    if os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep)[0] == str(folder):
+        return None  # this process's loader already finds our link first (the child `build_engines` starts)
+    # (any other `libtensorrt_rtx.so` on the loader path, an SDK's for one, would be a second copy: not used)
     folder.mkdir(parents=True, exist_ok=True)
     link = folder / UNVERSIONED_RTX_LIBRARY
     if not link.exists() or link.resolve() != target:

@@ -101,8 +101,14 @@ def _stale_reason(folder: Path, previous: Manifest, new: Manifest) -> str | None
         return "it was already stale (built from an earlier export)"
     if new.data["model"] != previous.data["model"] or new.data["schedule"] != previous.data["schedule"]:
         return "the model or its schedule changed"
+
+    def files(manifest: Manifest, name: str) -> list[tuple[str, str]]:
+        return [(f["path"], f["sha256"]) for f in manifest.graphs.get(name, {}).get("files", [])]
+
+    # The .onnx of a graph with external weights names them only: its weights file must be the same too.
     changed = [name for name, rec in data["engines"].items()
-               if name not in new.graphs or new.graphs[name]["files"][0]["sha256"] != rec["source_sha256"]]
+               if name not in new.graphs or new.graphs[name]["files"][0]["sha256"] != rec["source_sha256"]
+               or files(new, name) != files(previous, name)]
     return f"graphs changed: {', '.join(changed)}" if changed else None
 
 
