@@ -83,6 +83,16 @@ def test_bad_calibration_sets_get_one_specific_error(tmp_path, case, message):
         load_set(path)
 
 
+def test_a_csv_row_without_its_split_gets_the_default_split(tmp_path):
+    _photo(tmp_path / "a.png")
+    path = tmp_path / "set.csv"
+    path.write_text("image,instruction,split\na.png,add a hat,calibration\na.png,make it red\n"
+                    "a.png,blur it,held_out\n")  # the second row is short: csv gives None for its split
+    s = load_set(path)
+    assert [p.instruction for p in s.calibration] == ["add a hat", "make it red"]
+    assert [p.instruction for p in s.held_out] == ["blur it"]
+
+
 def test_limits_must_be_positive():
     with pytest.raises(InputError, match="--held-out must be at least 1"):
         default_set().limited(2, 0)
@@ -188,7 +198,7 @@ def test_the_plan_marks_what_the_device_cannot_run_and_counts_quantised_weights(
     fp16, int8, int4 = (transformer_bytes(config, p) for p in ("fp16", "int8", "int4"))
     assert int4 < 0.4 * fp16 and 0.5 * fp16 < int8 < 0.62 * fp16
     p16, p8 = plan(config, "int4", 1.0, 77), plan(config, "int4", 1.0, 77, kv_bytes=1)
-    assert p8.kv_cache == pytest.approx(p16.kv_cache / 2) and p8.total < p16.total
+    assert p8.kv_cache == pytest.approx(p16.kv_cache / 4) and p8.total < p16.total  # fp32 caches at run time
 
 
 def test_half_graphs_are_valid_onnx(tiny_artifact):
@@ -203,3 +213,39 @@ def test_exclusion_patterns_match_whole_group_names(tiny_artifact):
     groups = find_groups({"step": onnx.load(str(m.graph_path("step")), load_external_data=False)})
     assert [g.name for g in excluded(groups, [r"blocks\.2\..*", "blocks.0.fc"])] == [
         "blocks.2.qkv", "blocks.2.proj", "blocks.2.ca", "blocks.2.fc1", "blocks.2.fc2"]
+
+
+def _run(model, x):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+
+def test_nodes_kept_unquantised_read_what_the_fp32_graph_read():
+    """Every way ModelOpt reroutes a MatMul's inputs is undone for a node left out of `keep`: Q/DQ on
+    the activation, a DequantizeLinear weight, and AWQ's pre-quant scale (a Mul in front of the node)."""
+    from varedit_deploy.calibration.ptq import keep_quantized
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 3)).astype(np.float32)
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+    io = ([helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])
+    fp32 = helper.make_model(helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="/blocks.0/ffn/fc1/MatMul")], "g", *io,
+        [onnx.numpy_helper.from_array(w, "w")]), opset_imports=[helper.make_opsetid("", 19)])
+    scale = np.full(4, 2.0, np.float32)
+    quantized = helper.make_model(helper.make_graph([
+        helper.make_node("Mul", ["x", "s"], ["x_scaled"], name="pre_quant_scale_mul"),
+        helper.make_node("QuantizeLinear", ["x_scaled", "xs", "xz"], ["xq"], name="q"),
+        helper.make_node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"], name="dq"),
+        helper.make_node("DequantizeLinear", ["wq", "ws", "wz"], ["wd"], name="wdq"),
+        helper.make_node("MatMul", ["xd", "wd"], ["y"], name="/blocks.0/ffn/fc1/MatMul")], "g", *io,
+        [onnx.numpy_helper.from_array(scale, "s"), onnx.numpy_helper.from_array(np.float32(0.05), "xs"),
+         onnx.numpy_helper.from_array(np.int8(0), "xz"), onnx.numpy_helper.from_array(np.float32(0.02), "ws"),
+         onnx.numpy_helper.from_array(np.int8(0), "wz"),
+         onnx.numpy_helper.from_array(np.clip(np.round(w / 0.02 / 2), -128, 127).astype(np.int8), "wq")]),
+        opset_imports=[helper.make_opsetid("", 19)])
+    assert not np.allclose(_run(quantized, x), x @ w, atol=1e-3)
+    kept_none = keep_quantized(quantized, fp32, set())
+    assert np.allclose(_run(kept_none, x), x @ w, atol=1e-6)
+    assert {n.op_type for n in kept_none.graph.node} == {"MatMul"}  # the scale, Q and DQ are pruned
+    assert np.array_equal(_run(keep_quantized(quantized, fp32, {"/blocks.0/ffn/fc1/MatMul"}), x), _run(quantized, x))

@@ -149,7 +149,7 @@ def _csv_pairs(path: Path) -> tuple[list[EditPair], list[bool]]:
         image, text = (row.get("image") or "").strip(), (row.get("instruction") or "").strip()
         if not image or not text:
             raise InputError(f"calibration CSV {path}, line {i}: empty {'image' if not image else 'instruction'}")
-        where = row.get("split", "").strip() or ("held_out" if (i - 2) % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
+        where = (row.get("split") or "").strip() or ("held_out" if (i - 2) % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
                                                  else "calibration")
         if where not in ("calibration", "held_out"):
             raise InputError(f"calibration CSV {path}, line {i}: split must be calibration or held_out, not {where!r}")

@@ -178,38 +178,40 @@ def prune(model) -> None:
 
 def keep_quantized(quantized, original, keep: set[str]):
     """A copy of `quantized` in which only the nodes named in `keep` read quantised inputs: every
-    other node reads the activation before its QuantizeLinear and its fp32 weight from `original`."""
+    other node reads what it read in `original`, its activations (before any QuantizeLinear or
+    AWQ pre-quant scale) and its fp32 weights."""
     import onnx
 
     model = onnx.ModelProto()
     model.CopyFrom(quantized)
     graph = model.graph
-    producers = {o: n for n in graph.node for o in n.output}
     originals = {n.name: n for n in original.graph.node}
     weights = {t.name: t for t in original.graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    available = set(producers) | {i.name for i in graph.input}
     added: set[str] = set()
     for node in graph.node:
         if node.name in keep or node.name not in originals:
             continue
-        for i, name in enumerate(node.input):
-            dq = producers.get(name)
-            if dq is None or dq.op_type != "DequantizeLinear":
+        for i, source in enumerate(originals[node.name].input):
+            if i >= len(node.input) or node.input[i] == source:
                 continue
-            q = producers.get(dq.input[0])
-            if q is not None and q.op_type == "QuantizeLinear":
-                node.input[i] = q.input[0]
-                continue
-            source = originals[node.name].input[i]
-            if source not in weights:
-                raise AssertionError(f"{node.name}: input {i} of the fp32 graph is not an initializer")
-            restored = f"{source}.fp32"
-            if restored not in added:
-                copy = onnx.TensorProto()
-                copy.CopyFrom(weights[source])
-                copy.name = restored
-                graph.initializer.append(copy)
-                added.add(restored)
-            node.input[i] = restored
+            if source in weights:  # a quantised weight: its fp32 original
+                restored = f"{source}.fp32"
+                if restored not in added:
+                    copy = onnx.TensorProto()
+                    copy.CopyFrom(weights[source])
+                    copy.name = restored
+                    graph.initializer.append(copy)
+                    added.add(restored)
+                node.input[i] = restored
+            elif source in available:  # an activation behind Q/DQ or AWQ's pre-quant scale (a Mul): as read in fp32
+                node.input[i] = source
+            else:  # ModelOpt folded the tensor's producer away: read the activation before the QuantizeLinear
+                dq = producers.get(node.input[i])
+                q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+                if q is not None and q.op_type == "QuantizeLinear":
+                    node.input[i] = q.input[0]
     prune(model)
     return model
 

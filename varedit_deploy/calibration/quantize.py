@@ -28,7 +28,7 @@ import numpy as np
 from .. import __version__
 from ..artifact import MANIFEST, SCHEMA_VERSION, Manifest, file_record, read_manifest, sha256_file, write_manifest
 from ..build.precision import graph_precision, to_half
-from ..errors import ArtifactError, InputError
+from ..errors import ArtifactError, InputError, OutputError
 from ..export.onnx_export import EXTERNAL_DATA_BYTES, tensorrt_support
 from ..export.weightless import graph_opset
 from ..fileio import atomic_dir
@@ -98,6 +98,13 @@ def _check(manifest: Manifest, out: Path, opts: QuantizeOptions) -> None:
                             f"{opts.mode} calibrates fp32 graphs: export with --precision fp32 and quantise that")
     if out.resolve() == manifest.folder.resolve():
         raise InputError(f"--out {out} is the artifact being quantised; write the quantised artifact elsewhere")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise OutputError(f"--out {out} exists and is not an empty folder; choose a new folder (nothing is replaced)")
+    for name, entry in manifest.graphs.items():
+        size = sum(f["bytes"] for f in entry["files"])
+        if size >= 2**31:  # each graph is loaded whole into one protobuf message, which holds less than 2 GiB
+            raise ArtifactError(f"graph {name} holds {size / 2**30:.1f} GiB; quantize loads each graph whole and "
+                                "ONNX protobufs hold under 2 GiB, so release-size artifacts cannot be quantised yet")
     if not 0.0 < opts.min_bit_agreement <= 1.0:
         raise InputError(f"--min-bit-agreement must be in (0, 1], got {opts.min_bit_agreement}")
     if opts.kv_cache is not None and opts.kv_cache not in KV_CACHE_MODES:
@@ -147,6 +154,11 @@ class _Quantization:
         depth = manifest.config.transformer.depth
         self.patterns = list(opts.exclude) if opts.exclude is not None else default_exclusions(opts.mode, depth)
         self.excluded = excluded(self.groups, self.patterns)
+        unmatched = [p for p in opts.exclude or () if not excluded(self.groups, [p])]
+        if unmatched:  # a typo would exclude nothing and still be recorded as an exclusion
+            names = ", ".join(g.name for g in self.groups[:4])
+            raise InputError(f"--exclude {', '.join(map(repr, unmatched))} matches no layer group (names such as "
+                             f"{names}, ...; a pattern must match a whole name)")
         self.candidates = [g for g in self.groups if g not in self.excluded]
         if not self.candidates:
             raise InputError(f"nothing to quantise: all {len(self.groups)} layer groups of {manifest.folder} match "
@@ -307,6 +319,10 @@ class _Quantization:
                              "ratio_to_fp16": bq["weights"] / b16["weights"] if b16["weights"] else None,
                              "tables": bq["tables"], "quantized": "quantized" in result.graphs[name]}
         quant = result.quantization
+        if not found.skipped:  # the budget is judged on what the artifact computes (16-bit elsewhere, its KV
+            # cache), not on the search's fp32-elsewhere variants: the manifest written after this says the same
+            quant["search"].update(reached=q_agree.overall >= self.opts.min_bit_agreement,
+                                   search_estimate=found.agreement)
         rep = {
             "mode": self.opts.mode, "method": self.method, "high_precision": self.opts.high_precision,
             "kv_cache": self.opts.kv_cache or "float32", "model": self.manifest.config.name,
@@ -322,7 +338,7 @@ class _Quantization:
             "layer_groups": {"all": [g.name for g in self.groups], "excluded": [g.name for g in self.excluded],
                              "candidates": [g.name for g in self.candidates],
                              "quantized": quant["quantized_groups"]},
-            "sensitivity": found.to_json(),
+            "sensitivity": quant["search"],
             "versions": {**quant["versions"], "varedit_deploy": __version__}, "command": self.command,
         }
         if self.opts.kv_cache:
