@@ -269,6 +269,14 @@ def test_tensorrt_rtx_builds_every_graph_for_two_targets(golden, tmp_path_factor
     assert main(["plan", "--artifacts", str(art)]) == 0  # what the engines hold, beside the estimate
     planned = capsys.readouterr().out
     assert all(f"engines tensorrt-rtx-{data['tensorrt_version']}-{t}-{precision}" in planned for t in ("sm80", "sm89"))
+    broken = json.loads((folder / "engines.json").read_text())
+    saved = json.dumps(broken)
+    del broken["engines"]["step"]["bytes"]
+    (folder / "engines.json").write_text(json.dumps(broken))
+    assert main(["plan", "--artifacts", str(art)]) == 1  # one line, no traceback
+    err = capsys.readouterr().err
+    assert "is not a valid engine manifest (KeyError: 'bytes')" in err and len(err.splitlines()) == 1
+    (folder / "engines.json").write_text(saved)
     assert main(["inspect", str(art)]) == 0
     printed = capsys.readouterr().out
     assert printed.count(f": {len(manifest.graphs)} engines, ") == 2 and "complete and intact" in printed

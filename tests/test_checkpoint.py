@@ -118,6 +118,9 @@ def test_missing_and_corrupt_files(release, tmp_path_factory):
     (folder / "infinity_vae_d32reg.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot be read"):
         VAREditModel.from_release(folder, config, with_text_encoder=False)
+    torch.save([torch.zeros(1)], folder / "infinity_vae_d32reg.pth")  # loadable, but not a state dict
+    with pytest.raises(CheckpointError, match="holds a list, not a dict of tensors"):
+        VAREditModel.from_release(folder, config, with_text_encoder=False)
     with pytest.raises(CheckpointError, match="no such folder"):
         ReleaseFiles.locate(tmp_path_factory.mktemp("x") / "nope", config)
 

@@ -45,6 +45,7 @@ def ws(tmp_path, monkeypatch, tiny_artifact) -> dict[str, str]:
     (tmp_path / "empty-dir").mkdir()
     (tmp_path / "folder.png").mkdir()
     (tmp_path / "a-file").write_text("x")
+    (tmp_path / "link-to-empty").symlink_to(tmp_path / "empty-dir")
     return {"ws": str(tmp_path), "img": str(good), "art": str(tiny_artifact), "ro": str(unwritable_folder(tmp_path)),
             "fixture": str(fixture_dir("tiny-2b"))}
 
@@ -124,6 +125,8 @@ CASES = [
      "cannot write in"),
     ("export-out-is-a-file", ["export", "--random-weights", "--model", "tiny-2b", "--out", "{ws}/a-file"], FAILURE,
      "is a file"),
+    ("export-out-is-a-link", ["export", "--random-weights", "--model", "tiny-2b", "--out", "{ws}/link-to-empty"],
+     FAILURE, "is a symbolic link; give the folder it points to"),
     ("export-fixture-missing", ["export", "--fixture", "{ws}/nope", "--out", "{ws}/art"], FAILURE, "no such folder"),
     ("export-not-a-fixture", ["export", "--fixture", "{ws}/notes", "--out", "{ws}/art"], FAILURE, "no such file"),
     ("export-fixture-and-model", ["export", "--fixture", "{fixture}", "--model", "tiny-2b", "--out", "{ws}/art"], USAGE,

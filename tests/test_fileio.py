@@ -83,6 +83,8 @@ def test_unlisted_files_are_what_a_replacement_would_lose(tmp_path):
         (tmp_path / name).write_text("x")
     listed = ["manifest.json", "graphs/a.onnx", "graphs/b.onnx", "engines/e/e.bin", "graphs/missing.onnx"]
     assert unlisted_files(tmp_path, listed) == ["graphs/notes.txt", "mine/"]
+    (tmp_path / "engines" / "left-by-a-failed-build" / "empty").mkdir(parents=True)  # nothing in it to lose
+    assert unlisted_files(tmp_path, listed) == ["graphs/notes.txt", "mine/"]
 
 
 def test_check_writable_probes_instead_of_trusting_mode_bits(tmp_path):

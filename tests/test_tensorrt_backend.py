@@ -264,6 +264,25 @@ def test_backend_close_releases_everything_it_made(fake_rtx, cudart, tiny_artifa
     assert cudart.released["stream"] == 1
 
 
+def test_buffers_the_loop_drops_are_freed_before_close(fake_rtx, cudart, tiny_artifact, tmp_path):
+    """Text buffers outgrown by a longer instruction are replaced: the old ones must not stay allocated
+    until close (for 8B-1024 that is gigabytes of text K/V per length seen)."""
+    from varedit_deploy.runtime.loop import ScaleLoop
+
+    folder = write_fake_engine_set(tiny_artifact, tmp_path / engine_dir_name("tensorrt-rtx", "1.7.1.116", "sm89", "fp32"))
+    manifest = read_manifest(tiny_artifact)
+    with TensorRTBackend(manifest, flavour="tensorrt-rtx", precision="fp32", engine_dir=folder) as backend:
+        loop = ScaleLoop(manifest, backend)
+        loop.text_buffers(10)
+        live = len(cudart.live["memory"])
+        for length in (70, 140, 300, 512):  # each one outgrows the text buffers
+            loop.text_buffers(length)
+        gc.collect()
+        assert len(cudart.live["memory"]) == live  # the loop's buffers, one set of text buffers
+    gc.collect()
+    assert not cudart.live["memory"]
+
+
 def test_backend_refuses_fp32_engines_built_with_tf32(fake_rtx, tiny_artifact, tmp_path):
     folder = write_fake_engine_set(tiny_artifact, tmp_path / "set", tf32=True)
     with pytest.raises(ArtifactError, match="engine step is meant to be fp32 but was built with TF32 "

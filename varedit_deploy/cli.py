@@ -311,7 +311,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         missing = [str(e) for e in engines if not (e / "engines.json").is_file()]
         if missing:
             raise InputError(f"no engines.json in {', '.join(missing)} (build engines with `varedit-deploy build`)")
-        print(artifact_table(manifest, engines))
+        print(artifact_table(manifest, engines, args.workspace, args.text_len))
         return 0
     if (args.device is None) == (args.memory_gib is None):
         raise UsageError(f"give one of --device ({', '.join(DEVICES)}) or --memory-gib N")

@@ -111,7 +111,8 @@ def write_bytes(path: str | Path, data: bytes) -> None:
 
 def unlisted_files(folder: Path, listed: Iterable[str]) -> list[str]:
     """Entries under `folder` that are neither in `listed` (relative POSIX paths) nor folders
-    on the way to one: what a writer that replaces `folder` would delete without having written."""
+    on the way to one, nor empty folders: what a writer that replaces `folder` would delete
+    without having written."""
     keep = set(listed)
     keep |= {parent.as_posix() for name in keep for parent in PurePosixPath(name).parents}
     found = []
@@ -119,7 +120,9 @@ def unlisted_files(folder: Path, listed: Iterable[str]) -> list[str]:
         rel = Path(root).relative_to(folder)
         for name in sorted(files) + sorted(dirs):
             entry = (rel / name).as_posix()
-            if entry not in keep:
+            empty = name in dirs and not any(not p.is_dir() or p.is_symlink() for p in Path(root, name).rglob("*"))
+            # (folders holding no files, e.g. what a failed build leaves, are nothing to lose)
+            if entry not in keep and not empty:
                 found.append(entry + ("/" if name in dirs else ""))
         dirs[:] = [d for d in dirs if (rel / d).as_posix() in keep]
     return sorted(found)

@@ -108,7 +108,9 @@ def _configure(trt, builder, opts: BuildOptions, target: str, cache_bytes: bytes
     if opts.weight_streaming:
         config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
     if opts.flavour == "tensorrt":  # TensorRT-RTX has no timing cache (its operations are no-ops)
-        config.set_timing_cache(config.create_timing_cache(cache_bytes or b""), ignore_mismatch=False)
+        if not config.set_timing_cache(config.create_timing_cache(cache_bytes or b""), ignore_mismatch=False):
+            raise VareditError(f"the timing cache {opts.timing_cache} was made on another device or TensorRT "
+                               "(TensorRT refused it); delete it or give a new --timing-cache path")
     return config
 
 

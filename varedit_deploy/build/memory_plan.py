@@ -224,11 +224,12 @@ def plan_table(config: ModelConfig, device: str | None, memory_gib: float | None
     return "\n".join(lines)
 
 
-def artifact_table(manifest, engine_dirs: list) -> str:
+def artifact_table(manifest, engine_dirs: list, workspace_gib: float = 1.0, text_len: int = 77) -> str:
     """What an artifact (and engine sets) hold, by model part and by graph, beside the estimate."""
-    import json
+    from ..errors import ArtifactError
+    from .engines import read_engine_manifest
 
-    config, precision = manifest.config, manifest.data["precision"]
+    config, precision = manifest.config, manifest.data.get("precision", "fp32")
     act = 4 if precision == "fp32" else 2
     stored: dict[str, int] = {}
     for g in manifest.graphs.values():
@@ -251,17 +252,13 @@ def artifact_table(manifest, engine_dirs: list) -> str:
         lines.append(f"{name:<14} {sum(f['bytes'] for f in g['files']) / 1e6:>10.1f} "
                      f"{g['weights']['bytes'] / 1e6:>10.1f}  {g['precision']}")
     for folder in engine_dirs:
-        data = json.loads((folder / "engines.json").read_text())
-        b = BYTES.get(data["precision"], 2)  # quantised engines: the VAE and T5 stay 16-bit
-        weights = transformer_bytes(config, data["precision"]) + vae_params(config) * min(b, act)
-        weights += summary.get("text_encoder", {}).get("parameters", 0) * min(b, act)
-        total = sum(rec["bytes"] for rec in data["engines"].values())
-        lines.append(f"engines {folder.name}: {total / GIB:.3f} GiB for {len(data['engines'])} graphs; weights at "
-                     f"{data['precision']} estimated {weights / GIB:.3f} GiB (ratio {total / weights:.3f}; the rest "
-                     "is kernels)")
-        lines += [f"  {name:<14} {rec['bytes'] / 1e6:>10.1f} MB, {len(rec['profiles'])} profile(s)"
-                  for name, rec in data["engines"].items()]
-    p = plan(config, precision, 1.0, 77)
+        data = read_engine_manifest(folder)
+        try:
+            lines += _engine_rows(folder, data, config, act, summary)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ArtifactError(f"{folder / 'engines.json'} is not a valid engine manifest ({type(e).__name__}: {e}); "
+                                "rebuild the engines") from None
+    p = plan(config, precision, workspace_gib, text_len)
     lines.append(f"at run time (estimate, {precision}): KV cache {p.kv_cache:.2f} GiB, activations "
                  f"{p.activations:.2f} GiB, workspace {p.workspace:.2f} GiB")
     t5 = stored.get("text_encoder", 0) / GIB
@@ -269,3 +266,16 @@ def artifact_table(manifest, engine_dirs: list) -> str:
     lines.append(f"peak with this artifact's weights: {t5 + rest:.2f} GiB; T5 on the CPU: {rest:.2f} GiB; "
                  f"T5 released after encoding: {max(t5 + p.workspace, rest):.2f} GiB")
     return "\n".join(lines)
+
+
+def _engine_rows(folder, data: dict, config: ModelConfig, act: int, summary: dict) -> list[str]:
+    """One engine set's lines of `artifact_table`."""
+    b = BYTES.get(data["precision"], 2)  # quantised engines: the VAE and T5 stay 16-bit
+    weights = transformer_bytes(config, data["precision"]) + vae_params(config) * min(b, act)
+    weights += summary.get("text_encoder", {}).get("parameters", 0) * min(b, act)
+    total = sum(rec["bytes"] for rec in data["engines"].values())
+    lines = [f"engines {folder.name}: {total / GIB:.3f} GiB for {len(data['engines'])} graphs; weights at "
+             f"{data['precision']} estimated {weights / GIB:.3f} GiB (ratio {total / weights:.3f}; the rest "
+             "is kernels)"]
+    return lines + [f"  {name:<14} {rec['bytes'] / 1e6:>10.1f} MB, {len(rec['profiles'])} profile(s)"
+                    for name, rec in data["engines"].items()]

@@ -25,6 +25,8 @@ from ..fileio import check_writable, unlisted_files
 def check_export_target(out: str | Path, overwrite: bool) -> Manifest | None:
     """Refuse an `out` an export must not write to; return the artifact it will replace, if any."""
     out = Path(out)
+    if out.is_symlink():  # the artifact is replaced by renaming folders, which would replace the link itself
+        raise OutputError(f"--out {out} is a symbolic link; give the folder it points to ({out.resolve()})")
     check_writable(out, "--out")
     if not out.exists():
         return None

@@ -47,9 +47,12 @@ def read_state_file(path: str | Path) -> Mapping[str, object]:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch/safetensors raise many types for corrupt files
         raise CheckpointError(f"checkpoint {path}: cannot be read ({type(e).__name__}: {e})") from None
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, not a dict of tensors (a state dict)")
+    return state
 
 
 def unnest(state: Mapping[str, object], source: str) -> dict[str, torch.Tensor]:

@@ -16,6 +16,7 @@ so each captured call keeps its own context, bound once, and a replay binds noth
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,7 +181,9 @@ class TensorRTBackend(Backend):
         self.runtime = self.trt.Runtime(self.trt.Logger(self.trt.Logger.ERROR))
         self.stream = Stream()
         self.cuda_graphs = cuda_graphs
-        self._buffers: list[DeviceArray] = []
+        # Weak: a buffer the loop drops (text buffers outgrown by a longer instruction) is freed then,
+        # not held until close; close frees those still alive.
+        self._buffers: list[weakref.ref[DeviceArray]] = []
 
     def _load(self, name: str) -> GraphRunner:
         rec = self.records[name]
@@ -191,7 +194,7 @@ class TensorRTBackend(Backend):
 
     def empty(self, shape, dtype) -> DeviceArray:
         buffer = DeviceArray.empty(tuple(shape), dtype)
-        self._buffers.append(buffer)
+        self._buffers = [ref for ref in self._buffers if ref() is not None] + [weakref.ref(buffer)]
         return buffer
 
     def write(self, dst: DeviceArray, src: np.ndarray) -> None:
@@ -209,7 +212,9 @@ class TensorRTBackend(Backend):
     def close(self) -> None:
         """Release graphs, contexts and activation blocks, the loop's buffers, then the stream."""
         super().close()
-        for buffer in self._buffers:
-            buffer.free()
+        for ref in self._buffers:
+            buffer = ref()
+            if buffer is not None:
+                buffer.free()
         self._buffers.clear()
         self.stream.destroy()
