@@ -257,3 +257,24 @@ def test_version_and_help():
     out = subprocess.run([sys.executable, "-m", "varedit_deploy.cli", "build", "--help"], capture_output=True,
                          text=True)
     assert out.returncode == 0 and "(default: tensorrt-rtx)" in out.stdout and "(default: fp16 for an fp32" in out.stdout
+
+
+def test_sigterm_mid_export_leaves_nothing_half_written(tmp_path):
+    """`timeout`, `kill` and job schedulers send SIGTERM: it is handled like Ctrl-C, so the export's
+    temporary folder is removed (it held a partial artifact: gigabytes at release size)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "art"
+    proc = subprocess.Popen([sys.executable, "-m", "varedit_deploy.cli", "export", "--random-weights", "--model",
+                             "tiny-2b", "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    until = time.monotonic() + 120
+    while not any((p / "graphs").is_dir() for p in tmp_path.glob(".art.*")) and time.monotonic() < until:
+        time.sleep(0.05)
+    assert any(tmp_path.glob(".art.*")), "the export never started writing"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "terminated" in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []
