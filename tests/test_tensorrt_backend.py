@@ -171,6 +171,26 @@ def test_without_cuda_graphs_one_context_per_profile_rebinds_only_when_the_call_
         first[0]["x"].ptr]
 
 
+def test_captured_calls_are_bounded_and_the_least_recently_used_go_first(cudart, monkeypatch):
+    """Every instruction length makes new calls; past the cap the oldest unused one's graph and
+    context are released (a server would otherwise grow without end)."""
+    from varedit_deploy.runtime import tensorrt_backend
+
+    monkeypatch.setattr(tensorrt_backend, "MAX_CAPTURED_CALLS", 3)
+    engine = step_engine(cudart)
+    graph = TrtGraph("step", engine, TRT, PROFILES, Stream(), use_cuda_graphs=True)
+    calls = {length: buffers(1, length) for length in (4, 5, 6, 7)}
+    for length in (4, 5, 6, 4, 7):  # 4 is used again before 7 arrives: 5 is the least recently used
+        graph.run(*calls[length])
+    assert len(graph.contexts) == len(graph.graphs) == 3 == len(cudart.live["graph_exec"])
+    assert cudart.released["graph_exec"] == 1 and len(engine.alive_contexts()) == 3
+    texts = {shape[1] for k in graph.graphs for name, _, shape in k[1] if name == "text_k"}
+    assert texts == {4, 6, 7}
+    launches = cudart.launches
+    graph.run(*calls[4])  # still captured: replayed
+    assert cudart.launches == launches + 1
+
+
 def test_all_contexts_share_one_block_of_the_largest_profile(cudart):
     engine = step_engine(cudart, profile_bytes=[3000, 7000])
     graph = TrtGraph("step", engine, TRT, PROFILES, Stream(), use_cuda_graphs=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import weakref
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,9 @@ from .binding_plan import select_profile
 from .gpu import CudaGraph, DeviceArray, Stream, current_compute_capability
 
 CallKey = tuple  # (profile, ((tensor, address, shape), ...)): what a captured graph has baked in
+# Captured calls (a context and a CUDA graph each) kept per engine, least recently used dropped first:
+# every instruction length makes new calls (an edit of 8B-1024 is 14 step calls), and a server sees many.
+MAX_CAPTURED_CALLS = 256
 
 
 def _v2(obj, name: str):
@@ -68,7 +72,7 @@ class TrtGraph(GraphRunner):
         # What any one context needs (set_device_memory asks for at least the engine's size).
         self.workspace = DeviceArray.empty((max(int(_v2(engine, "device_memory_size")), *self.profile_bytes),),
                                            np.uint8)
-        self.contexts: dict[tuple, _Context] = {}
+        self.contexts: OrderedDict[tuple, _Context] = OrderedDict()  # by use, oldest first
         self.graphs: dict[CallKey, CudaGraph] = {}
 
     def _where(self, profile: int) -> str:
@@ -76,7 +80,9 @@ class TrtGraph(GraphRunner):
         return f"graph {self.name}, profile {profile}{label}"
 
     def _context(self, key: tuple, profile: int) -> _Context:
-        if key not in self.contexts:
+        if key in self.contexts:
+            self.contexts.move_to_end(key)
+        else:
             handle = self.engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
             if handle is None:
                 raise EngineError(f"{self._where(profile)}: TensorRT could not create an execution context")
@@ -84,7 +90,16 @@ class TrtGraph(GraphRunner):
             if self.profiles and not handle.set_optimization_profile_async(profile, self.stream.ptr):
                 raise EngineError(f"{self._where(profile)}: TensorRT refused to select the optimisation profile")
             self.contexts[key] = _Context(handle, profile)
+            self._evict()
         return self.contexts[key]
+
+    def _evict(self) -> None:
+        """Drop the least recently used calls past MAX_CAPTURED_CALLS: a call's graph, then its context."""
+        while len(self.contexts) > MAX_CAPTURED_CALLS:
+            key, _ = self.contexts.popitem(last=False)
+            graph = self.graphs.pop(key, None)
+            if graph is not None:
+                graph.destroy()
 
     def _bind(self, ctx: _Context, key: CallKey, inputs: Mapping[str, DeviceArray],
               outputs: Mapping[str, DeviceArray]) -> None:
@@ -127,6 +142,7 @@ class TrtGraph(GraphRunner):
         key = (profile, tuple((name, arr.ptr, tuple(arr.shape)) for name, arr in (*inputs.items(), *outputs.items())))
         graph = self.graphs.get(key)
         if graph is not None:  # shapes and addresses are baked into the graph: nothing to bind
+            self.contexts.move_to_end(key)
             self.stream.launch(graph)
         else:
             # A captured call gets a context of its own; eager calls share one per profile.
