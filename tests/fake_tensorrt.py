@@ -200,6 +200,11 @@ class FakeEngine:
         self.contexts: list[weakref.ref] = []
         self.strategies: list[str] = []
 
+    weight_streaming_budget_v2 = -1  # TensorRT's default: every weight on the device
+
+    def get_weight_streaming_automatic_budget(self) -> int:
+        return 4096
+
     def get_device_memory_size_for_profile_v2(self, profile: int) -> int:
         return self.profile_bytes[profile]
 

@@ -228,7 +228,8 @@ def test_close_releases_graphs_contexts_and_the_block(cudart):
     assert engine.alive_contexts() == [] and graph.engine is None
 
 
-def write_fake_engine_set(artifact: Path, folder: Path, precision: str = "fp32", tf32: bool = False) -> Path:
+def write_fake_engine_set(artifact: Path, folder: Path, precision: str = "fp32", tf32: bool = False,
+                          weight_streaming: bool = False) -> Path:
     """An engine set for `artifact` as `build` writes it, whose engine files hold the graph names."""
     manifest = read_manifest(artifact)
     folder.mkdir(parents=True)
@@ -244,7 +245,7 @@ def write_fake_engine_set(artifact: Path, folder: Path, precision: str = "fp32",
     (folder / "engines.json").write_text(json.dumps({
         "schema_version": ENGINE_SCHEMA, "flavour": "tensorrt-rtx", "tensorrt_version": "1.7.1.116",
         "target": "sm89", "precision": precision, "artifact_manifest_sha256": sha256_file(artifact / MANIFEST),
-        "engines": engines}))
+        "weight_streaming": weight_streaming, "engines": engines}))
     return folder
 
 
@@ -301,6 +302,17 @@ def test_buffers_the_loop_drops_are_freed_before_close(fake_rtx, cudart, tiny_ar
         assert len(cudart.live["memory"]) == live  # the loop's buffers, one set of text buffers
     gc.collect()
     assert not cudart.live["memory"]
+
+
+def test_streamable_engines_get_their_weight_budget_before_any_context(fake_rtx, cudart, tiny_artifact, tmp_path):
+    manifest = read_manifest(tiny_artifact)
+    for streaming in (False, True):
+        folder = write_fake_engine_set(tiny_artifact, tmp_path / f"{streaming}" / engine_dir_name(
+            "tensorrt-rtx", "1.7.1.116", "sm89", "fp32"), weight_streaming=streaming)
+        with TensorRTBackend(manifest, flavour="tensorrt-rtx", precision="fp32", engine_dir=folder) as backend:
+            backend.graph("step")
+            engine = fake_rtx[b"step"]
+            assert engine.weight_streaming_budget_v2 == (4096 if streaming else -1)
 
 
 def test_backend_refuses_fp32_engines_built_with_tf32(fake_rtx, tiny_artifact, tmp_path):

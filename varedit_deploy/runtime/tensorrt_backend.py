@@ -192,6 +192,7 @@ class TensorRTBackend(Backend):
         self.folder = folder
         data = json.loads((folder / "engines.json").read_text())
         self.records = data["engines"]
+        self.weight_streaming = bool(data.get("weight_streaming"))
         if data.get("plugins"):  # check_engines matched their versions: register before deserialising
             register_plugin(self.trt)
         self.runtime = self.trt.Runtime(self.trt.Logger(self.trt.Logger.ERROR))
@@ -206,6 +207,9 @@ class TensorRTBackend(Backend):
         engine = self.runtime.deserialize_cuda_engine((self.folder / rec["path"]).read_bytes())
         if engine is None:
             raise ArtifactError(f"engine {self.folder / rec['path']} cannot be deserialized")
+        if self.weight_streaming:  # built streamable (build --weight-streaming): it keeps every weight on the
+            # device until given a budget, set after deserialising and before any context (TensorRT's docs)
+            engine.weight_streaming_budget_v2 = engine.get_weight_streaming_automatic_budget()
         return TrtGraph(name, engine, self.trt, rec["profiles"], self.stream, self.cuda_graphs)
 
     def empty(self, shape, dtype) -> DeviceArray:
