@@ -19,7 +19,7 @@ from ..errors import VareditError, missing_dependency
 from .profiles import graph_profiles
 from .tensorrt_api import import_tensorrt
 
-_NP = {"float32": np.float32, "int64": np.int64}
+_NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int8": np.int8}  # int8: 8-bit KV caches
 
 
 @dataclass
@@ -69,10 +69,22 @@ def compare_engines(artifacts: str | Path, engine_dir: str | Path, flavour: str 
         from polygraphy.comparator import CompareFunc, Comparator, DataLoader
     except ImportError:
         raise missing_dependency("polygraphy", "trt") from None
+    from ..runtime.gpu import current_compute_capability
+    from .engines import check_engines, read_engine_manifest
+
     manifest = read_manifest(artifacts)
     engine_dir = Path(engine_dir)
+    records = read_engine_manifest(engine_dir)["engines"]
+    # The engines must be this artifact's, for this TensorRT and this GPU, as the runtime demands;
+    # a set built for some graphs only is compared on those.
+    problems = [p for p in check_engines(engine_dir, manifest, import_tensorrt(flavour).__version__,
+                                         current_compute_capability()) if not p.startswith("no engine for graph")]
+    if problems:
+        raise VareditError(f"engines in {engine_dir} cannot be compared here: {'; '.join(problems)}")
     results = []
     for name, graph in manifest.graphs.items():
+        if name not in records:
+            continue
         profiles = graph_profiles(manifest, name) or [None]
         for index, profile in enumerate(profiles):
             metadata = {}
@@ -81,7 +93,7 @@ def compare_engines(artifacts: str | Path, engine_dir: str | Path, flavour: str 
                 metadata[spec["name"]] = (_NP[spec["dtype"]], tuple(shape))
             loader = DataLoader(input_metadata=_metadata(metadata), val_range={"bits": (0, 1), "input_ids": (0, 100),
                                                                                "noise": (0.05, 3.0)})
-            engine = EngineFromBytes((engine_dir / f"{name}.engine").read_bytes())
+            engine = EngineFromBytes((engine_dir / records[name]["path"]).read_bytes())
             runners = [OnnxrtRunner(SessionFromOnnx(str(manifest.graph_path(name)))),
                        TrtRunner(engine, optimization_profile=index if profile else None)]
             outputs = Comparator.run(runners, data_loader=loader)
