@@ -67,3 +67,26 @@ def test_text_encoder_folder_errors(tiny_text_dir, tmp_path):
     (broken / "spiece.model").write_bytes(b"not a sentencepiece model")
     with pytest.raises(CheckpointError, match="tokenizer in .*cannot be loaded"):
         load_tokenizer(broken)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_sharded_t5_folders_are_read_whole(tiny_text_dir, tmp_path, fmt):
+    """Sharded safetensors or sharded pytorch_model.bin (google/flan-t5-xl ships both), each with its
+    index: the same tensors as the folder's single file."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from varedit_deploy.model.text import read_t5_weights
+
+    whole = read_t5_weights(tiny_text_dir)
+    names = sorted(whole)
+    halves = {f"shard-{i}.{fmt}": {n: whole[n].clone() for n in names[i::2]} for i in range(2)}
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    for shard, tensors in halves.items():
+        save_file(tensors, str(folder / shard)) if fmt == "safetensors" else torch.save(tensors, folder / shard)
+    index = "model.safetensors.index.json" if fmt == "safetensors" else "pytorch_model.bin.index.json"
+    (folder / index).write_text(json.dumps({"weight_map": {n: s for s, t in halves.items() for n in t}}))
+    sharded = read_t5_weights(folder)
+    assert sorted(sharded) == names and all(torch.equal(sharded[n], whole[n]) for n in names)

@@ -103,17 +103,20 @@ def t5_skeleton(folder: str | Path):
 
 
 def read_t5_weights(folder: str | Path) -> dict[str, torch.Tensor]:
-    """The weights of a transformers T5 folder, memory-mapped: `model.safetensors`, sharded
-    safetensors with their index, or `pytorch_model.bin`. Decoder weights come along unread."""
+    """The weights of a transformers T5 folder, memory-mapped: `model.safetensors` or `pytorch_model.bin`,
+    or either sharded with its index (google/flan-t5-xl ships both). Decoder weights come along unread."""
+    import json
+
     from .checkpoint import read_state_file
 
     folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        import json
-
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in read_state_file(folder / shard).items()}  # type: ignore[misc]
+    for index in (folder / "model.safetensors.index.json", folder / "pytorch_model.bin.index.json"):
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{index} is not a shard index ({type(e).__name__}: {e})") from None
+            return {k: v for shard in shards for k, v in read_state_file(folder / shard).items()}  # type: ignore[misc]
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (folder / name).is_file():
             return dict(read_state_file(folder / name))  # type: ignore[arg-type]
