@@ -275,7 +275,9 @@ def test_tensorrt_rtx_builds_every_graph_for_two_targets(golden, tmp_path_factor
     (folder / "engines.json").write_text(json.dumps(broken))
     assert main(["plan", "--artifacts", str(art)]) == 1  # one line, no traceback
     err = capsys.readouterr().err
-    assert "is not a valid engine manifest (KeyError: 'bytes')" in err and len(err.splitlines()) == 1
+    assert "is not a valid engine manifest (the record of engine 'step' lacks" in err and len(err.splitlines()) == 1
+    assert main(["inspect", str(art)]) == 1
+    assert "the record of engine 'step' lacks its path, size or sha256" in capsys.readouterr().out
     (folder / "engines.json").write_text(saved)
     assert main(["inspect", str(art)]) == 0
     printed = capsys.readouterr().out

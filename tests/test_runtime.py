@@ -154,6 +154,7 @@ def _broken(src, tmp_path, how):
     (lambda d: _edit_manifest(d, lambda m: m.update(graphs=["step"])), "no table of graphs"),
     (lambda d: _edit_manifest(d, lambda m: m["graphs"].pop("sample")), "graphs missing: sample"),
     (lambda d: _edit_manifest(d, lambda m: m["graphs"]["step"].pop("ops")), "graph 'step' has no valid record"),
+    (lambda d: _edit_manifest(d, lambda m: m.pop("precision")), "does not say the graphs' precision"),
     (lambda d: (d / "manifest.json").unlink(), "not an exported artifact"),
 ])
 def test_damaged_artifacts_are_refused_with_the_fix(tiny_artifact, tmp_path, how, message):

@@ -201,6 +201,8 @@ def structure_problems(data: dict[str, Any], config: ModelConfig) -> list[str]:
         if not (isinstance(files, list) and files and isinstance(graph.get("ops"), dict)
                 and all(isinstance(f, dict) and {"path", "bytes", "sha256"} <= set(f) for f in files)):
             problems.append(f"graph {name!r} has no valid record of its files and operators")
+    if not isinstance(data.get("precision"), str):
+        problems.append("it does not say the graphs' precision")
     if data.get("schedule") != schedule_record(config):
         problems.append("its schedule does not match its model section")
     return problems

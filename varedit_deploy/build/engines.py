@@ -342,6 +342,10 @@ def read_engine_manifest(engine_dir: Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
         if not isinstance(data, dict) or not isinstance(data.get("engines"), dict):
             raise ValueError("no engines section")
+        for name, rec in data["engines"].items():
+            if not (isinstance(rec, dict) and {"path", "bytes", "sha256"} <= set(rec)
+                    and isinstance(rec.get("profiles", []), list)):
+                raise ValueError(f"the record of engine {name!r} lacks its path, size or sha256")
     except (OSError, ValueError) as e:
         raise ArtifactError(f"{path} is not a valid engine manifest ({e}); rebuild the engines") from None
     return data
