@@ -147,6 +147,24 @@ def test_bf16_rounding_matches_torch():
     assert np.array_equal(ours, ref)
 
 
+def test_bf16_constants_are_rounded_once_from_their_fp32_values():
+    """Constant nodes (RoPE tables, epsilons) go fp32 -> bf16 directly: through fp16 first, values that
+    fp16 cannot hold (1e-12 became 5.96e-8) or rounds differently would be rounded twice."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from varedit_deploy.build.precision import to_half
+
+    values = np.array([1e-12, 1.0 + 3 * 2**-11, 70000.0, 0.1], np.float32)  # subnormal / tie / overflow in fp16
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["c"], name="/eps/Constant", value=numpy_helper.from_array(values)),
+         helper.make_node("Add", ["x", "c"], ["y"], name="/add/Add")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])])
+    half = to_half(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), "bf16")
+    const = next(n for n in half.graph.node if n.op_type == "Constant").attribute[0].t
+    assert const.data_type == TensorProto.BFLOAT16
+    assert np.array_equal(np.frombuffer(const.raw_data, np.uint16), _bf16_bits(values))
+
+
 # What must stay fp32 in every lowered graph (DESIGN.md "Precision": norms, softmax accumulation,
 # exponentials, reductions, logits), written here independently of build/precision.py's lists.
 MUST_STAY_FP32 = {"LayerNormalization", "InstanceNormalization", "Softmax", "Exp", "ReduceMean", "ReduceL2",

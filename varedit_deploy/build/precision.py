@@ -14,6 +14,8 @@ retyped here; their values are converted by `cast_values` as they are written.
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 
 PRECISIONS = ("fp32", "fp16", "bf16")  # of exported graphs and of built engines
@@ -61,6 +63,12 @@ def to_half(model, precision: str):
         raise ValueError(f"unknown precision {precision!r}")
     originals = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer
                  if t.data_type == onnx.TensorProto.FLOAT and not _is_stub(t)}
+    # Constant nodes' tensors too (RoPE tables, epsilons), by node and attribute: the converter rounds
+    # them to fp16 first (clamping to its range), and bf16 must round the fp32 value once.
+    names = collections.Counter(n.name for n in model.graph.node)
+    originals.update({_constant_key(n.name, a.name): onnx.numpy_helper.to_array(a.t) for n in model.graph.node
+                      if n.name and names[n.name] == 1 for a in n.attribute
+                      if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == onnx.TensorProto.FLOAT})
 
     def value_info(tensor):  # the converter's own reads the tensor's data for its shape; stubs have none
         return onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
@@ -217,6 +225,10 @@ def _bf16_bits(x: np.ndarray) -> np.ndarray:
     return ((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
 
 
+def _constant_key(node: str, attr: str) -> str:
+    return f"{node}\0{attr}"  # not a tensor name: initializers and node attributes share `originals`
+
+
 def _relabel_bf16(model, originals: dict[str, np.ndarray]) -> None:
     import onnx
 
@@ -235,7 +247,8 @@ def _relabel_bf16(model, originals: dict[str, np.ndarray]) -> None:
             if attr.name == "to" and attr.i == f16:
                 attr.i = bf16
             if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == f16:
-                values = onnx.numpy_helper.to_array(attr.t).astype(np.float32)
+                source = originals.get(_constant_key(node.name, attr.name))
+                values = source if source is not None else onnx.numpy_helper.to_array(attr.t).astype(np.float32)
                 attr.t.data_type = bf16
                 attr.t.raw_data = _bf16_bits(values).tobytes()
     for vi in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output):
