@@ -59,6 +59,10 @@ def test_the_int8_artifact_records_how_it_was_made(int8, tiny_artifact):
     assert q["calibration_set"]["sha256"] == default_set().limited(2, 1).sha256()
     assert set(q["versions"]) == {"nvidia-modelopt", "onnxruntime", "onnx"} and q["report"] == "quantization_report.json"
     assert q["source_manifest_sha256"] and q["command"].startswith("varedit-deploy quantize")
+    # its report files are listed (and verified) like every other file of the artifact
+    assert [f["path"] for f in q["files"]] == ["quantization_report.json", "quantization_report.md",
+                                               "quantization_grid.png"]
+    assert {f["path"] for f in q["files"]} <= {f["path"] for f in m.all_files()} and m.verify("full") == []
     assert sorted(q["kept_in_high_precision"] + q["quantized_groups"]) == sorted(
         f"blocks.{b}.{k}" for b in range(3) for k in ("qkv", "proj", "ca", "fc1", "fc2"))
     assert m.data["precision"] == "fp16" and m.kv_cache_dtype == "int8"

@@ -118,7 +118,8 @@ class Manifest:
     def all_files(self) -> list[dict[str, Any]]:
         files = [f for g in self.graphs.values() for f in g["files"]]
         preview = [self.data["preview"]["file"]] if "preview" in self.data else []
-        return files + self.data.get("tokenizer", {}).get("files", []) + preview
+        reports = (self.quantization or {}).get("files", [])  # a quantised artifact's accuracy report
+        return files + self.data.get("tokenizer", {}).get("files", []) + preview + reports
 
     def verify(self, mode: str = "quick") -> list[str]:
         """Problems with the files on disk (missing, resized, altered); empty when intact (see `verify_files`)."""

@@ -80,11 +80,12 @@ def quantize_artifacts(artifacts: str | Path, out: str | Path, opts: QuantizeOpt
             found = run.sensitivity()
             result = run.write(tmp, found)
             rep = run.report(result, found)
+            result.data["quantization"]["files"] = [file_record(tmp, tmp / name) for name in report.FILES]
             write_manifest(tmp, {k: v for k, v in result.data.items() if k != "schema_version"})
     finally:
         run.backend.close()
     progress(report.table(rep))
-    progress(f"wrote {out} ({report.REPORT}, quantization_report.md, quantization_grid.png)")
+    progress(f"wrote {out} ({', '.join(report.FILES)})")
     return rep
 
 

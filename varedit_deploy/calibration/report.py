@@ -117,8 +117,11 @@ def grid(rows: list[tuple[Image.Image, np.ndarray, np.ndarray, np.ndarray]]) -> 
     return out
 
 
+FILES = (REPORT, "quantization_report.md", "quantization_grid.png")  # listed in the quantised manifest
+
+
 def write(folder: Path, report: dict[str, Any], grid_rows) -> None:
     write_text(folder / REPORT, json.dumps(report, indent=1))
-    write_text(folder / "quantization_report.md", markdown(report))
-    with atomic_path(folder / "quantization_grid.png") as tmp:
+    write_text(folder / FILES[1], markdown(report))
+    with atomic_path(folder / FILES[2]) as tmp:
         grid(grid_rows[:GRID_ROWS]).save(tmp, format="PNG")
