@@ -56,6 +56,9 @@ def test_fixture_config_rejects_unknown_keys_and_inconsistent_schedules(golden, 
     (tmp_path / "config.json").write_text(json.dumps({**raw, "scale_schedule": [[1, 1, 1]]}))
     with pytest.raises(ConfigError, match="scale_schedule"):
         load_fixture_config(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "depth": "x"}))  # a value of the wrong kind
+    with pytest.raises(ConfigError, match="invalid values"):
+        load_fixture_config(tmp_path / "config.json")
 
 
 def test_unknown_names_and_round_trip():

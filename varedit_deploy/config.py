@@ -335,8 +335,19 @@ def load_fixture_config(path: str | Path) -> ModelConfig:
     missing = sorted(_FIXTURE_KEYS - set(data))
     if unknown or missing:
         raise ConfigError(f"{path}: unknown keys {unknown}, missing keys {missing}")
+    try:
+        config = _fixture_model(data, path)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, KeyError) as e:  # a value of the wrong kind ("depth": "x")
+        raise ConfigError(f"{path}: invalid values ({type(e).__name__}: {e})") from None
+    _check_derived(config, data, path)
+    return config
+
+
+def _fixture_model(data: dict[str, Any], path: Path) -> ModelConfig:
     big = bool(data["patchify"])
-    config = ModelConfig(
+    return ModelConfig(
         name=str(data.get("name", path.parent.name)),
         transformer=TransformerConfig(
             depth=data["depth"], dim=data["dim"], heads=data["heads"], codebook_dim=data["codebook_dim"],
@@ -353,8 +364,6 @@ def load_fixture_config(path: str | Path) -> ModelConfig:
         sampling=SamplingConfig(cfg=data["cfg"], tau=data["tau"], top_k=data["top_k"],
                                 top_p=data["top_p"], seed=data["seed"]),
     )
-    _check_derived(config, data, path)
-    return config
 
 
 def _check_derived(config: ModelConfig, data: dict[str, Any], path: Path) -> None:
