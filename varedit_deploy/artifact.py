@@ -164,7 +164,10 @@ def rebuild_hint(data: dict[str, Any], folder: Path) -> str:
     return f"it was written by `{command}`: run that again"
 
 
-REQUIRED_GRAPHS = ("text_cond", "vae_encoder", "vae_decoder", "source_embed", "sar_pool", "step", "sample")
+def required_graphs(config: ModelConfig) -> list[str]:
+    """The graphs every artifact of `config` has (a text encoder is optional: fixture exports lack one)."""
+    return ["text_cond", "vae_encoder", "vae_decoder", "source_embed", "sar_pool", "step", "sample",
+            *(f"next_input_{s}" for s in range(config.schedule.num_scales))]
 
 
 def schedule_record(config: ModelConfig) -> dict[str, Any]:
@@ -193,8 +196,7 @@ def structure_problems(data: dict[str, Any], config: ModelConfig) -> list[str]:
     if not isinstance(graphs, dict):
         return ["it has no table of graphs"]
     problems = []
-    needed = [*REQUIRED_GRAPHS, *(f"next_input_{s}" for s in range(config.schedule.num_scales))]
-    missing = [name for name in needed if name not in graphs]
+    missing = [name for name in required_graphs(config) if name not in graphs]
     if missing:
         problems.append(f"graphs missing: {', '.join(missing)}")
     for name, graph in graphs.items():

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..artifact import Manifest, read_manifest, schedule_record
+from ..artifact import Manifest, read_manifest, required_graphs, schedule_record
 from ..config import ModelConfig, SamplingConfig
 from ..errors import ArtifactError, InputError
 from ..imaging import as_rgb, postprocess, preprocess
@@ -88,8 +88,7 @@ class EditPipeline:
 
         from .torch_backend import TorchBackend
 
-        names = ["text_cond", "vae_encoder", "vae_decoder", "source_embed", "sar_pool", "step", "sample",
-                 *[f"next_input_{s}" for s in range(model.config.schedule.num_scales)]]
+        names = required_graphs(model.config)
         if model.text_encoder is not None:
             names.insert(0, "text_encoder")
         manifest = Manifest(Path(f"<{model.config.name} in memory>"), {

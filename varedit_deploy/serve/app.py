@@ -96,7 +96,7 @@ def create_app(state: ServerState) -> Starlette:
         _check_open(state)
         form, upload = await _read_request(state, request)
         prompt_tokens = _prompt_tokens(state, form.prompt)
-        if state.scheduler.depth + form.n > state.options.max_queue:  # before paying for the decode (submit decides)
+        if not state.scheduler.has_room(form.n):  # before paying for the decode (submit decides)
             raise _queue_full(state.scheduler.retry_after_s())
         image = await asyncio.to_thread(decode_upload, upload, state.options.max_pixels)
         seed = form.seed if form.seed is not None else state.default_sampling.seed

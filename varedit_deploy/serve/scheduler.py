@@ -101,12 +101,16 @@ class Scheduler:
     def busy(self) -> int:
         return self._busy
 
+    def has_room(self, edits: int) -> bool:
+        """Whether `edits` more fit in the queue now (`submit` asks again, under its lock)."""
+        return len(self._queue) + edits <= self.max_queue
+
     def submit(self, jobs: Sequence[Job]) -> None:
         """Queue all of `jobs` or none: QueueFull past `max_queue`, NotAccepting while draining."""
         with self._cond:
             if not self._accepting:
                 raise NotAccepting("the server is shutting down")
-            if len(self._queue) + len(jobs) > self.max_queue:
+            if not self.has_room(len(jobs)):
                 raise QueueFull(self.retry_after_s())
             self._queue.extend(jobs)
             self._cond.notify_all()
