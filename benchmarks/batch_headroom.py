@@ -15,7 +15,7 @@ still costs its pre/post-processing and its VAE work at the batched per-image ra
 can grow by at most total / (VAE at the batched rate + everything else that is per image).
 
 And, for the release models on an H200, the same question at the roofline (no GPU needed: a model,
-spec/transformer.md 6): each transformer step (the source pass and every scale) of a batch of B
+docs/spec/transformer.md 6): each transformer step (the source pass and every scale) of a batch of B
 costs max(B x its FLOPs / peak, (its weights + B x its KV reads) / bandwidth); batching can only
 save the weight streaming of the steps that are bandwidth bound, and the KV caches bound B.
 """
@@ -37,7 +37,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 RELEASES = ("2b-512", "8b-512", "8b-1024")
-H200_TFLOPS, H200_TBPS, H200_GIB = 790.0, 4.3, 141 * 1e9 / 2**30  # spec/transformer.md 6; 141 GB of HBM
+H200_TFLOPS, H200_TBPS, H200_GIB = 790.0, 4.3, 141 * 1e9 / 2**30  # docs/spec/transformer.md 6; 141 GB of HBM
 ROOFLINE_BATCHES = (1, 4, 16)
 VAE_STAGES = ("vae_encoder", "vae_decoder")
 FREE_STAGES = ("text_encoder", "transformer")  # assumed to cost nothing per edit in a batch (the bound)
@@ -45,12 +45,12 @@ FREE_STAGES = ("text_encoder", "transformer")  # assumed to cost nothing per edi
 
 def stage_times(art: Path, edits: int) -> dict[str, float]:
     """Median ms per stage of `edits` edits of the demo photo after one warm-up."""
-    from varedit_deploy.demo import SAMPLE
+    from varedit_deploy.imaging import SAMPLE_PHOTO
     from varedit_deploy.imaging import load_image
     from varedit_deploy.runtime.pipeline import EditPipeline
 
     pipe = EditPipeline.from_artifacts(art)
-    photo = load_image(SAMPLE)
+    photo = load_image(SAMPLE_PHOTO)
     pipe.edit(photo, "make the sky purple")
     runs = [pipe.edit(photo, "make the sky purple", seed=i).timings_ms for i in range(edits)]
     pipe.close()
@@ -114,7 +114,7 @@ def step_costs(config) -> list[tuple[float, float]]:
 
 def roofline(name: str) -> dict:
     """Per-edit transformer time at the H200 roofline for each batch size, and the batch the memory holds."""
-    from varedit_deploy.build.memory_plan import kv_cache_bytes, transformer_bytes
+    from varedit_deploy.memory_plan import kv_cache_bytes, transformer_bytes
     from varedit_deploy.config import from_name
 
     config = from_name(name)

@@ -27,7 +27,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-TEXT_TOKENS = 32  # instruction length (spec/transformer.md 6 assumes the same)
+TEXT_TOKENS = 32  # instruction length (docs/spec/transformer.md 6 assumes the same)
 
 
 def build(name: str, device: torch.device) -> torch.nn.Module:

@@ -143,7 +143,7 @@ def official_order_edit(model, photo, noise) -> tuple[dict[str, float], list, li
 
 
 def step_flops(config) -> list[float]:
-    """FLOPs of each scale step (linear layers + attention, CFG batch 2; spec/transformer.md 6)."""
+    """FLOPs of each scale step (linear layers + attention, CFG batch 2; docs/spec/transformer.md 6)."""
     t, sched = config.transformer, config.schedule
     p_tok = 14 * t.dim * t.dim * t.depth
     out = []
@@ -167,7 +167,7 @@ def _fresh_peak() -> None:
 def bench(name: str, runs: int, progress=print) -> dict:
     import torch
 
-    from varedit_deploy.demo import SAMPLE
+    from varedit_deploy.imaging import SAMPLE_PHOTO
     from varedit_deploy.imaging import load_image, preprocess
     from varedit_deploy.runtime.pipeline import EditPipeline
     from varedit_deploy.sampling import NumpyNoise, SamplerInputs
@@ -177,7 +177,7 @@ def bench(name: str, runs: int, progress=print) -> dict:
     build_s = time.perf_counter() - t0
     weights_gib = torch.cuda.memory_allocated() / 2**30
     progress(f"{name}: built in {build_s:.1f} s ({weights_gib:.1f} GiB of weights)")
-    photo = load_image(SAMPLE)
+    photo = load_image(SAMPLE_PHOTO)
 
     _fresh_peak()
     official_order_edit(model, photo, NumpyNoise(0))  # warm-up

@@ -54,11 +54,11 @@ def peak_rss_mib() -> float:
 
 def run_one_backend(which: str, model_name: str, work: Path, rounds: int) -> dict:
     """In a fresh process: a warm-up edit, then `rounds` timed edits."""
-    from varedit_deploy.demo import SAMPLE
+    from varedit_deploy.imaging import SAMPLE_PHOTO
     from varedit_deploy.imaging import load_image
     from varedit_deploy.sampling import NumpyNoise
 
-    photo = load_image(SAMPLE)
+    photo = load_image(SAMPLE_PHOTO)
     if which == "onnxruntime":  # the deployment path: no torch in this process
         from varedit_deploy.runtime.pipeline import EditPipeline
 

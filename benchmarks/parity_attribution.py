@@ -31,7 +31,8 @@ def main() -> None:
     from varedit_deploy.model.loaded import VAREditModel
     from varedit_deploy.model.sampler import guided_logits
     from varedit_deploy.model.transformer import SourceKV, TextCondition
-    from varedit_deploy.parity import FixtureData, check_fixture
+    from varedit_deploy.fixtures import FixtureData
+    from varedit_deploy.parity import check_fixture
     from varedit_deploy.runtime.kv_cache import SOURCE
     from varedit_deploy.runtime.pipeline import EditPipeline
     from varedit_deploy.sampling import SamplerInputs

@@ -25,7 +25,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from varedit_deploy.config import from_name
-    from varedit_deploy.demo import SAMPLE
+    from varedit_deploy.imaging import SAMPLE_PHOTO
     from varedit_deploy.export.artifacts import export_artifacts
     from varedit_deploy.imaging import load_image
     from varedit_deploy.model.loaded import VAREditModel
@@ -33,7 +33,7 @@ def main() -> None:
     from varedit_deploy.runtime.pipeline import EditPipeline
     from varedit_deploy.sampling import NumpyNoise
 
-    photo = load_image(SAMPLE)
+    photo = load_image(SAMPLE_PHOTO)
     config = from_name(args.model)
     with tempfile.TemporaryDirectory() as tmp:
         model = VAREditModel.random(config, seed=0)

@@ -68,19 +68,15 @@ def run(args: argparse.Namespace, artifacts: Path) -> None:
     from varedit_deploy.model.resample import area_matrix, bilinear_matrix
     from varedit_deploy.runtime.pipeline import EditPipeline
     from varedit_deploy.runtime.preview import MAX_PREVIEWS, preview_scales
-    from varedit_deploy.runtime.preview_fit import fit_projection, training_states
+    from varedit_deploy.runtime.preview_fit import VAEGraphs, fit_projection, training_states
 
     pipe = EditPipeline.from_artifacts(artifacts)
     cfg = pipe.config
     latent, size, patch = cfg.schedule.latent_side, cfg.image_size, cfg.vae.patch_size
     scales = preview_scales(cfg.schedule.num_scales, MAX_PREVIEWS)
-    buffer = pipe.backend.empty((1, cfg.vae.codebook_dim, latent, latent), np.float32)
-
-    def decode(state):
-        pipe.backend.write(buffer, state)
-        return pipe.decode(buffer)
-
-    train = training_states(pipe)
+    vae = VAEGraphs(pipe.backend, cfg)
+    decode = vae.decode
+    train = training_states(vae)
     train_decoded = [decode(s) for s in train]
     mean_colour = np.mean([x.mean(axis=(0, 2, 3)) for x in train_decoded], axis=0)[None, :, None, None]
     one_by_one, _ = fit_projection(train, decode, patch, kernel=1)

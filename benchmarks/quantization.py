@@ -71,12 +71,12 @@ def prepare(config, work: Path, calibration_edits: int, held_out: int, samples_p
 
 def time_one(folder: Path, rounds: int) -> dict:
     """In a fresh process: a warm-up edit, then `rounds` timed edits."""
-    from varedit_deploy.demo import SAMPLE
+    from varedit_deploy.imaging import SAMPLE_PHOTO
     from varedit_deploy.imaging import load_image
     from varedit_deploy.runtime.pipeline import EditPipeline
     from varedit_deploy.sampling import NumpyNoise
 
-    photo = load_image(SAMPLE)
+    photo = load_image(SAMPLE_PHOTO)
     pipe = EditPipeline.from_artifacts(folder)
     pipe.edit(photo, INSTRUCTION, noise=NumpyNoise(0))
     return {"timings": [pipe.edit(photo, INSTRUCTION, noise=NumpyNoise(0)).timings for _ in range(rounds)],
@@ -91,7 +91,7 @@ def profile_step(folders: dict[str, Path]) -> dict[str, dict[str, float]]:
 
     from varedit_deploy.artifact import read_manifest
     from varedit_deploy.calibration.backends import Recording, RecordingBackend
-    from varedit_deploy.demo import SAMPLE
+    from varedit_deploy.imaging import SAMPLE_PHOTO
     from varedit_deploy.imaging import load_image
     from varedit_deploy.runtime.onnxruntime_backend import OnnxRuntimeBackend
     from varedit_deploy.runtime.pipeline import EditPipeline
@@ -99,7 +99,7 @@ def profile_step(folders: dict[str, Path]) -> dict[str, dict[str, float]]:
     manifest = read_manifest(folders["fp32"])
     recording = Recording(per_shape=1, per_graph=64)
     EditPipeline(manifest, RecordingBackend(OnnxRuntimeBackend(manifest), recording)).edit(
-        load_image(SAMPLE), INSTRUCTION, seed=0)
+        load_image(SAMPLE_PHOTO), INSTRUCTION, seed=0)
     calls = recording.samples["step"]
     sessions = {}
     for name, folder in folders.items():

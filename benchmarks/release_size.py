@@ -53,11 +53,11 @@ for _ in range(3):
     times.append(time.perf_counter() - t)
 out["step_scale0_s"], out["after_step_kB"] = statistics.median(times), status()
 if sys.argv[2] == "edit":
-    from varedit_deploy.demo import SAMPLE
+    from varedit_deploy.imaging import SAMPLE_PHOTO
     from varedit_deploy.imaging import load_image
     from varedit_deploy.sampling import NumpyNoise
     t1 = time.perf_counter()
-    result = pipe.edit(load_image(SAMPLE), "make the sky purple", noise=NumpyNoise(0))
+    result = pipe.edit(load_image(SAMPLE_PHOTO), "make the sky purple", noise=NumpyNoise(0))
     out["edit_s"], out["edit_timings_s"] = time.perf_counter() - t1, result.timings
     out["after_edit_kB"] = status()
 print("PEAK " + json.dumps(out), flush=True)
@@ -89,7 +89,7 @@ def machine() -> str:
 
 def weights_bytes(manifest) -> dict[str, int]:
     """The model's weights at the export precision (what the artifact should hold, once)."""
-    from varedit_deploy.build.memory_plan import BYTES
+    from varedit_deploy.memory_plan import BYTES
 
     b = BYTES[manifest.data["precision"]]
     return {part: info["parameters"] * b for part, info in manifest.data["weights"].items()}
@@ -105,7 +105,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from varedit_deploy.artifact import read_manifest
-    from varedit_deploy.build.memory_plan import artifact_table
+    from varedit_deploy.memory_plan import artifact_table
 
     art = args.work / f"release-size-{args.model}-{args.precision}"
     log = print

@@ -77,9 +77,10 @@ def rtx_placement(artifacts: Path, target: str) -> list[str]:
     import onnx
 
     from varedit_deploy.artifact import read_manifest
-    from varedit_deploy.build.engines import BuildOptions, build_engines
-    from varedit_deploy.build.precision import to_half
-    from varedit_deploy.build.tensorrt_api import import_tensorrt, make_logger, strongly_typed_network
+    from varedit_deploy.builder.engines import BuildOptions, build_engines
+    from varedit_deploy.export.precision import to_half
+    from varedit_deploy.builder.tensorrt_api import make_logger, strongly_typed_network
+    from varedit_deploy.runtime.tensorrt_import import import_tensorrt
 
     trt = import_tensorrt("tensorrt-rtx")
     manifest = read_manifest(artifacts)

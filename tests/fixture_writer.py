@@ -65,7 +65,7 @@ def write_fixture(folder: Path, config: ModelConfig, photo: np.ndarray, text_len
     save_file(wrapped_vae_state(model.vae.state_dict()), str(folder / "vae.safetensors"))
     s = config.sampling
     (folder / "config.json").write_text(json.dumps({
-        "name": folder.name, "pn": config.pn, "codebook_dim": tr.codebook_dim, "patchify": int(tr.patchify),
+        "name": folder.name, "pn": config.megapixels, "codebook_dim": tr.codebook_dim, "patchify": int(tr.patchify),
         "vae_base_ch": config.vae.base_ch, "vae_res_blocks": config.vae.num_res_blocks, "depth": tr.depth,
         "dim": tr.dim, "heads": tr.heads, "text_channels": tr.text_channels, "text_len": text_len,
         "cfg": s.cfg, "tau": s.tau, "top_k": s.top_k, "top_p": s.top_p, "seed": s.seed,

@@ -11,11 +11,11 @@ import math
 import numpy as np
 import torch
 
-SIDES_1M = (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64)  # spec/transformer.md 2, '1M'
+SIDES_1M = (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64)  # docs/spec/transformer.md 2, '1M'
 
 
 def rope_positions() -> list[tuple[int, int]]:
-    """spec/transformer.md 3.6: the flat '1M' table, entry -> (row, col), before padding."""
+    """docs/spec/transformer.md 3.6: the flat '1M' table, entry -> (row, col), before padding."""
     positions = [(64 + e // 64, 64 + e % 64) for e in range(4096)]  # the source block
     for s in SIDES_1M:  # round(64 i / s) with no .5 ties: floor(64 i / s + 1/2), in integers
         positions += [((128 * i + s) // (2 * s), (128 * j + s) // (2 * s)) for i in range(s) for j in range(s)]
@@ -44,7 +44,7 @@ def rotate_pairs(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
 
 def cosine_self_attention(x: torch.Tensor, w_qkv: torch.Tensor, q_bias: torch.Tensor, v_bias: torch.Tensor,
                           scale_mul: torch.Tensor, heads: int, angles: torch.Tensor) -> torch.Tensor:
-    """spec/transformer.md 3.5 and 5, head by head: mat_qkv rows are q (0..C-1), k, v; head h owns
+    """docs/spec/transformer.md 3.5 and 5, head by head: mat_qkv rows are q (0..C-1), k, v; head h owns
     rows h*c..h*c+c-1 of each part; q has a bias, k none, v a bias; q and k are L2-normalised,
     q scaled by exp(min(scale_mul[h], ln 100)); RoPE on both; softmax with scale 1; no mask.
     Returns [B, L, C] with head h at channels h*c..h*c+c-1 (before `proj`)."""

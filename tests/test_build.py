@@ -15,15 +15,16 @@ import pytest
 import torch
 
 from varedit_deploy.artifact import read_manifest
-from varedit_deploy.build.engines import BuildOptions, build_engines, check_engines
-from varedit_deploy.build.precision import FP32_SCOPES, _bf16_bits, graph_precision, to_half
-from varedit_deploy.build.profiles import graph_profiles
+from varedit_deploy.builder.engines import BuildOptions, build_engines
+from varedit_deploy.engine_set import check_engines
+from varedit_deploy.export.precision import FP32_SCOPES, _bf16_bits, graph_precision, to_half
+from varedit_deploy.builder.profiles import graph_profiles
 from varedit_deploy.cli import main
 from varedit_deploy.config import from_name
 from varedit_deploy.errors import VareditError
-from varedit_deploy.runtime.binding_plan import select_profile, step_plan
 from varedit_deploy.runtime.onnxruntime_backend import disabled_optimizers
-from varedit_deploy.runtime.kv_cache import SOURCE, KVCache
+from varedit_deploy.engine_set import select_profile
+from varedit_deploy.runtime.kv_cache import SOURCE, KVCache, cache_rows
 
 
 def test_step_and_sample_have_one_fixed_profile_per_scale(tiny_artifact):
@@ -45,90 +46,68 @@ def test_step_and_sample_have_one_fixed_profile_per_scale(tiny_artifact):
 
 
 @pytest.mark.parametrize("name", ["2b-512", "8b-1024"])
-def test_step_binding_plan_follows_the_schedule(name):
+def test_cache_rows_follow_the_schedule(name):
+    """Where every step call reads and writes in the caches, at release sizes (plain numbers)."""
     config = from_name(name)
     t, sched = config.transformer, config.schedule
-    row = 2 * t.heads * t.head_dim * 4
-    plan = step_plan(config, text_len=20)
-    assert len(plan) == sched.num_scales + 1
-    n_src = sched.source_tokens
-    for call in plan[:-1]:
-        s, b = call.scale, call.by_tensor()
-        n, cum = sched.tokens[s], sched.starts[s]
-        assert call.profile == s and b["x"].shape == (2, n, t.dim) and b["logits"].shape == (2, n, t.num_logits)
+    n_src, starts, tokens = sched.source_tokens, sched.starts, sched.tokens
+    for s, (n, cum) in enumerate(zip(tokens, starts)):
         # layer 0 attends over its earlier targets, which follow its source rows
-        assert b["past_k_0"] == type(b["past_k_0"])("past_k_0", "cache_k_0", n_src * row, (cum, 2, t.heads, t.head_dim))
-        assert b["new_v_0"].offset_bytes == (n_src + cum) * row and b["new_v_0"].shape[0] == n
-        assert b["past_k_5"].offset_bytes == 0 and b["past_k_5"].shape[0] == n_src + cum  # source + earlier scales
-        assert b["new_k_5"].offset_bytes == (n_src + cum) * row
-        assert b["sar_k"].offset_bytes == cum * row and b["sar_k"].shape[0] == n
-        assert b["text_v"].shape == (t.depth, 2, t.heads, 20, t.head_dim)
-    source = plan[-1]  # one more run of the step engine: every layer's source K/V into rows [0, L_src)
-    b = source.by_tensor()
-    assert source.scale == "source" and source.profile == sched.num_scales
-    assert b["x"] == type(b["x"])("x", f"x_{sched.num_scales - 1}", 0, (2, n_src, t.dim))
-    assert b["sar_k"].shape[0] == 0 and all(b[f"past_v_{i}"].shape[0] == 0 for i in range(t.depth))
-    assert all(b[f"new_k_{i}"].offset_bytes == 0 and b[f"new_k_{i}"].shape[0] == n_src for i in range(t.depth))
+        assert cache_rows("past", 0, s, n_src, starts, tokens) == (n_src, n_src + cum)
+        assert cache_rows("slot", 0, s, n_src, starts, tokens) == (n_src + cum, n_src + cum + n)
+        assert cache_rows("past", 5, s, n_src, starts, tokens) == (0, n_src + cum)  # source + earlier scales
+        assert cache_rows("slot", 5, s, n_src, starts, tokens) == (n_src + cum, n_src + cum + n)
+        assert cache_rows("sar", 0, s, n_src, starts, tokens) == (cum, cum + n)
+    # the source pass, one more run of the step engine: every layer's source K/V into rows [0, L_src)
+    for i in range(t.depth):
+        assert cache_rows("past", i, SOURCE, n_src, starts, tokens) == (0, 0)
+        assert cache_rows("slot", i, SOURCE, n_src, starts, tokens) == (0, n_src)
+    assert cache_rows("sar", 0, SOURCE, n_src, starts, tokens) == (0, 0)
     # Spec table 3.8, last scale at 512 px: 3545 keys at layer 0 and layers >= 1.
     if name == "2b-512":
-        last = plan[-2].by_tensor()
-        assert last["past_k_0"].shape[0] + last["sar_k"].shape[0] + 1024 == 3545
-        assert last["past_k_1"].shape[0] + 1024 == 3545
+        last = sched.num_scales - 1
+        past0, sar = cache_rows("past", 0, last, n_src, starts, tokens), cache_rows("sar", 0, last, n_src, starts, tokens)
+        assert (past0[1] - past0[0]) + (sar[1] - sar[0]) + 1024 == 3545
+        assert cache_rows("past", 1, last, n_src, starts, tokens)[1] + 1024 == 3545
 
 
 @pytest.mark.parametrize("name", ["tiny-8b", "tiny-2b"])
-def test_binding_plan_and_cache_views_reproduce_the_official_concatenation(name):
-    """Oracle: the official caches grow by concatenation (spec/transformer.md 3.7). Layer 0 attends
+def test_cache_views_reproduce_the_official_concatenation(name):
+    """Oracle: the official caches grow by concatenation (docs/spec/transformer.md 3.7). Layer 0 attends
     over target tokens only (scales 0..s); layers >= 1 start with the L_src source rows. Our
     source pass (a step call) writes every layer's source rows; the SAR references pooled to every
-    scale follow one after another. Every row gets a
-    label; each step writes its new rows where the plan (and the runtime's views) put them, and
-    what a step reads as its past must be exactly the official concatenation, label for label."""
+    scale follow one after another. Every row gets a label; each step writes its new rows into the
+    views the runtime binds, and what a step reads as its past must be exactly the official
+    concatenation, label for label."""
     config = from_name(name)
     t, sched = config.transformer, config.schedule
-    row = 2 * t.heads * t.head_dim * 4
     cache = KVCache.allocate(t.depth, t.heads, t.head_dim, sched.source_tokens, sched.starts, sched.tokens)
 
     def label(kind: int, scale: int, index: int) -> float:
         return float(kind * 10**7 + scale * 10**5 + index)
 
-    def rows_of(buf, binding):  # the rows of a layer buffer that a binding addresses
-        first = binding.offset_bytes // row
-        return buf[first:first + binding.shape[0]]
-
     cache.sar_k[:] = np.nan
     for k in cache.k:
         k[:] = np.nan
     official: dict[int, list[float]] = {}
-    calls = sorted(step_plan(config, text_len=7), key=lambda c: c.scale != SOURCE)  # as the loop runs them
-    assert calls[0].scale == SOURCE and [c.scale for c in calls[1:]] == list(range(sched.num_scales))
-    for call in calls:
-        b = call.by_tensor()
-        if call.scale == SOURCE:  # the source pass: a step call whose new K/V are the source rows of every layer
-            source = [label(1, 0, r) for r in range(sched.source_tokens)]
-            for i in range(t.depth):
-                assert b[f"past_k_{i}"].shape[0] == 0
-                rows_of(cache.k[i], b[f"new_k_{i}"])[:] = np.array(source)[:, None, None, None]
-                assert list(cache.source(i)[0][:, 0, 0, 0]) == source
-                official[i] = [] if i == 0 else list(source)  # layer 0 reads the SAR instead
-            for s, n in enumerate(sched.tokens):  # sar_pool: layer 0's source pooled, scale after scale
-                cache.sar_k[sched.starts[s]:sched.starts[s] + n] = np.array([label(3, s, j) for j in range(n)])[:, None, None, None]
-            continue
-        s = call.scale
-        n = sched.tokens[s]
-        assert list(rows_of(cache.sar_k, b["sar_k"])[:, 0, 0, 0]) == [label(3, s, j) for j in range(n)]
+    # the source pass: a step call whose new K/V are the source rows of every layer
+    source = [label(1, 0, r) for r in range(sched.source_tokens)]
+    for i in range(t.depth):
+        assert cache.past(i, SOURCE)[0].shape[0] == 0
+        cache.slot(i, SOURCE)[0][:] = np.array(source)[:, None, None, None]
+        assert list(cache.source(i)[0][:, 0, 0, 0]) == source
+        official[i] = [] if i == 0 else list(source)  # layer 0 reads the SAR instead
+    for s, n in enumerate(sched.tokens):  # sar_pool: layer 0's source pooled, scale after scale
+        cache.sar_k[sched.starts[s]:sched.starts[s] + n] = np.array([label(3, s, j) for j in range(n)])[:, None, None, None]
+    for s, n in enumerate(sched.tokens):
         assert list(cache.sar(s)[0][:, 0, 0, 0]) == [label(3, s, j) for j in range(n)]
         for i in range(t.depth):
-            past = rows_of(cache.k[i], b[f"past_k_{i}"])
-            assert list(past[:, 0, 0, 0]) == official[i], (s, i)
             assert list(cache.past(i, s)[0][:, 0, 0, 0]) == official[i], (s, i)
             new = [label(2, s, j) for j in range(n)]
-            rows_of(cache.k[i], b[f"new_k_{i}"])[:] = np.array(new)[:, None, None, None]
-            assert list(cache.slot(i, s)[0][:, 0, 0, 0]) == new
+            cache.slot(i, s)[0][:] = np.array(new)[:, None, None, None]
             official[i] += new  # cached_k = cat(cached_k, k_s)
-            assert b[f"past_v_{i}"].offset_bytes == b[f"past_k_{i}"].offset_bytes  # V mirrors K
-            assert b[f"new_v_{i}"].shape == b[f"new_k_{i}"].shape
-    assert not any(np.isnan(k[:, 0, 0, 0]).any() for k in cache.k)  # every cache row was written
+            past_k, past_v = cache.past(i, s)
+            assert past_v.shape == past_k.shape and cache.slot(i, s)[1].shape == (n, 2, t.heads, t.head_dim)
 
 
 def test_select_profile(tiny_artifact):
@@ -152,7 +131,7 @@ def test_bf16_constants_are_rounded_once_from_their_fp32_values():
     fp16 cannot hold (1e-12 became 5.96e-8) or rounds differently would be rounded twice."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from varedit_deploy.build.precision import to_half
+    from varedit_deploy.export.precision import to_half
 
     values = np.array([1e-12, 1.0 + 3 * 2**-11, 70000.0, 0.1], np.float32)  # subnormal / tie / overflow in fp16
     graph = helper.make_graph(
@@ -171,7 +150,7 @@ MUST_STAY_FP32 = {"LayerNormalization", "InstanceNormalization", "Softmax", "Exp
                   "Pow", "Sqrt"}
 # The VAE's GroupNorms (official module names norm1, norm2, norm_out) stay fp32 as a whole,
 # centring, division and affine included: TensorRT's fp16 GroupNorm fallbacks are what the
-# spec warns about (spec/vae-text.md 7).
+# spec warns about (docs/spec/vae-text.md 7).
 # (the exporter numbers repeated scopes: /block.0/norm1_3/).
 NORM_SCOPE = re.compile(r"/norm(1|2|_out)(_\d+)?/")
 FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
@@ -356,7 +335,7 @@ def _polygraphy_in_a_fresh_process(code: str) -> subprocess.CompletedProcess:
 
 def test_polygraphy_comparisons_of_tensorrt_rtx_engines_use_tensorrt_rtx():
     done = _polygraphy_in_a_fresh_process(
-        "from varedit_deploy.build.compare import select_polygraphy_tensorrt\n"
+        "from varedit_deploy.builder.compare import select_polygraphy_tensorrt\n"
         "select_polygraphy_tensorrt('tensorrt-rtx')\n"
         "from polygraphy.backend.trt import loader, runner\n"
         "from polygraphy.util import util\n"
@@ -368,7 +347,7 @@ def test_polygraphy_comparisons_of_tensorrt_rtx_engines_use_tensorrt_rtx():
 def test_polygraphy_already_bound_to_tensorrt_is_refused_not_used():
     done = _polygraphy_in_a_fresh_process(
         "import polygraphy.backend.trt\n"  # imported before the choice: bound to tensorrt
-        "from varedit_deploy.build.compare import select_polygraphy_tensorrt\n"
+        "from varedit_deploy.builder.compare import select_polygraphy_tensorrt\n"
         "from varedit_deploy.errors import VareditError\n"
         "try:\n"
         "    select_polygraphy_tensorrt('tensorrt-rtx')\n"
@@ -382,7 +361,7 @@ def test_a_tensorrt_older_than_the_graphs_operators_is_refused_before_building(t
     """JetPack 6's TensorRT 10.3 has no ONNX `Attention`: the build says so and names the way out."""
     from types import SimpleNamespace
 
-    from varedit_deploy.build.engines import _check_parser_ops
+    from varedit_deploy.builder.engines import _check_parser_ops
 
     manifest = read_manifest(tiny_artifact)
     assert manifest.graphs["step"]["tensorrt_needs"] == {"Attention": "10.14"}

@@ -5,7 +5,8 @@ import torch
 from safetensors.torch import save_file
 
 from fixture_writer import official_vae_state, release_like, write_release
-from varedit_deploy.config import TransformerConfig, from_name, load_fixture_config
+from varedit_deploy.config import TransformerConfig, from_name
+from varedit_deploy.fixtures import load_fixture_config
 from varedit_deploy.errors import CheckpointError
 from varedit_deploy.model.checkpoint import (ReleaseFiles, load_transformer_weights, load_vae_weights,
                                              ours_to_official_transformer, read_state_file)
@@ -148,8 +149,8 @@ def test_safetensors_transformer_file(tmp_path):
 
 
 def test_fixture_weights_land_where_the_official_layout_puts_them(golden):
-    """Oracle: the fixtures' files were written by the official code (spec/transformer.md 5,
-    spec/vae-text.md 1.7): `block_chunks.{k}.module.{j}` is block k * (depth / chunks) + j, every
+    """Oracle: the fixtures' files were written by the official code (docs/spec/transformer.md 5,
+    docs/spec/vae-text.md 1.7): `block_chunks.{k}.module.{j}` is block k * (depth / chunks) + j, every
     other transformer name is ours, `zero_k_bias` buffers are zeros that no module holds; VAE
     names wrap convs and norms (`x.conv.weight`, `x.norm.weight`), and `lfq.mask` is a buffer."""
     import re
@@ -183,7 +184,7 @@ def test_fixture_weights_land_where_the_official_layout_puts_them(golden):
 
 @pytest.mark.parametrize("name, entries", [("2b-512", 694), ("8b-512", 862)])
 def test_official_layout_has_the_spec_entry_counts(name, entries):
-    """spec/transformer.md 5: 694 (2B) and 862 (8B) state-dict entries, 2 * depth + 1 zero_k_bias."""
+    """docs/spec/transformer.md 5: 694 (2B) and 862 (8B) state-dict entries, 2 * depth + 1 zero_k_bias."""
     config = from_name(name)
     with torch.device("meta"):
         model = VAREditModel.empty(config)

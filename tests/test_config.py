@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from varedit_deploy.config import ModelConfig, Schedule, from_name, load_fixture_config
+from varedit_deploy.config import ModelConfig, Schedule, from_name
+from varedit_deploy.fixtures import load_fixture_config
 from varedit_deploy.errors import ConfigError
 from varedit_deploy.model.transformer import VAREditTransformer
 from varedit_deploy.model.vae import BSQVAE
@@ -65,7 +66,7 @@ def test_unknown_names_and_round_trip():
     with pytest.raises(ConfigError, match="known models"):
         from_name("3b-512")
     with pytest.raises(ConfigError):
-        Schedule.from_pn("2M")
+        Schedule.from_megapixels("2M")
     config = from_name("8b-1024")
     assert ModelConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ConfigError, match="unknown keys"):

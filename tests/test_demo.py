@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from varedit_deploy.cli import main
-from varedit_deploy.demo import SAMPLE, check_demo_folder
+from varedit_deploy.demo import check_demo_folder
+from varedit_deploy.imaging import SAMPLE_PHOTO
 from varedit_deploy.errors import OutputError
 
 
@@ -24,7 +25,7 @@ def test_demo_builds_exports_and_edits_a_real_photo(tmp_path, capsys):
     assert f"{out / 'summary.json'}" in printed.splitlines()[-1]  # listed among the files written
 
     edited = Image.open(out / "edited.png")
-    assert edited.size == Image.open(SAMPLE).size
+    assert edited.size == Image.open(SAMPLE_PHOTO).size
     side = np.asarray(Image.open(out / "side_by_side.png").convert("L"))
     assert side.shape[1] == 2 * edited.width and side.shape[0] > edited.height + 40
     top, bottom = side[:12], side[-30:]  # the label band over the panels and the notes under them

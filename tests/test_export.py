@@ -7,7 +7,8 @@ import pytest
 
 from conftest import fixture_dir
 from varedit_deploy.artifact import SCHEMA_VERSION, read_manifest, sha256_file
-from varedit_deploy.build.engines import BuildOptions, build_engines, check_engines
+from varedit_deploy.builder.engines import BuildOptions, build_engines
+from varedit_deploy.engine_set import check_engines
 from varedit_deploy.cli import main
 from varedit_deploy.config import from_name
 from varedit_deploy.errors import OutputError

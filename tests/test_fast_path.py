@@ -14,7 +14,8 @@ from conftest import fixture_dir
 from varedit_deploy.config import from_name
 from varedit_deploy.model.codes import NextScaleInput
 from varedit_deploy.model.loaded import VAREditModel
-from varedit_deploy.parity import LOGIT_TOL, FixtureData, compare, run_fast_path
+from varedit_deploy.fixtures import FixtureData
+from varedit_deploy.parity import LOGIT_TOL, compare, run_fast_path
 from varedit_deploy.runtime.gpu import gpu_available
 from varedit_deploy.sampling import SamplerInputs, TorchCPUNoise, draw_edit
 

@@ -24,8 +24,8 @@ def test_tensorrt_fp32_reproduces_the_fixtures(golden):
 @pytest.mark.gpu
 @pytest.mark.trt
 def test_polygraphy_compares_every_engine_with_onnxruntime(golden, tmp_path):
-    from varedit_deploy.build.compare import compare_engines
-    from varedit_deploy.build.engines import BuildOptions, build_engines
+    from varedit_deploy.builder.compare import compare_engines
+    from varedit_deploy.builder.engines import BuildOptions, build_engines
 
     art = tmp_path / "art"
     assert main(["export", "--fixture", str(golden), "--out", str(art)]) == 0
@@ -41,7 +41,7 @@ def test_polygraphy_compares_every_engine_with_onnxruntime(golden, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.trt
 def test_tensorrt_edit_runs_with_cuda_graphs(tiny_artifact, tmp_path, photos):
-    from varedit_deploy.build.engines import BuildOptions, build_engines
+    from varedit_deploy.builder.engines import BuildOptions, build_engines
     from varedit_deploy.runtime.pipeline import EditPipeline
     from varedit_deploy.sampling import NumpyNoise
 
@@ -63,7 +63,7 @@ def test_tensorrt_replays_equal_eager_runs_across_instruction_lengths(tiny_artif
     """Captured graphs of one profile but other text lengths are replayed between each other."""
     import numpy as np
 
-    from varedit_deploy.build.engines import BuildOptions, build_engines
+    from varedit_deploy.builder.engines import BuildOptions, build_engines
     from varedit_deploy.runtime.pipeline import EditPipeline
     from varedit_deploy.sampling import NumpyNoise
 

@@ -7,11 +7,11 @@ import pytest
 import tensorrt_rtx as trt  # the [rtx] extra; its builds need no GPU
 from onnx import TensorProto, helper
 
-from varedit_deploy.build.engines import BuildOptions, _configure, _parse
-from varedit_deploy.build.network_report import (MAX_HOPS, Layer, attention_chains, mark_attentions_decomposable,
+from varedit_deploy.builder.engines import BuildOptions, _configure, _parse
+from varedit_deploy.builder.network_report import (MAX_HOPS, Layer, attention_chains, mark_attentions_decomposable,
                                                  network_record)
-from varedit_deploy.build.precision import to_half
-from varedit_deploy.build.tensorrt_api import make_logger
+from varedit_deploy.export.precision import to_half
+from varedit_deploy.builder.tensorrt_api import make_logger
 
 B, H, L, C = 2, 2, 8, 16
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from varedit_deploy.build.memory_plan import (
+from varedit_deploy.memory_plan import (
     DEVICES, GIB, ROWS, T5_XL_PARAMS, kv_cache_bytes, plan, transformer_params, vae_params,
 )
 from varedit_deploy.cli import main
@@ -27,7 +27,7 @@ def test_parameter_formulas_count_what_the_modules_hold(name):
 
 
 def test_release_totals_are_the_spec_counts():
-    # spec/transformer.md 1.2: 2,204,564,032 (2B) and 8,375,791,824 (8B), from the official class
+    # docs/spec/transformer.md 1.2: 2,204,564,032 (2B) and 8,375,791,824 (8B), from the official class
     assert transformer_params(from_name("2b-512")) == 2_204_564_032
     assert transformer_params(from_name("8b-1024")) == 8_375_791_824
     p = plan(from_name("8b-1024"), "bf16", workspace_gib=1.0, text_len=77)

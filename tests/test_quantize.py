@@ -9,9 +9,9 @@ from onnx import TensorProto, helper
 from PIL import Image
 
 from varedit_deploy.artifact import read_manifest
-from varedit_deploy.build.capabilities import check_supported, supported
-from varedit_deploy.build.memory_plan import plan, plan_table, transformer_bytes
-from varedit_deploy.build.precision import to_half
+from varedit_deploy.builder.capabilities import check_supported, supported
+from varedit_deploy.memory_plan import plan, plan_table, transformer_bytes
+from varedit_deploy.export.precision import to_half
 from varedit_deploy.calibration import kv_cache
 from varedit_deploy.calibration.backends import Recording, RecordingBackend
 from varedit_deploy.calibration.dataset import HELD_OUT_PHOTOS, default_set, load_set

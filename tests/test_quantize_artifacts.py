@@ -11,12 +11,12 @@ import pytest
 from PIL import Image
 
 from varedit_deploy.artifact import read_manifest
-from varedit_deploy.build.engines import BuildOptions, build_engines
-from varedit_deploy.build.memory_plan import quantized_matmul_bytes
+from varedit_deploy.builder.engines import BuildOptions, build_engines
+from varedit_deploy.memory_plan import quantized_matmul_bytes
 from varedit_deploy.calibration.dataset import default_set
 from varedit_deploy.cli import main
 from varedit_deploy.config import from_name
-from varedit_deploy.demo import SAMPLE
+from varedit_deploy.imaging import SAMPLE_PHOTO
 from varedit_deploy.imaging import preprocess
 from varedit_deploy.runtime.pipeline import EditPipeline
 from varedit_deploy.sampling import NumpyNoise, SamplerInputs
@@ -123,7 +123,7 @@ def test_the_reported_agreement_is_what_the_artifacts_compute(int8, tiny_artifac
 
 def test_edit_runs_on_the_quantised_artifact(int8, tmp_path, capsys):
     out = tmp_path / "edited.png"
-    assert main(["edit", "--artifacts", str(int8), "--image", str(SAMPLE), "--instruction", "add a red hat",
+    assert main(["edit", "--artifacts", str(int8), "--image", str(SAMPLE_PHOTO), "--instruction", "add a red hat",
                  "--out", str(out)]) == 0
     assert Image.open(out).size == (512, 512) and "wrote" in capsys.readouterr().out
 

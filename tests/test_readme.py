@@ -5,7 +5,7 @@ import re
 from PIL import Image
 
 from conftest import ROOT
-from varedit_deploy.demo import SAMPLE
+from varedit_deploy.imaging import SAMPLE_PHOTO
 
 
 def test_the_python_example_runs_as_printed(tmp_path, monkeypatch, tiny_artifact, capsys):
@@ -18,5 +18,5 @@ def test_the_python_example_runs_as_printed(tmp_path, monkeypatch, tiny_artifact
     (tmp_path / "varedit_deploy").symlink_to(ROOT / "varedit_deploy")
     monkeypatch.chdir(tmp_path)
     exec(compile(blocks[0], "README.md", "exec"), {})
-    assert Image.open(tmp_path / "edited.png").size == Image.open(SAMPLE).size
+    assert Image.open(tmp_path / "edited.png").size == Image.open(SAMPLE_PHOTO).size
     assert "'total':" in capsys.readouterr().out

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from varedit_deploy.artifact import read_manifest
-from varedit_deploy.build.memory_plan import transformer_params
-from varedit_deploy.build.precision import to_half
+from varedit_deploy.memory_plan import transformer_params
+from varedit_deploy.export.precision import to_half
 from varedit_deploy.cli import main
 from varedit_deploy.config import from_name
 from varedit_deploy.errors import ArtifactError
@@ -45,7 +45,7 @@ def test_the_transformer_is_stored_once(tiny_artifact):
     stored = sum(g["weights"]["by_module"].get("transformer", 0) for g in m.graphs.values())
     weights = transformer_params(m.config) * 4
     assert weights <= stored <= 1.05 * weights  # the word embedding is repeated in the small per-scale graphs
-    assert m.data["weights"]["transformer"]["parameters"] == transformer_params(m.config)
+    assert m.weights["transformer"]["parameters"] == transformer_params(m.config)
 
 
 def _ordinary_export(spec) -> bytes:
@@ -53,11 +53,11 @@ def _ordinary_export(spec) -> bytes:
     import onnx
 
     from varedit_deploy.export.weightless import FUSED_TRACE_OPSET, declare_fused_opset, trace_opset
-    from varedit_deploy.model.attention import attention_export
+    from varedit_deploy.export.attention_nodes import traced_attention
 
     f = io.BytesIO()
     opset = trace_opset(spec.attention)
-    with warnings.catch_warnings(), torch.inference_mode(), attention_export(spec.attention):
+    with warnings.catch_warnings(), torch.inference_mode(), traced_attention(spec.module, spec.attention):
         warnings.simplefilter("ignore")
         torch.onnx.export(spec.module, spec.example, f, input_names=spec.inputs, output_names=spec.outputs,
                           dynamic_axes=spec.dynamic_axes, opset_version=opset, dynamo=False, do_constant_folding=True)
@@ -238,7 +238,7 @@ def test_text_encoder_can_be_released_after_encoding(tiny_artifact, photos):
 def test_lowering_at_build_time_streams_external_weights(external_artifact, tmp_path):
     """`build --precision fp16` on an fp32 artifact converts tensor by tensor, to what lowering
     the whole loaded graph gives."""
-    from varedit_deploy.build.precision import lower_graph
+    from varedit_deploy.export.external_data import lower_graph
 
     path = read_manifest(external_artifact).graph_path("step")
     lower_graph(path, "fp16", tmp_path / "step.onnx")
@@ -251,7 +251,7 @@ def test_lowering_at_build_time_streams_external_weights(external_artifact, tmp_
 
 
 def test_plan_offers_t5_on_the_cpu_or_released(capsys):
-    from varedit_deploy.build.memory_plan import plan
+    from varedit_deploy.memory_plan import plan
 
     p = plan(from_name("8b-512"), "bf16", 1.0, 77)
     assert p.t5_on_cpu == pytest.approx(p.total - p.text_encoder_weights)

@@ -32,7 +32,7 @@ def test_rotation_is_interleaved_pairs_and_preserves_norm():
 
 
 def test_table_equals_the_spec_formula_at_every_entry():
-    """Oracle: spec/transformer.md 3.6 in float64 (positions by integer rounding), all 14,617
+    """Oracle: docs/spec/transformer.md 3.6 in float64 (positions by integer rounding), all 14,617
     entries, the 1024-px targets included. The official table computes the angles in float32:
     up to 127 rad times a float32-rounded frequency, so about 1e-5 apart at most."""
     cos, sin = rope_table(128)

@@ -210,7 +210,7 @@ def test_files_above_the_load_limit_are_trusted_while_stamped_and_hashed_by_insp
 def test_backend_choice_and_unloadable_graphs_are_clear_errors(tiny_artifact, tmp_path):
     from varedit_deploy.artifact import file_record
     from varedit_deploy.errors import ConfigError
-    from varedit_deploy.runtime.backend import make_backend
+    from varedit_deploy.runtime.registry import make_backend
 
     with pytest.raises(ConfigError, match="unknown backend 'vulkan'; available: onnxruntime"):
         EditPipeline.from_artifacts(tiny_artifact, backend="vulkan")
@@ -345,7 +345,7 @@ def test_an_edit_synchronises_once_and_uploads_a_fixed_few_times(tiny_artifact, 
 
 def test_plan_reports_what_the_loop_allocates(tiny_artifact):
     """`plan`'s fast-path figures are the loop's own allocations, summed (no second formula)."""
-    from varedit_deploy.build.memory_plan import loop_buffer_bytes
+    from varedit_deploy.memory_plan import loop_buffer_bytes
     from varedit_deploy.runtime.loop import ITEMSIZE, ScaleLoop
 
     manifest = read_manifest(tiny_artifact)

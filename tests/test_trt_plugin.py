@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from varedit_deploy.artifact import read_manifest
-from varedit_deploy.build.engines import BuildOptions, build_engines, check_engines
+from varedit_deploy.builder.engines import BuildOptions, build_engines
+from varedit_deploy.engine_set import check_engines
 from varedit_deploy.cli import main
 from varedit_deploy.errors import ArtifactError, VareditError
 from varedit_deploy.plugins.aot import KernelBinary
@@ -143,7 +144,7 @@ def test_the_parser_library_link_is_this_installation_s(tmp_path, monkeypatch):
 
     import tensorrt_rtx_libs
 
-    from varedit_deploy.build.tensorrt_api import UNVERSIONED_RTX_LIBRARY, parser_plugin_library_dir
+    from varedit_deploy.builder.tensorrt_api import UNVERSIONED_RTX_LIBRARY, parser_plugin_library_dir
 
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     ours = sorted(Path(tensorrt_rtx_libs.__file__).parent.glob(UNVERSIONED_RTX_LIBRARY + ".*"))[0].resolve()

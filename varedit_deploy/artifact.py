@@ -24,8 +24,9 @@ from typing import Any
 
 from .config import ModelConfig
 from .errors import ArtifactError, InputError
+from .graph_io import StepIO
 
-SCHEMA_VERSION = 2  # 2: the source pass runs the step graph (source_embed, sar_pool)
+SCHEMA_VERSION = 3  # 2: the source pass runs the step graph (source_embed, sar_pool); 3: step_io names
 MANIFEST = "manifest.json"
 STAMP = "verified.json"
 # Files up to this size are hashed on every load; larger ones (external weights) once, then
@@ -80,6 +81,8 @@ def verify_files(folder: Path, records: list[dict[str, Any]], mode: str = "quick
 
 @dataclass
 class Manifest:
+    """An artifact's manifest.json, read through typed properties (the runtimes' only view of it)."""
+
     folder: Path
     data: dict[str, Any]
 
@@ -90,6 +93,46 @@ class Manifest:
     @property
     def graphs(self) -> dict[str, dict[str, Any]]:
         return self.data["graphs"]
+
+    @property
+    def schedule(self) -> dict[str, Any]:
+        """The schedule section (`schedule_record`): tokens, starts and shapes per scale and source pass."""
+        return self.data["schedule"]
+
+    @property
+    def precision(self) -> str:
+        """What the graphs store: fp32, fp16 or bf16 (a quantised artifact: its high precision)."""
+        return self.data["precision"]
+
+    @property
+    def attention(self) -> str:
+        """How the step's attentions were exported: fused, decomposed or plugin."""
+        return self.data.get("attention", "decomposed")
+
+    @property
+    def step_io(self) -> StepIO:
+        """The step graph's tensor names (graph_io.py), as the export wrote them."""
+        return StepIO.from_json(self.data["step_io"])
+
+    @property
+    def preview(self) -> dict[str, Any] | None:
+        """The stored preview projection's record (its file and fit report); None where there is none."""
+        return self.data.get("preview")
+
+    @property
+    def weights(self) -> dict[str, Any]:
+        """Per model part: its parameters and the graphs that store them."""
+        return self.data.get("weights", {})
+
+    @property
+    def source(self) -> dict[str, Any]:
+        """What the artifact was made from (the export command, or the fixture)."""
+        return self.data.get("source", {})
+
+    @property
+    def exporter(self) -> dict[str, str]:
+        """The versions that wrote the artifact."""
+        return self.data.get("exporter", {})
 
     def graph_path(self, name: str) -> Path:
         if name not in self.graphs:
@@ -112,14 +155,27 @@ class Manifest:
 
     @property
     def tokenizer_file(self) -> Path | None:
+        """The tokenizer the runtime reads (`tokenizer.json`); None for a fixture export (no text encoder)."""
         main = self.data.get("tokenizer", {}).get("main")
         return self.folder / main if main else None
 
+    @property
+    def tokenizer_files(self) -> list[dict[str, Any]]:
+        """The records of every tokenizer file shipped (the release's own files and `tokenizer.json`)."""
+        return self.data.get("tokenizer", {}).get("files", [])
+
+    def companion_files(self) -> list[dict[str, Any]]:
+        """The records of the files besides the graphs that travel with them: tokenizer, preview projection."""
+        return self.tokenizer_files + ([self.preview["file"]] if self.preview else [])
+
     def all_files(self) -> list[dict[str, Any]]:
         files = [f for g in self.graphs.values() for f in g["files"]]
-        preview = [self.data["preview"]["file"]] if "preview" in self.data else []
         reports = (self.quantization or {}).get("files", [])  # a quantised artifact's accuracy report
-        return files + self.data.get("tokenizer", {}).get("files", []) + preview + reports
+        return files + self.companion_files() + reports
+
+    def replaced(self, **sections: Any) -> "Manifest":
+        """This manifest with whole sections replaced (in memory: a derived artifact being written)."""
+        return Manifest(self.folder, {**self.data, **sections})
 
     def verify(self, mode: str = "quick") -> list[str]:
         """Problems with the files on disk (missing, resized, altered); empty when intact (see `verify_files`)."""
@@ -208,6 +264,10 @@ def structure_problems(data: dict[str, Any], config: ModelConfig) -> list[str]:
         problems.append("it does not say the graphs' precision")
     if data.get("schedule") != schedule_record(config):
         problems.append("its schedule does not match its model section")
+    try:
+        StepIO.from_json(data.get("step_io"))
+    except ArtifactError as e:
+        problems.append(str(e).removeprefix("the manifest's "))
     return problems
 
 

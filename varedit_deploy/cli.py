@@ -167,8 +167,10 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     image = load_image(args.image)
     if args.artifacts is not None:
         from .runtime.pipeline import EditPipeline
+        from .runtime.registry import DEFAULT_ARTIFACT_BACKEND
 
-        pipe = EditPipeline.from_artifacts(args.artifacts, backend=args.backend or "onnxruntime", verify=args.verify)
+        pipe = EditPipeline.from_artifacts(args.artifacts, backend=args.backend or DEFAULT_ARTIFACT_BACKEND,
+                                            verify=args.verify)
         result = pipe.edit(image, args.instruction, sampling=_sampling_from(args, pipe.config.sampling),
                            noise=args.noise or "numpy")
     else:
@@ -187,8 +189,10 @@ def _check_edit_options(args: argparse.Namespace) -> None:
             raise UsageError(f"{' and '.join(given)} do not apply to --artifacts: the artifact holds its model "
                              "and graphs (see `varedit-deploy inspect`)")
         if args.backend == "torch":
+            from .runtime.registry import ARTIFACT_BACKENDS
+
             raise UsageError("--backend torch runs --checkpoint-dir or --random-weights; with --artifacts use "
-                             "onnxruntime, tensorrt or tensorrt-rtx")
+                             f"{', '.join(ARTIFACT_BACKENDS)}")
     elif args.backend not in (None, "torch"):
         raise UsageError(f"--backend {args.backend} runs exported graphs: give --artifacts DIR (from `export`); "
                          "--checkpoint-dir and --random-weights run the torch reference")
@@ -267,7 +271,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from .build.engines import BuildOptions, build_engines
+    from .builder.engines import BuildOptions, build_engines
 
     defaults = BuildOptions()
     flavour = args.flavour or defaults.flavour
@@ -301,7 +305,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from .build.memory_plan import DEVICES, artifact_table, plan_table
+    from .memory_plan import DEVICES, artifact_table, plan_table
     from .config import from_name
     from .errors import InputError
 
@@ -354,31 +358,28 @@ def _model_source_args(p: argparse.ArgumentParser, third: tuple[str, str]) -> No
                         f"(default: {DEFAULT_MODEL})")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .build.engines import QUANTIZED, RTX_TARGETS, BuildOptions
-    from .build.memory_plan import DEVICES
-    from .build.precision import PRECISIONS
-    from .imaging import MAX_SIDE, MIN_SIDE, OUTPUT_FORMATS
-    from .parity import BACKENDS
-
-    parser = _Parser(prog=PROG, description="Deploy VAREdit: reference, export, runtime.")
-    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _add_parity(sub) -> None:
+    from .runtime.registry import ARTIFACT_BACKENDS, MODEL_BACKENDS
 
     p = sub.add_parser("parity", help="reproduce a golden fixture of the official code and report the differences")
     p.add_argument("--fixture", required=True, type=Path, help="fixture folder (config.json, *.safetensors)")
-    p.add_argument("--backend", default="torch", choices=BACKENDS,
+    p.add_argument("--backend", default="torch", choices=[*MODEL_BACKENDS, *ARTIFACT_BACKENDS],
                    help="torch (the reference), torch-fast (the fused-kernel fast path, fp32), or the exported "
-                        "graphs on onnxruntime, tensorrt, tensorrt-rtx")
+                        f"graphs on {', '.join(ARTIFACT_BACKENDS)}")
     p.add_argument("--artifacts", type=Path, help="replay this export of the fixture (e.g. a quantised one) "
                                                   "instead of exporting it afresh")
     p.set_defaults(func=_cmd_parity)
 
+
+def _add_edit(sub) -> None:
+    from .imaging import MAX_SIDE, MIN_SIDE, OUTPUT_FORMATS
+    from .runtime.registry import ARTIFACT_BACKENDS
+
     p = sub.add_parser("edit", help="edit a photo with an instruction")
     _model_source_args(p, ("--artifacts", "exported artifact folder (see `export`)"))
-    p.add_argument("--backend", choices=BACKENDS,
+    p.add_argument("--backend", choices=["torch", *ARTIFACT_BACKENDS],
                    help="torch (the reference: --checkpoint-dir, --random-weights), or with --artifacts: "
-                        "onnxruntime, tensorrt, tensorrt-rtx (default: torch, or onnxruntime with --artifacts)")
+                        f"{', '.join(ARTIFACT_BACKENDS)} (default: torch, or onnxruntime with --artifacts)")
     p.add_argument("--text-precision", choices=["fp16", "bf16", "fp32"],
                    help="T5 precision with --checkpoint-dir: fp16 keeps the FFN output in fp32, as official "
                         "(default: fp16)")
@@ -393,20 +394,30 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_args(p)
     p.set_defaults(func=_cmd_edit)
 
+
+def _add_export(sub) -> None:
+    from .export.attention_nodes import ATTENTION_FORMS
+    from .precisions import GRAPH_PRECISIONS
+
     p = sub.add_parser("export", help="export a model to a folder of ONNX graphs with a manifest")
     _model_source_args(p, ("--fixture", "fixture folder (no T5: the artifact starts at text_cond)"))
     p.add_argument("--out", required=True, type=Path,
                    help="artifact folder to write: new or empty, or an artifact to replace with --overwrite")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the artifact in --out (keeps built engines whose graphs do not change)")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+    p.add_argument("--precision", default="fp32", choices=GRAPH_PRECISIONS,
                    help="graph precision; fp32 graphs can also be lowered when engines are built")
-    p.add_argument("--attention", default="fused", choices=["fused", "decomposed", "plugin"],
+    p.add_argument("--attention", default="fused", choices=ATTENTION_FORMS,
                    help="the step's attentions: fused (ONNX Attention, opset 23: one fused layer each in TensorRT "
                         ">= 10.14 and TensorRT-RTX), decomposed (MatMul-Softmax-MatMul, opset 17: for older "
                         "TensorRT such as JetPack 6's 10.3) or plugin (fused, each self-attention our Triton "
                         "kernel as a TensorRT plugin; TensorRT only, not ONNX Runtime)")
     p.set_defaults(func=_cmd_export)
+
+
+def _add_build(sub) -> None:
+    from .builder.engines import RTX_TARGETS, BuildOptions
+    from .precisions import ENGINE_PRECISIONS
 
     p = sub.add_parser("build", help="build TensorRT / TensorRT-RTX engines from an artifact")
     p.add_argument("--artifacts", required=True, type=Path,
@@ -414,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flavour", choices=["tensorrt", "tensorrt-rtx"],
                    help="tensorrt-rtx builds ahead of time on any machine; tensorrt builds on the GPU that runs "
                         f"the engines (default: {BuildOptions.flavour})")
-    p.add_argument("--precision", choices=[*PRECISIONS, *QUANTIZED],
+    p.add_argument("--precision", choices=ENGINE_PRECISIONS,
                    help="engine precision (default: fp16 for an fp32 artifact, the stored precision of an fp16/bf16 "
                         "one, the quantisation mode of a quantised one)")
     p.add_argument("--target", nargs="+", metavar="TARGET",
@@ -426,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="build with weight streaming (part of the weights may stay in host memory)")
     p.set_defaults(func=_cmd_build)
 
+
+def _add_quantize(sub) -> None:
     p = sub.add_parser("quantize", help="quantise an fp32 artifact (INT8, FP8, INT4 weight-only) from calibrated "
                                         "Q/DQ, with a sensitivity search and an accuracy report")
     p.add_argument("--artifacts", required=True, type=Path, help="fp32 artifact folder (see `export`)")
@@ -453,6 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache", choices=["int8"], help="an 8-bit KV cache with per-channel scales")
     p.set_defaults(func=_cmd_quantize)
 
+
+def _add_plan(sub) -> None:
+    from .memory_plan import DEVICES
+
     p = sub.add_parser("plan", help="memory plan per precision for a device (e.g. Jetson) or a memory size")
     p.add_argument("--model", default="8b-512", choices=list(PRESETS), metavar="MODEL",
                    help=f"model preset: {', '.join(PRESETS)}")
@@ -465,15 +482,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engines", type=Path, nargs="+", help="engine folders to report (default: ARTIFACTS/engines/*)")
     p.set_defaults(func=_cmd_plan)
 
+
+def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="show what an artifact holds and verify every file's size and sha256")
     p.add_argument("artifacts", type=Path, help="artifact folder (from `export`), engines included")
     p.set_defaults(func=_cmd_inspect)
+
+
+def _add_serve(sub) -> None:
+    from .imaging import MAX_SIDE
+    from .runtime.registry import ARTIFACT_BACKENDS, DEFAULT_ARTIFACT_BACKEND
 
     p = sub.add_parser("serve", help="serve edits over HTTP: OpenAI-style POST /v1/images/edits (needs [serve])",
                        description="An OpenAI Images API compatible edit server; see docs/serving.md. "
                                    "Defaults are in varedit_deploy/serve/options.py.")
     p.add_argument("--artifacts", required=True, help="exported artifact folder (see `export`)")
-    p.add_argument("--backend", choices=["onnxruntime", "tensorrt", "tensorrt-rtx"], help="default onnxruntime")
+    p.add_argument("--backend", choices=list(ARTIFACT_BACKENDS), help=f"default {DEFAULT_ARTIFACT_BACKEND}")
     p.add_argument("--host", help="interface to listen on (default 127.0.0.1: loopback only)")
     p.add_argument("--port", type=_value(int, _port), help="default 8000")
     p.add_argument("--api-key", dest="api_key",
@@ -496,6 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how much the server logs")
     p.set_defaults(func=_cmd_serve)
 
+
+def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="build a small model, export it, edit a real photo on ONNX Runtime")
     p.add_argument("--out", type=Path, default=Path("demo-output"),
                    help="output folder: new, empty, or a previous demo's")
@@ -506,6 +532,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timed-edits", type=_value(int, _edit_count), default=5,
                    help="edits timed on each side after one warm-up each, 1-50")
     p.set_defaults(func=_cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Deploy VAREdit: reference, export, runtime.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_parity, _add_edit, _add_export, _add_build, _add_quantize, _add_plan, _add_inspect, _add_serve,
+                _add_demo):
+        add(sub)
     return parser
 
 

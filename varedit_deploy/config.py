@@ -1,25 +1,25 @@
-"""Model presets, scale schedules and the strict loader for fixture/manifest configs.
+"""Model presets, scale schedules and the strict loader for manifest configs.
 
-Every hyper-parameter of a VAREdit release is written down here once (spec/transformer.md
-section 1, spec/vae-text.md section 1); everything else derives from these dataclasses.
+Every hyper-parameter of a VAREdit release is written down here once (docs/spec/transformer.md
+section 1, docs/spec/vae-text.md section 1); everything else derives from these dataclasses.
+A golden fixture's config.json is read into the same classes by `fixtures.py`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import numbers
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
 
-# Side lengths of the h/w = 1.0 schedule (infinity/utils/dynamic_resolution.py); a `pn`
-# takes a prefix of them. VAREdit sets every t to 1, so a scale is just (1, side, side).
+# Side lengths of the h/w = 1.0 schedule (infinity/utils/dynamic_resolution.py); an image size
+# (the official `pn`, in megapixels) takes a prefix of them. VAREdit sets every t to 1, so a scale
+# is just (1, side, side).
 SQUARE_SIDES: tuple[int, ...] = (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64)
-SCALES_PER_PN: dict[str, int] = {"0.06M": 7, "0.25M": 10, "0.60M": 12, "1M": 13}
+SCALES_PER_MEGAPIXELS: dict[str, int] = {"0.06M": 7, "0.25M": 10, "0.60M": 12, "1M": 13}
 
 
 @dataclass(frozen=True)
@@ -30,10 +30,11 @@ class Schedule:
     vae_factor: int = 1  # 2 for spatially patchified (8B) models: VAE grid = 2x token grid
 
     @classmethod
-    def from_pn(cls, pn: str, vae_factor: int = 1) -> "Schedule":
-        if pn not in SCALES_PER_PN:
-            raise ConfigError(f"unknown pn {pn!r}; expected one of {sorted(SCALES_PER_PN)}")
-        return cls(SQUARE_SIDES[: SCALES_PER_PN[pn]], vae_factor)
+    def from_megapixels(cls, megapixels: str, vae_factor: int = 1) -> "Schedule":
+        if megapixels not in SCALES_PER_MEGAPIXELS:
+            raise ConfigError(f"unknown image size {megapixels!r} (the official pn); expected one of "
+                              f"{sorted(SCALES_PER_MEGAPIXELS)}")
+        return cls(SQUARE_SIDES[: SCALES_PER_MEGAPIXELS[megapixels]], vae_factor)
 
     @property
     def num_scales(self) -> int:
@@ -82,7 +83,7 @@ class Schedule:
 
 @dataclass(frozen=True)
 class TransformerConfig:
-    """The Infinity-style transformer (spec/transformer.md 1.1)."""
+    """The Infinity-style transformer (docs/spec/transformer.md 1.1)."""
 
     depth: int
     dim: int
@@ -136,7 +137,7 @@ class TransformerConfig:
 
 @dataclass(frozen=True)
 class VAEConfig:
-    """The BSQ-VAE (spec/vae-text.md 1.1-1.4)."""
+    """The BSQ-VAE (docs/spec/vae-text.md 1.1-1.4)."""
 
     codebook_dim: int
     base_ch: int = 128
@@ -211,7 +212,7 @@ class ModelConfig:
     name: str
     transformer: TransformerConfig
     vae: VAEConfig
-    pn: str
+    megapixels: str  # the official `pn`: "0.25M" for 512 px, "1M" for 1024 px (SCALES_PER_MEGAPIXELS)
     transformer_file: str | None = None
     vae_file: str | None = None
     text_encoder_dir: str | None = "flan-t5-xl"
@@ -223,7 +224,7 @@ class ModelConfig:
 
     @property
     def schedule(self) -> Schedule:
-        return Schedule.from_pn(self.pn, 2 if self.transformer.patchify else 1)
+        return Schedule.from_megapixels(self.megapixels, 2 if self.transformer.patchify else 1)
 
     @property
     def image_size(self) -> int:
@@ -259,37 +260,38 @@ def _strict(kind: type, data: dict[str, Any], where: str) -> Any:
 
 
 def _release(
-    name: str, *, depth: int, dim: int, heads: int, pn: str, big: bool, transformer_file: str
+    name: str, *, depth: int, dim: int, heads: int, megapixels: str, patchified: bool, transformer_file: str
 ) -> ModelConfig:
-    code = 14 if big else 32
+    """A released model: 2B (32-bit codes, VAE patch 16) or 8B (14-bit codes, 2x2 patchified, VAE patch 8)."""
+    code = 14 if patchified else 32
     return ModelConfig(
         name=name,
-        transformer=TransformerConfig(depth=depth, dim=dim, heads=heads, codebook_dim=code, patchify=big),
+        transformer=TransformerConfig(depth=depth, dim=dim, heads=heads, codebook_dim=code, patchify=patchified),
         vae=VAEConfig(
             codebook_dim=code,
-            ch_mult=(1, 2, 4, 4) if big else (1, 2, 4, 4, 4),
-            patch_size=8 if big else 16,
+            ch_mult=(1, 2, 4, 4) if patchified else (1, 2, 4, 4, 4),
+            patch_size=8 if patchified else 16,
         ),
-        pn=pn,
+        megapixels=megapixels,
         transformer_file=transformer_file,
-        vae_file="infinity_vae_d56_f8_14_patchify.pth" if big else "infinity_vae_d32reg.pth",
+        vae_file="infinity_vae_d56_f8_14_patchify.pth" if patchified else "infinity_vae_d32reg.pth",
     )
 
 
-def _tiny(name: str, *, big: bool, depth: int, dim: int = 64, heads: int = 2) -> ModelConfig:
+def _tiny(name: str, *, patchified: bool, depth: int, dim: int = 64, heads: int = 2) -> ModelConfig:
     """Small random-weight models shaped like the releases (fixture sizes), for tests and demos."""
-    code = 14 if big else 16
+    code = 14 if patchified else 16
     return ModelConfig(
         name=name,
         transformer=TransformerConfig(
-            depth=depth, dim=dim, heads=heads, codebook_dim=code, patchify=big,
+            depth=depth, dim=dim, heads=heads, codebook_dim=code, patchify=patchified,
             text_channels=256, block_chunks=depth,
         ),
         vae=VAEConfig(
             codebook_dim=code, base_ch=32, num_res_blocks=1,
-            ch_mult=(1, 2, 4, 4) if big else (1, 2, 4, 4, 4), patch_size=8 if big else 16,
+            ch_mult=(1, 2, 4, 4) if patchified else (1, 2, 4, 4, 4), patch_size=8 if patchified else 16,
         ),
-        pn="0.06M",
+        megapixels="0.06M",
         text_encoder_dir=None,
         sampling=SamplingConfig(cfg=3.0, tau=1.0, seed=0),
     )
@@ -298,11 +300,14 @@ def _tiny(name: str, *, big: bool, depth: int, dim: int = 64, heads: int = 2) ->
 PRESETS: dict[str, ModelConfig] = {
     c.name: c
     for c in (
-        _release("2b-512", depth=32, dim=2048, heads=16, pn="0.25M", big=False, transformer_file="2B-512.pth"),
-        _release("8b-512", depth=40, dim=3584, heads=28, pn="0.25M", big=True, transformer_file="8B-512.pth"),
-        _release("8b-1024", depth=40, dim=3584, heads=28, pn="1M", big=True, transformer_file="8B-1024.pth"),
-        _tiny("tiny-2b", big=False, depth=3),
-        _tiny("tiny-8b", big=True, depth=2),
+        _release("2b-512", depth=32, dim=2048, heads=16, megapixels="0.25M", patchified=False,
+                 transformer_file="2B-512.pth"),
+        _release("8b-512", depth=40, dim=3584, heads=28, megapixels="0.25M", patchified=True,
+                 transformer_file="8B-512.pth"),
+        _release("8b-1024", depth=40, dim=3584, heads=28, megapixels="1M", patchified=True,
+                 transformer_file="8B-1024.pth"),
+        _tiny("tiny-2b", patchified=False, depth=3),
+        _tiny("tiny-8b", patchified=True, depth=2),
     )
 }
 
@@ -312,69 +317,3 @@ def from_name(name: str) -> ModelConfig:
     if key not in PRESETS:
         raise ConfigError(f"unknown model {name!r}; known models: {', '.join(PRESETS)}")
     return PRESETS[key]
-
-
-# Keys of a fixture config.json that only describe the run or are derived from the others.
-_FIXTURE_DERIVED = {"scale_schedule", "vae_scale_schedule", "resolution", "vae_patch_size",
-                    "transformer_params", "vae_params", "torch_version", "text_len", "name"}
-_FIXTURE_KEYS = {"pn", "codebook_dim", "patchify", "vae_base_ch", "vae_res_blocks", "depth", "dim",
-                 "heads", "text_channels", "cfg", "tau", "top_k", "top_p", "seed", "vae_ch_mult",
-                 "block_chunks", "text_maxlen"}
-
-
-def load_fixture_config(path: str | Path) -> ModelConfig:
-    """Read a fixture folder's config.json (format of shared/fixtures/README.md) strictly."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not a readable JSON file ({e})") from None
-    unknown = sorted(set(data) - _FIXTURE_KEYS - _FIXTURE_DERIVED)
-    missing = sorted(_FIXTURE_KEYS - set(data))
-    if unknown or missing:
-        raise ConfigError(f"{path}: unknown keys {unknown}, missing keys {missing}")
-    try:
-        config = _fixture_model(data, path)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError, KeyError) as e:  # a value of the wrong kind ("depth": "x")
-        raise ConfigError(f"{path}: invalid values ({type(e).__name__}: {e})") from None
-    _check_derived(config, data, path)
-    return config
-
-
-def _fixture_model(data: dict[str, Any], path: Path) -> ModelConfig:
-    big = bool(data["patchify"])
-    return ModelConfig(
-        name=str(data.get("name", path.parent.name)),
-        transformer=TransformerConfig(
-            depth=data["depth"], dim=data["dim"], heads=data["heads"], codebook_dim=data["codebook_dim"],
-            patchify=big, text_channels=data["text_channels"], text_maxlen=data["text_maxlen"],
-            block_chunks=data["block_chunks"],
-        ),
-        vae=VAEConfig(
-            codebook_dim=data["codebook_dim"], base_ch=data["vae_base_ch"],
-            num_res_blocks=data["vae_res_blocks"], ch_mult=tuple(data["vae_ch_mult"]),
-            patch_size=2 ** (len(data["vae_ch_mult"]) - 1),
-        ),
-        pn=data["pn"],
-        text_encoder_dir=None,
-        sampling=SamplingConfig(cfg=data["cfg"], tau=data["tau"], top_k=data["top_k"],
-                                top_p=data["top_p"], seed=data["seed"]),
-    )
-
-
-def _check_derived(config: ModelConfig, data: dict[str, Any], path: Path) -> None:
-    """A fixture's redundant fields must agree with what we derive, or our schedule is wrong."""
-    sched = config.schedule
-    checks = {
-        "scale_schedule": sched.as_triples(),
-        "vae_scale_schedule": sched.vae_triples(),
-        "resolution": config.image_size,
-        "vae_patch_size": config.vae.patch_size,
-    }
-    for key, derived in checks.items():
-        if key in data and data[key] != derived:
-            raise ConfigError(f"{path}: {key} is {data[key]}, but the config implies {derived}")

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-SAMPLE = Path(__file__).parent / "assets" / "sample.jpg"
 # What a demo folder holds; `--out` may be new, empty, or hold only these (a previous demo's).
 WRITES = ("release", "artifacts", "edited.png", "side_by_side.png", "timings.md", "summary.json")
 COMPARES = "ONNX Runtime vs the eager PyTorch reference: same model, same photo, same noise"
@@ -70,7 +69,7 @@ def run_demo(out: Path, model_name: str = "tiny-2b", image: Path | None = None,
     from .errors import InputError
     from .export.artifacts import export_artifacts
     from .fileio import write_text
-    from .imaging import load_image, save_image
+    from .imaging import SAMPLE_PHOTO, load_image, save_image
     from .model.edit import edit as reference_edit
     from .model.loaded import VAREditModel
     from .runtime.pipeline import EditPipeline
@@ -82,7 +81,7 @@ def run_demo(out: Path, model_name: str = "tiny-2b", image: Path | None = None,
         raise InputError("the instruction is empty; say what to change, e.g. 'make the sky purple'")
     out = Path(out)
     check_demo_folder(out)
-    photo = load_image(image or SAMPLE)
+    photo = load_image(image or SAMPLE_PHOTO)
     t0 = time.perf_counter()
     progress(f"[1/4] building the small built-in model {model_name}")
     config = _write_release(out / "release", model_name, progress)
@@ -118,7 +117,7 @@ def run_demo(out: Path, model_name: str = "tiny-2b", image: Path | None = None,
     speedup = ref_stats["total"]["median"] / ort_stats["total"]["median"]
     table = _timing_table(ort_stats, ref_stats, timed_edits)
     summary = {
-        "model": model_name, "instruction": instruction, "seed": seed, "image": str(image or SAMPLE),
+        "model": model_name, "instruction": instruction, "seed": seed, "image": str(image or SAMPLE_PHOTO),
         "compares": f"{COMPARES}; {timed_edits} edits each after one warm-up, interleaved",
         "onnxruntime_ms": ort_stats, "reference_ms": ref_stats, "speedup_of_median_total": speedup,
         "bits_identical_to_reference": same_bits, "max_pixel_difference_to_reference": pixel_diff,

@@ -1,4 +1,4 @@
-"""The official pre- and post-processing of photos (spec/vae-text.md 2.1, 3.1); numpy + Pillow only.
+"""The official pre- and post-processing of photos (docs/spec/vae-text.md 2.1, 3.1); numpy + Pillow only.
 
 Pre: paste top-left on a white square of side max(w, h), LANCZOS to the model size, [-1, 1].
 Post: (x + 1) / 2 * 255 truncated to uint8, LANCZOS back to the square side, crop to (w, h).
@@ -21,6 +21,9 @@ from .fileio import atomic_path, check_writable
 MIN_SIDE = 16  # px, the 2B VAE's patch: a smaller side carries no picture at the model's scale
 MAX_SIDE = 8192  # px: bounds the result canvas to 8192^2 (200 MB of RGB); checked before decoding
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP"}
+# The photo shipped with the package (assets/README.md says where it is from): the demo's default,
+# and a real photo for calibration and preview fitting wherever no other is given.
+SAMPLE_PHOTO = Path(__file__).parent / "assets" / "sample.jpg"
 
 
 def load_image(path: str | Path) -> Image.Image:

@@ -10,21 +10,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from .artifact import MANIFEST, Manifest, read_manifest, sha256_file
-from .build.engines import describe_engine_set, engine_sets, read_engine_manifest, verify_engine_set
+from .engine_set import describe_engine_set, engine_sets, read_engine_manifest, verify_engine_set
 from .errors import ArtifactError
 
 
 def inspect_artifact(folder: str | Path) -> tuple[list[str], bool]:
     """Readable lines describing the artifact in `folder`, and whether everything is intact."""
     manifest = read_manifest(folder, verify="none")
-    data, cfg = manifest.data, manifest.config
-    sched = data["schedule"]
+    cfg, sched = manifest.config, manifest.schedule
     lines = [
         f"artifact {manifest.folder}",
         f"  model {cfg.name}: depth {cfg.transformer.depth}, width {cfg.transformer.dim}, "
         f"{cfg.transformer.heads} heads, {cfg.transformer.d_tok} bits/token, {sched['image_size']} px, "
         f"{len(sched['sides'])} scales {sched['sides']}",
-        f"  precision {data['precision']}; exported by {_exported_by(data.get('exporter', {}))}",
+        f"  precision {manifest.precision}; exported by {_exported_by(manifest.exporter)}",
     ]
     quant = manifest.quantization
     if quant is not None:
@@ -38,8 +37,8 @@ def inspect_artifact(folder: str | Path) -> tuple[list[str], bool]:
         needs = [f"{op} (TensorRT >= {v})" for op, v in g.get("tensorrt_needs", {}).items()]
         unsupported = ", ".join([*g["tensorrt_unsupported_ops"], *needs]) or "-"
         lines.append(f"  {name:<14} {mb:>9.2f} {sum(g['ops'].values()):>5}  {unsupported}")
-    tok = data.get("tokenizer", {}).get("files", [])
-    lines.append(f"  tokenizer: {', '.join(f['path'] for f in tok) or 'none (fixture export: starts at text_cond)'}")
+    tok = ", ".join(f["path"] for f in manifest.tokenizer_files)
+    lines.append(f"  tokenizer: {tok or 'none (fixture export: starts at text_cond)'}")
     problems = [f"damaged: {p}" for p in manifest.verify("full")]
     checked = len(manifest.all_files())
     sets = engine_sets(manifest.folder)

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ModelConfig, load_fixture_config
+from .config import ModelConfig
 from .errors import ConfigError
+from .fixtures import FixtureData
 from .imaging import to_uint8
+from .runtime.registry import ARTIFACT_BACKENDS, MODEL_BACKENDS
 
 LOGIT_TOL = 2e-4  # max |dlogit| / max |logit|
 PIXEL_TOL = 1e-4  # max |d decoded| in [-1, 1] units
@@ -121,40 +123,6 @@ class ParityReport:
         return "\n".join(lines)
 
 
-@dataclass
-class FixtureData:
-    folder: Path
-    config: ModelConfig
-    inputs: dict[str, np.ndarray]
-    expected: dict[str, np.ndarray]
-
-    @classmethod
-    def load(cls, folder: str | Path) -> "FixtureData":
-        from safetensors.numpy import load_file
-
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise ConfigError(f"fixture {folder}: no such folder")
-        config = load_fixture_config(folder / "config.json")
-        data = {}
-        for name in ("inputs", "expected"):
-            path = folder / f"{name}.safetensors"
-            if not path.is_file():
-                raise ConfigError(f"fixture {folder} lacks {path.name}")
-            data[name] = load_file(str(path))
-        return cls(folder, config, data["inputs"], data["expected"])
-
-    @property
-    def text_features(self) -> np.ndarray:
-        lt = int(self.inputs["text_lens"][0])
-        return self.inputs["text_features"][:lt][None].astype(np.float32)
-
-    def teacher_bits(self) -> list[np.ndarray]:
-        """The fixture's bits per scale in token layout [1, n, d_tok] (what the sampler emitted)."""
-        d_tok = self.config.transformer.d_tok
-        return [self.expected[f"sampled_{s}"].reshape(1, -1, d_tok) for s in range(self.config.schedule.num_scales)]
-
-
 def _max_abs(a: np.ndarray) -> float:
     return float(np.max(np.abs(a))) if a.size else 0.0
 
@@ -225,7 +193,7 @@ def run_reference(fixture: FixtureData) -> FixtureRun:
     model = VAREditModel.from_fixture(fixture.folder)
     cfg = fixture.config
     with torch.inference_mode():
-        raw = model.vae.encoder(torch.from_numpy(fixture.inputs["source_tensor"][None]))
+        raw = model.vae.encoder(torch.from_numpy(fixture.pixels))
         prefix = latent_to_tokens(raw, cfg.transformer.patchify)
         teacher = [torch.from_numpy(b) for b in fixture.teacher_bits()]
         gen = generate(model, torch.from_numpy(fixture.text_features), prefix,
@@ -249,21 +217,21 @@ def run_exported(fixture: FixtureData, backend: str, artifacts: str | Path | Non
     from .export.artifacts import export_artifacts
     from .model.loaded import VAREditModel
     from .runtime.pipeline import EditPipeline
-    from .sampling import SamplerInputs, TorchCPUNoise
+    from .sampling import TorchCPUNoise
 
     cfg = fixture.config
     with tempfile.TemporaryDirectory() as tmp:
         options = {}
         if artifacts is not None:
             folder = Path(artifacts)
-            if read_manifest(folder).config.to_dict() != cfg.to_dict():
+            if read_manifest(folder).config != cfg:
                 raise ConfigError(f"artifact {folder} is not an export of fixture {fixture.folder} (model configs differ)")
         else:
             folder = export_artifacts(VAREditModel.from_fixture(fixture.folder), Path(tmp) / "artifact",
                                       source={"fixture": str(fixture.folder)}, progress=lambda _: None,
                                       validate=False)
         if backend in ("tensorrt", "tensorrt-rtx") and artifacts is None:
-            from .build.engines import BuildOptions, build_engines
+            from .builder.engines import BuildOptions, build_engines
             from .runtime.gpu import current_compute_capability
 
             target = current_compute_capability() if backend == "tensorrt-rtx" else "current"
@@ -271,13 +239,12 @@ def run_exported(fixture: FixtureData, backend: str, artifacts: str | Path | Non
                           progress=lambda _: None)
             options = {"precision": "fp32"}
         pipe = EditPipeline.from_artifacts(folder, backend=backend, **options)
-        prefix = pipe.encode_image(fixture.inputs["source_tensor"][None])
-        loop = pipe.loop.run(fixture.text_features, prefix, SamplerInputs.from_params(cfg.sampling),
-                             TorchCPUNoise(cfg.sampling.seed), fixture.teacher_bits())
-        source_prefix, summed = pipe.loop.collect(loop, [prefix, loop.summed], record=True)
-        run = FixtureRun(None, source_prefix, loop.guided_logits, loop.bits, summed, pipe.decode(loop.summed))
-        pipe.close()
-    return run
+        try:
+            run = pipe.generate(text_features=fixture.text_features, pixels=fixture.pixels, sampling=cfg.sampling,
+                                noise=TorchCPUNoise(cfg.sampling.seed), teacher_bits=fixture.teacher_bits())
+        finally:
+            pipe.close()
+    return FixtureRun(None, run.source_prefix, run.guided_logits, run.bits, run.summed, run.decoded)
 
 
 def run_fast_path(fixture: FixtureData, scales: int | None = None) -> FixtureRun:
@@ -290,7 +257,7 @@ def run_fast_path(fixture: FixtureData, scales: int | None = None) -> FixtureRun
     import torch
 
     from .model.loaded import VAREditModel
-    from .sampling import SamplerInputs, TorchCPUNoise
+    from .sampling import TorchCPUNoise
 
     cuda = torch.cuda.is_available()
     if not cuda:  # read when the kernels are defined, so before the fast path is imported
@@ -301,17 +268,18 @@ def run_fast_path(fixture: FixtureData, scales: int | None = None) -> FixtureRun
     pipe = EditPipeline.from_model(VAREditModel.from_fixture(fixture.folder), device="cuda" if cuda else "cpu",
                                    dtype=torch.float32)
     exact = torch.backends.cudnn.flags(enabled=True, allow_tf32=False) if cuda else contextlib.nullcontext()
-    with exact:
-        prefix = pipe.encode_image(fixture.inputs["source_tensor"][None])
-        loop = pipe.loop.run(fixture.text_features, prefix, SamplerInputs.from_params(cfg.sampling),
-                             TorchCPUNoise(cfg.sampling.seed), fixture.teacher_bits(), scales)
-        source_prefix, summed = pipe.loop.collect(loop, [prefix, loop.summed], record=True)
-        decoded = pipe.decode(loop.summed) if scales is None else None
-    pipe.close()
-    return FixtureRun(None, source_prefix, loop.guided_logits, loop.bits, summed if scales is None else None, decoded)
+    try:
+        with exact:
+            run = pipe.generate(text_features=fixture.text_features, pixels=fixture.pixels, sampling=cfg.sampling,
+                                noise=TorchCPUNoise(cfg.sampling.seed), teacher_bits=fixture.teacher_bits(),
+                                scales=scales)
+    finally:
+        pipe.close()
+    return FixtureRun(None, run.source_prefix, run.guided_logits, run.bits, run.summed if scales is None else None,
+                      run.decoded)
 
 
-BACKENDS = ("torch", "torch-fast", "onnxruntime", "tensorrt", "tensorrt-rtx")
+BACKENDS = tuple(MODEL_BACKENDS) + tuple(ARTIFACT_BACKENDS)
 
 
 def check_fixture(folder: str | Path, backend: str = "torch", artifacts: str | Path | None = None) -> ParityReport:

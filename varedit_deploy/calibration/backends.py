@@ -21,11 +21,12 @@ Sample = dict[str, np.ndarray]
 
 
 class DelegatingBackend(Backend):
-    """Buffers and transfers are the inner backend's; subclasses decide what each graph runs."""
+    """Buffers, transfers, synchronisation and timing are the inner backend's; subclasses decide
+    what each graph runs."""
 
     def __init__(self, inner: Backend):
         super().__init__(inner.manifest)
-        self.inner, self.name = inner, inner.name
+        self.inner, self.name, self.compute_dtype = inner, inner.name, inner.compute_dtype
 
     def _load(self, name: str) -> GraphRunner:
         return self.inner.graph(name)
@@ -36,8 +37,17 @@ class DelegatingBackend(Backend):
     def write(self, dst, src) -> None:
         self.inner.write(dst, src)
 
+    def read_all(self, buffers) -> list[np.ndarray]:
+        return self.inner.read_all(buffers)
+
     def read(self, src) -> np.ndarray:
         return self.inner.read(src)
+
+    def mark(self) -> object:
+        return self.inner.mark()
+
+    def seconds(self, start, end) -> float:
+        return self.inner.seconds(start, end)
 
     def close(self) -> None:
         self._graphs.clear()

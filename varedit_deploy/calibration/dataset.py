@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..demo import SAMPLE
 from ..errors import InputError, require
-from ..imaging import load_image
+from ..imaging import SAMPLE_PHOTO, load_image
 
 INSTRUCTIONS = Path(__file__).with_name("instructions.json")
 CALIBRATION_PHOTOS = ("skimage:astronaut", "skimage:coffee", "skimage:chelsea")
@@ -40,7 +39,7 @@ class EditPair:
             data = require("skimage.data", "quant", "scikit-image")
             return Image.fromarray(getattr(data, self.image.split(":", 1)[1])())
         if self.image == "bundled:sample.jpg":
-            return load_image(SAMPLE)
+            return load_image(SAMPLE_PHOTO)
         return load_image(self.image)
 
 

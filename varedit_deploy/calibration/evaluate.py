@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import require
-from ..imaging import postprocess, preprocess
+from ..imaging import postprocess
 from ..runtime.pipeline import EditPipeline
-from ..sampling import NumpyNoise, SamplerInputs
+from ..sampling import NumpyNoise
 from .dataset import EditPair
 
 
@@ -27,8 +27,9 @@ class TextSource:
     fixed: np.ndarray | None = None  # [1, Lt, Ct5]
     origin: str = "the artifact's text encoder"
 
-    def features(self, pipe: EditPipeline, instruction: str):
-        return self.fixed if self.fixed is not None else pipe.encode_text(instruction)
+    def conditioning(self, instruction: str) -> dict[str, object]:
+        """`EditPipeline.generate`'s conditioning argument for `instruction`."""
+        return {"text_features": self.fixed} if self.fixed is not None else {"instruction": instruction}
 
 
 @dataclass
@@ -48,15 +49,13 @@ def run_edit(pipe: EditPipeline, text: TextSource, pair: EditPair, seed: int, te
     its text features and source prefix) instead of this pipeline's own."""
     photo = pair.load()
     if reuse_inputs and teacher is not None:
-        features, prefix = teacher.features, teacher.prefix
+        inputs = {"text_features": teacher.features, "source_prefix": teacher.prefix}
     else:
-        features = text.features(pipe, pair.instruction)
-        prefix = pipe.encode_image(preprocess(photo, pipe.config.image_size))
-    loop = pipe.loop.run(features, prefix, SamplerInputs.from_params(pipe.config.sampling), NumpyNoise(seed),
-                         teacher.bits if teacher is not None else None)
-    features, prefix = pipe.loop.collect(loop, [features, prefix], record=True)  # bits and logits too
-    image = np.asarray(postprocess(pipe.decode(loop.summed), photo.size)) if decode else None
-    return EditRun(pair, seed, loop.bits, loop.guided_logits, features, prefix, image)
+        inputs = {**text.conditioning(pair.instruction), "photo": photo}
+    run = pipe.generate(**inputs, noise=NumpyNoise(seed), teacher_bits=teacher.bits if teacher is not None else None,
+                        decode=decode)
+    image = np.asarray(postprocess(run.decoded, photo.size)) if decode else None
+    return EditRun(pair, seed, run.bits, run.guided_logits, run.text_features, run.source_prefix, image)
 
 
 def reference_runs(pipe: EditPipeline, text: TextSource, pairs) -> list[EditRun]:

@@ -27,11 +27,12 @@ import numpy as np
 
 from .. import __version__
 from ..artifact import MANIFEST, SCHEMA_VERSION, Manifest, file_record, read_manifest, sha256_file, write_manifest
-from ..build.precision import graph_precision, to_half
 from ..errors import ArtifactError, InputError, OutputError
 from ..export.onnx_export import EXTERNAL_DATA_BYTES, tensorrt_support
+from ..export.precision import graph_precision, to_half
 from ..export.weightless import graph_opset
 from ..fileio import atomic_dir
+from ..fixtures import FixtureData
 from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
 from ..runtime.pipeline import EditPipeline
 from . import kv_cache, report
@@ -80,7 +81,7 @@ def quantize_artifacts(artifacts: str | Path, out: str | Path, opts: QuantizeOpt
             found = run.sensitivity()
             result = run.write(tmp, found)
             rep = run.report(result, found)
-            result.data["quantization"]["files"] = [file_record(tmp, tmp / name) for name in report.FILES]
+            result.quantization["files"] = [file_record(tmp, tmp / name) for name in report.FILES]
             write_manifest(tmp, {k: v for k, v in result.data.items() if k != "schema_version"})
     finally:
         run.backend.close()
@@ -94,8 +95,8 @@ def _check(manifest: Manifest, out: Path, opts: QuantizeOptions) -> None:
     if quant is not None:
         raise ArtifactError(f"artifact {manifest.folder} is already quantised ({quant['mode']}, {quant['method']}); "
                             f"quantise its fp32 source instead ({quant['source_artifact']})")
-    if manifest.data.get("precision", "fp32") != "fp32":
-        raise ArtifactError(f"artifact {manifest.folder} holds {manifest.data['precision']} graphs; --mode "
+    if manifest.precision != "fp32":
+        raise ArtifactError(f"artifact {manifest.folder} holds {manifest.precision} graphs; --mode "
                             f"{opts.mode} calibrates fp32 graphs: export with --precision fp32 and quantise that")
     if out.resolve() == manifest.folder.resolve():
         raise InputError(f"--out {out} is the artifact being quantised; write the quantised artifact elsewhere")
@@ -128,10 +129,8 @@ def _text_source(manifest: Manifest, fixture: Path | None) -> TextSource:
     if fixture is None:
         raise InputError(f"artifact {manifest.folder} has no text encoder (it was exported from a fixture); "
                          "pass --fixture DIR to calibrate with that fixture's text features")
-    from ..parity import FixtureData
-
     data = FixtureData.load(fixture)
-    if data.config.to_dict() != manifest.config.to_dict():
+    if data.config != manifest.config:
         raise InputError(f"fixture {fixture} is a {data.config.name} model; artifact {manifest.folder} is "
                          f"{manifest.config.name}")
     return TextSource(data.text_features, f"the fixture's one instruction ({fixture}) for every pair")
@@ -244,7 +243,7 @@ class _Quantization:
         scales = kv_cache.calibrate_scales(self.recording.samples) if opts.kv_cache else {}
         graphs = {name: self._write_graph(name, entry, folder, chosen, scales)
                   for name, entry in self.manifest.graphs.items()}
-        _copy(self.manifest, _companion_files(self.manifest), folder)
+        _copy(self.manifest, self.manifest.companion_files(), folder)
         data = {**self.manifest.data, "precision": opts.high_precision, "graphs": graphs}
         data["quantization"] = {
             "mode": opts.mode, "method": self.method, "high_precision": opts.high_precision,
@@ -296,7 +295,7 @@ class _Quantization:
                 kv_cache.rewrite(model, scales)
                 swaps[name] = self.work / f"{name}.kv8.onnx"
                 _save(model, swaps[name])
-        with_kv = Manifest(self.manifest.folder, {**self.manifest.data, "kv_cache": {"dtype": kv_cache.DTYPE}})
+        with_kv = self.manifest.replaced(kv_cache={"dtype": kv_cache.DTYPE})
         return self._agreement(swaps, with_kv)
 
     def report(self, result: Manifest, found: SearchResult) -> dict[str, Any]:
@@ -327,7 +326,7 @@ class _Quantization:
         rep = {
             "mode": self.opts.mode, "method": self.method, "high_precision": self.opts.high_precision,
             "kv_cache": self.opts.kv_cache or "float32", "model": self.manifest.config.name,
-            "weights_made_on": report.weights_made_on(self.manifest.data.get("source", {})),
+            "weights_made_on": report.weights_made_on(self.manifest.source),
             "calibration_set": {**quant["calibration_set"], "description": self.calib.describe()},
             "per_scale_bit_agreement": q_agree.per_scale, "bit_agreement": q_agree.overall,
             "per_scale_logit_kl": q_agree.per_scale_kl, "bits_compared": sum(q_agree.bits),
@@ -408,11 +407,5 @@ def lowered_copy(manifest: Manifest, folder: Path, precision: str) -> Manifest:
         target.parent.mkdir(parents=True, exist_ok=True)
         model = to_half(onnx.load(str(manifest.graph_path(name))), lowered)
         graphs[name] = _entry(folder, _save(model, target), entry, model, lowered, None)
-    _copy(manifest, _companion_files(manifest), folder)
+    _copy(manifest, manifest.companion_files(), folder)
     return Manifest(folder, {**manifest.data, "precision": precision, "graphs": graphs})
-
-
-def _companion_files(manifest: Manifest) -> list[dict[str, Any]]:
-    """The artifact's files besides its graphs (tokenizer, preview projection), carried over as they are."""
-    preview = [manifest.data["preview"]["file"]] if "preview" in manifest.data else []
-    return manifest.data.get("tokenizer", {}).get("files", []) + preview

@@ -23,16 +23,19 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..artifact import file_record, schedule_record, write_manifest, write_stamp
-from ..build.precision import PRECISIONS, graph_precision
+from ..artifact import file_record, read_manifest, schedule_record, write_manifest, write_stamp
 from ..errors import ConfigError
 from ..fileio import atomic_dir
-from ..model.attention import ATTENTION_FORMS
+from ..graph_io import StepIO
 from ..model.loaded import VAREditModel
-from ..runtime.preview_fit import add_preview
+from ..precisions import GRAPH_PRECISIONS
+from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
+from ..runtime.preview_fit import fit_preview, store_preview
+from .attention_nodes import ATTENTION_FORMS
 from .destination import carry_engines, check_export_target
 from .graphs import graph_specs
 from .onnx_export import EXTERNAL_DATA_BYTES, VALIDATE_BYTES, export_graph
+from .precision import graph_precision
 from .source import ExportSource
 
 TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -55,8 +58,8 @@ def export_artifacts(
     with `overwrite` an existing artifact (replaced atomically, keeping still-valid engines).
     `attention`: the step's attentions as ONNX `Attention` nodes ("fused", opset 23) or spelled
     out ("decomposed", opset 17: TensorRT before 10.14, e.g. JetPack 6)."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision not in GRAPH_PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(GRAPH_PRECISIONS)}")
     if attention not in ATTENTION_FORMS:
         raise ConfigError(f"unknown attention form {attention!r}; choose one of {', '.join(ATTENTION_FORMS)}")
     out = Path(out)
@@ -90,6 +93,7 @@ def export_artifacts(
             "precision": precision,
             "attention": attention,
             "schedule": schedule_record(src.model.config),
+            "step_io": StepIO().to_json(),
             "graphs": graphs,
             "weights": _weights_summary(src, graphs),
             "tokenizer": tokenizer,
@@ -97,12 +101,26 @@ def export_artifacts(
             "exporter": {"varedit_deploy": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
                          "python": platform.python_version(), "weights_from": src.description},
         })
-        add_preview(tmp, progress)
+        _add_preview(tmp, progress)
         # hashed as they were written: a load trusts the large ones while their size and mtime stay the same
         write_stamp(tmp, [f for g in graphs.values() for f in g["files"]])
         carry_engines(previous, tmp, progress)
     progress(f"wrote {out}")
     return out
+
+
+def _add_preview(folder: Path, progress: Callable[[str], None]) -> None:
+    """Fit the preview projection on the just-written VAE graphs (ONNX Runtime) and store it: only the
+    VAE encoder and decoder run, never the transformer."""
+    manifest = read_manifest(folder, verify="none")
+    if manifest.precision == "bf16":  # ONNX Runtime's CPU provider has no bf16 kernels
+        progress("preview projection: skipped for bf16 graphs (a server fits one on its own backend at start)")
+        return
+    with OnnxRuntimeBackend(manifest) as backend:
+        projection, report = fit_preview(backend, manifest.config)
+    store_preview(manifest, projection, report)
+    progress(f"preview projection: {report['kernel']}x{report['kernel']} neighbourhoods, {report['states']} states "
+             f"from the VAE's own quantisation of real photos, fit PSNR {report['fit_psnr_db']:.1f} dB against the decoder")
 
 
 def _block_progress(label: str, progress: Callable[[str], None]) -> Callable[[int, int, str], None]:

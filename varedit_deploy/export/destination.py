@@ -16,8 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..artifact import MANIFEST, STAMP, Manifest, read_manifest, sha256_file
-from ..build.engines import (ENGINE_MANIFEST, engine_set_files, engine_sets, read_engine_manifest,
-                             verify_engine_set)
+from ..engine_set import ENGINE_MANIFEST, engine_set_files, engine_sets, read_engine_manifest, verify_engine_set
 from ..errors import ArtifactError, OutputError
 from ..fileio import check_writable, unlisted_files
 
@@ -101,7 +100,7 @@ def _stale_reason(folder: Path, previous: Manifest, new: Manifest) -> str | None
         return "damaged: " + "; ".join(damage)
     if data.get("artifact_manifest_sha256") != sha256_file(previous.folder / MANIFEST):
         return "it was already stale (built from an earlier export)"
-    if new.data["model"] != previous.data["model"] or new.data["schedule"] != previous.data["schedule"]:
+    if new.config != previous.config or new.schedule != previous.schedule:
         return "the model or its schedule changed"
 
     def files(manifest: Manifest, name: str) -> list[tuple[str, str]]:

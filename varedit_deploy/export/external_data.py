@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..build.precision import cast_values
+from .precision import cast_values, to_half
 
 ALIGN, ALIGN_FROM = 64 * 2**10, 2**20
 _ITEMSIZE = {1: 4, 10: 2, 16: 2, 11: 8, 7: 8, 6: 4, 9: 1}  # float, fp16, bf16, double, int64, int32, bool
@@ -87,3 +87,25 @@ def write_graph(model, path: Path, values: Callable[[str], np.ndarray], external
     if written is not None:
         records.append({"path": data_path.name, **written})
     return records
+
+
+def lower_graph(path, precision: str, out) -> None:
+    """Write the fp32 graph `path` lowered to `precision` as `out` (+ `.data`), one external
+    tensor at a time (an engine build never holds the fp32 weights and their copy together)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    external = {}
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            external[t.name] = ({e.key: e.value for e in t.external_data}, tuple(t.dims),
+                                onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+            del t.external_data[:]  # a stub again: its values are read back as it is written
+
+    def values(name: str) -> np.ndarray:
+        info, dims, dtype = external[name]
+        with open(path.parent / info["location"], "rb") as f:
+            f.seek(int(info.get("offset", 0)))
+            return np.frombuffer(f.read(int(info["length"])), dtype).reshape(dims)
+
+    write_graph(to_half(model, precision), out, values, external=bool(external))

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..graph_io import StepIO
 from ..model.codes import NextScaleInput, latent_to_tokens
 from ..model.loaded import VAREditModel
 from ..model.sampler import BitSampler
@@ -28,7 +29,7 @@ class GraphSpec:
     inputs: list[str]
     outputs: list[str]
     dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
-    attention: str = "decomposed"  # how its attentions are exported (model/attention.py)
+    attention: str = "decomposed"  # how its attentions are traced (attention_nodes.py)
 
 
 class TextEncoderGraph(nn.Module):
@@ -107,13 +108,6 @@ class NextInputGraph(nn.Module):
         return summed, self.tr.embed_tokens(tokens, self.scale + 1)
 
 
-def step_io_names(depth: int) -> tuple[list[str], list[str]]:
-    past = [f"past_k_{i}" for i in range(depth)] + [f"past_v_{i}" for i in range(depth)]
-    new = [f"new_k_{i}" for i in range(depth)] + [f"new_v_{i}" for i in range(depth)]
-    return (["x", "modulation", "head_modulation", "text_k", "text_v", "sar_k", "sar_v", *past],
-            ["logits", *new])
-
-
 def graph_specs(model: VAREditModel, t5: nn.Module | None, attention: str = "fused") -> list[GraphSpec]:
     """Specs for every graph of `model`; `t5` (fp32 T5 encoder) is None for fixtures without T5.
     `attention` is the form of the step's attentions (the other graphs' are small: opset 17).
@@ -160,18 +154,17 @@ def graph_specs(model: VAREditModel, t5: nn.Module | None, attention: str = "fus
     # SAR's its own so that the source pass (no SAR, empty past) runs the same graph.
     n, p0 = sched.tokens[1], sched.starts[1]
     past = [rand(p0 if i == 0 else n_src + p0, 2, h, c) for i in range(depth)] * 2
-    step_in, step_out = step_io_names(depth)
-    axes: dict[str, dict[int, str]] = {"x": {1: "tokens"}, "text_k": text_axes, "text_v": text_axes,
-                                       "sar_k": {0: "sar_tokens"}, "sar_v": {0: "sar_tokens"},
-                                       "logits": {1: "tokens"}}
-    for name in step_in[7:]:
-        axes[name] = {0: "past_targets" if name.endswith("_0") else "past_len"}
-    for name in step_out[1:]:
-        axes[name] = {0: "tokens"}
+    io = StepIO()
+    axes: dict[str, dict[int, str]] = {io.x: {1: "tokens"}, io.text_k: text_axes, io.text_v: text_axes,
+                                       io.sar_k: {0: "sar_tokens"}, io.sar_v: {0: "sar_tokens"},
+                                       io.logits: {1: "tokens"}}
+    for i in range(depth):  # layer 0 attends over the SAR and earlier targets, the others over the source too
+        axes.update(dict.fromkeys(io.past(i), {0: "past_targets" if i == 0 else "past_len"}))
+        axes.update(dict.fromkeys(io.new(i), {0: "tokens"}))
     specs.append(GraphSpec(
         "step", StepGraph(tr),
         (rand(2, n, dim), modulation, head_modulation, text_k, text_v, rand(n, 2, h, c), rand(n, 2, h, c), *past),
-        step_in, step_out, axes, attention,
+        io.inputs(depth), io.outputs(depth), axes, attention,
     ))
     rows = n * tcfg.d_tok
     specs.append(GraphSpec(

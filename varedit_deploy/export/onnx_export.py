@@ -16,11 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..build.precision import to_half
 from ..errors import VareditError, require
-from ..plugins.trt_plugin import ONNX_DOMAIN, PLUGIN_NAME, PLUGIN_NAMESPACE, plugin_record
+from ..graph_io import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_ONNX_DOMAIN, plugin_record
+from ..runtime.onnxruntime_backend import disabled_optimizers
 from .external_data import nbytes, stubs, write_graph
 from .graphs import GraphSpec
+from .precision import to_half
 from .source import ExportSource
 from .weightless import graph_opset, parameters_replaced, trace
 
@@ -87,7 +88,7 @@ def export_graph(spec: GraphSpec, folder: Path, source: ExportSource, precision:
     except Exception as e:
         raise VareditError(f"exported graph {spec.name} fails the ONNX checker: {e}") from None
     ops = collections.Counter(n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx"))
-    plugin_nodes = sum(n.domain == ONNX_DOMAIN and n.op_type == PLUGIN_NAME for n in model.graph.node)
+    plugin_nodes = sum(n.domain == PLUGIN_ONNX_DOMAIN and n.op_type == PLUGIN_NAME for n in model.graph.node)
     used = {p for r in recipes.values() for p in r.params}  # the graph module's parameters it stores
     read = sorted(params[p] for p in used)
     entry: dict[str, Any] = {
@@ -144,8 +145,6 @@ def compare_with_module(spec: GraphSpec, path: Path, source: ExportSource, used:
     the source's weights in float32, fetched for the parameters the graph uses (`used`) alone;
     `ops`, the graph's operators, choose ONNX Runtime's optimisers."""
     import onnxruntime as ort
-
-    from ..runtime.onnxruntime_backend import disabled_optimizers
 
     owners = source.owners()
     tensors = {name: torch.from_numpy(source.tensor(*owners[id(p)])) if name in used

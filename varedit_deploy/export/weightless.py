@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..model.attention import FUSED_OPSET, attention_export
+from .attention_nodes import FUSED_OPSET, traced_attention
 from .graphs import GraphSpec
 
 OPSET = 17  # every graph but a step with fused attention
@@ -123,7 +123,7 @@ def trace(spec: GraphSpec) -> WeightlessGraph:
     wrapper = _WithExplicitParameters(spec.module, names, len(spec.example))
     buf = io.BytesIO()
     opset = trace_opset(spec.attention)
-    with warnings.catch_warnings(), torch.inference_mode(), attention_export(spec.attention):
+    with warnings.catch_warnings(), torch.inference_mode(), traced_attention(spec.module, spec.attention):
         warnings.simplefilter("ignore")
         torch.onnx.export(wrapper, (*spec.example, *placeholders), buf, input_names=[*spec.inputs, *names],
                           output_names=spec.outputs, dynamic_axes=spec.dynamic_axes, opset_version=opset,

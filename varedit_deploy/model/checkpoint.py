@@ -1,4 +1,4 @@
-"""Loading the official release files strictly (spec/transformer.md 5, spec/vae-text.md 1.7).
+"""Loading the official release files strictly (docs/spec/transformer.md 5, docs/spec/vae-text.md 1.7).
 
 The official loaders are non-strict: a renamed or misshaped tensor silently stays random.
 Ours maps the official names onto our modules and then fails on any missing or misshaped
@@ -91,7 +91,7 @@ def official_to_ours_transformer(state: dict[str, torch.Tensor], text_maxlen: in
 
 def official_uncond_init(text_maxlen: int, channels: int) -> torch.Tensor:
     """`cfg_uncond` as `Infinity.__init__` makes it: trunc-normal, std 1.2, bounds +-2, from a CPU
-    generator seeded 0, divided by sqrt(channels) (spec/vae-text.md 4); the official loader pads
+    generator seeded 0, divided by sqrt(channels) (docs/spec/vae-text.md 4); the official loader pads
     a shorter checkpoint tensor with its trailing rows."""
     rows = torch.empty(text_maxlen, channels)
     torch.nn.init.trunc_normal_(rows, std=1.2, generator=torch.Generator().manual_seed(0))

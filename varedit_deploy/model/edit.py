@@ -77,8 +77,8 @@ def generate(
         pair = guided_logits(logits, cfg_weights, inv_tau)
         bits = sample_bits(pair, torch.from_numpy(noise.draw(pair.shape[0])), threshold).view(1, n, -1)
         out.scales.append(ScaleRecord(pair, bits))
-        fed = bits if teacher_bits is None else teacher_bits[s]
-        summed, tokens = NextScaleInput(cfg, s)(fed, summed)
+        fed_bits = bits if teacher_bits is None else teacher_bits[s]
+        summed, tokens = NextScaleInput(cfg, s)(fed_bits, summed)
         if tokens is not None:
             x = tr.embed_tokens(tokens, s + 1)
         timings[f"scale_{s}"] = ms_since(ts)

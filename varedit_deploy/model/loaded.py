@@ -10,8 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import ModelConfig, load_fixture_config
+from ..config import ModelConfig
 from ..errors import CheckpointError
+from ..fixtures import load_fixture_config, weight_files
 from .checkpoint import ReleaseFiles, load_transformer_weights, load_vae_weights, read_state_file
 from .text import T5TextEncoder
 from .transformer import VAREditTransformer
@@ -43,17 +44,13 @@ class VAREditModel:
 
     @classmethod
     def from_fixture(cls, folder: str | Path) -> "VAREditModel":
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise CheckpointError(f"fixture {folder}: no such folder")
-        config = load_fixture_config(folder / "config.json")
+        """A golden fixture's model (fixtures.py reads the format)."""
+        transformer_file, vae_file = weight_files(folder)
+        config = load_fixture_config(Path(folder) / "config.json")
         model = cls.skeleton(config)
-        for name in ("transformer.safetensors", "vae.safetensors"):
-            if not (folder / name).is_file():
-                raise CheckpointError(f"fixture {folder} lacks {name}")
-        load_transformer_weights(model.transformer, read_state_file(folder / "transformer.safetensors"),
-                                 config.transformer.text_maxlen, str(folder / "transformer.safetensors"))
-        load_vae_weights(model.vae, read_state_file(folder / "vae.safetensors"), str(folder / "vae.safetensors"))
+        load_transformer_weights(model.transformer, read_state_file(transformer_file), config.transformer.text_maxlen,
+                                 str(transformer_file))
+        load_vae_weights(model.vae, read_state_file(vae_file), str(vae_file))
         return model
 
     @classmethod

@@ -1,4 +1,4 @@
-"""2-D RoPE as VAREdit builds and indexes it (spec/transformer.md 3.6).
+"""2-D RoPE as VAREdit builds and indexes it (docs/spec/transformer.md 3.6).
 
 One flat table is built from the '1M' schedule (source block of 64x64 at offset (64, 64),
 then every 1M scale at star-normalised positions) and looked up by *flat sequence offset*

@@ -1,4 +1,4 @@
-"""The Flan-T5 text path (spec/vae-text.md 4): tokenizer and encoder through transformers.
+"""The Flan-T5 text path (docs/spec/vae-text.md 4): tokenizer and encoder through transformers.
 
 Only the real tokens (instruction pieces + `</s>`) are encoded: T5 has relative positions
 only and padded keys get zero weight, so the official 512-token padding changes nothing at

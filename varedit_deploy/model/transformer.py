@@ -1,6 +1,6 @@
 """The VAREdit transformer, written to be run eagerly, traced to ONNX and run by backends.
 
-Three entry points split one edit by lifetime (spec/transformer.md 3.2-3.8, section 7):
+Three entry points split one edit by lifetime (docs/spec/transformer.md 3.2-3.8, section 7):
 
 * `text_condition`: T5 features -> per-layer AdaLN modulation, head modulation, start
   token and per-layer cross-attention K/V (computed once per edit, not per step).
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig, Schedule, TransformerConfig
-from .attention import bf16_flash_attention, cache_self_attention, cosine_qk
+from .attention import EAGER, cosine_qk
 from .buffers import constant
 from .resample import area_matrix
 from .rope import apply_rope, rope_table
@@ -62,7 +62,7 @@ def to_cache(x: torch.Tensor) -> torch.Tensor:
 
 def fp32_region(x: torch.Tensor):
     """Autocast off: under bf16 autocast the official code still runs the AdaLN linears on the text
-    condition and the head in fp32 (spec/transformer.md 3.2, 3.5, 3.12). A no-op without autocast."""
+    condition and the head in fp32 (docs/spec/transformer.md 3.2, 3.5, 3.12). A no-op without autocast."""
     return torch.autocast(x.device.type, enabled=False)
 
 
@@ -102,6 +102,7 @@ class CrossAttention(nn.Module):
         self.mat_kv = nn.Linear(c, 2 * c, bias=False)
         self.v_bias = nn.Parameter(torch.zeros(c))
         self.proj = nn.Linear(c, c)
+        self.attention = EAGER  # an exporter swaps in fused nodes (export/attention_nodes.py)
 
     def text_kv(self, ca_kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected text [B, Lt, C] -> this block's K, V [B, H, Lt, c] (once per edit)."""
@@ -114,7 +115,7 @@ class CrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         q = self.mat_q(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
-        return self.proj(bf16_flash_attention(q, k, v).transpose(1, 2).reshape(b, n, -1))
+        return self.proj(self.attention.text(q, k, v).transpose(1, 2).reshape(b, n, -1))
 
 
 class FFN(nn.Module):
@@ -138,6 +139,7 @@ class Block(nn.Module):
         self.ca = CrossAttention(cfg)
         self.ca_norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.ffn = FFN(cfg)
+        self.attention = EAGER  # the self-attention's product (see CrossAttention)
 
     def mix(self, x: torch.Tensor, mod: torch.Tensor, text_k: torch.Tensor, text_v: torch.Tensor,
             self_attend: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -167,7 +169,7 @@ class Block(nn.Module):
             own["k"], own["v"] = to_cache(k), to_cache(v)
             keys = torch.cat([prefix_k, own["k"]], dim=0)
             values = torch.cat([prefix_v, own["v"]], dim=0)
-            return cache_self_attention(q, keys, values)
+            return self.attention.over_cache(q, keys, values)
 
         x = self.mix(x, mod, text_k, text_v, attend)
         return x, own["k"], own["v"]
@@ -183,6 +185,7 @@ class TextAttentivePool(nn.Module):
         self.mat_kv = nn.Linear(cfg.text_channels, 2 * cfg.dim, bias=False)
         self.v_bias = nn.Parameter(torch.zeros(cfg.dim))
         self.proj = nn.Linear(cfg.dim, cfg.dim)
+        self.attention = EAGER  # (see CrossAttention)
 
     def forward(self, text: torch.Tensor) -> torch.Tensor:
         b, n, _ = text.shape
@@ -190,7 +193,7 @@ class TextAttentivePool(nn.Module):
         kv = F.linear(text, self.mat_kv.weight, bias).view(b, n, 2, self.heads, self.head_dim)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
         q = self.mat_q.unsqueeze(2).expand(b, -1, -1, -1)  # [B, Hp, 1, cp]
-        return self.proj(bf16_flash_attention(q, k, v).reshape(b, -1))
+        return self.proj(self.attention.text(q, k, v).reshape(b, -1))
 
 
 class RMSNorm(nn.Module):

@@ -1,4 +1,4 @@
-"""The BSQ-VAE encoder and decoder (spec/vae-text.md 1.2-1.4).
+"""The BSQ-VAE encoder and decoder (docs/spec/vae-text.md 1.2-1.4).
 
 Plain convolutional nets: GroupNorm(32, eps 1e-6) + SiLU ResNet blocks, asymmetric-pad
 stride-2 downsampling, nearest x2 upsampling, no attention. GroupNorm takes its statistics row

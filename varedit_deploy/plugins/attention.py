@@ -1,4 +1,4 @@
-"""Fused self-attention of one scale step, in Triton (spec/transformer.md 3.5-3.7).
+"""Fused self-attention of one scale step, in Triton (docs/spec/transformer.md 3.5-3.7).
 
 Two kernels (three with a split key range) replace the eager chain normalise -> temperature ->
 RoPE -> concat caches -> SDPA:

@@ -1,4 +1,4 @@
-"""Fused sampler and next-scale input in Triton (spec/transformer.md 3.9-3.11), no host round trip.
+"""Fused sampler and next-scale input in Triton (docs/spec/transformer.md 3.9-3.11), no host round trip.
 
 * `sample_bits`: tau and CFG on the logits, the two-way softmax, the top-p threshold and
   `argmax(p / E)` with the given Exp(1) noise -> one bit per (token, channel).

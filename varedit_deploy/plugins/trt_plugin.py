@@ -1,7 +1,7 @@
 """The step's self-attention as a TensorRT plugin (IPluginV3), for TensorRT and TensorRT-RTX.
 
 It replaces exactly the ONNX `Attention` node the default export writes for each self-attention
-(model/attention.py `cache_self_attention`): q [1, n, heads*c] over keys and values
+(export/attention_nodes.py): q [1, n, heads*c] over keys and values
 [1, L, heads*c] in the cache layout, softmax(q k^T * scale) v per head with fp32 softmax and
 sums, out [1, n, heads*c] in the inputs' dtype. The export names it `varedit::VareditScaleAttention`
 with `plugin_version` and `plugin_namespace` attributes, by which TensorRT's ONNX parser finds the
@@ -20,16 +20,9 @@ from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import Any
 
-PLUGIN_NAME = "VareditScaleAttention"
-PLUGIN_VERSION = "1"  # raise on any change to the fields, their meaning or the kernels' interface
-PLUGIN_NAMESPACE = "varedit"
-ONNX_DOMAIN = "varedit"
+from ..graph_io import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION, plugin_record
+
 DTYPE_NAMES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16"}  # trt.DataType name -> torch name
-
-
-def plugin_record() -> dict[str, str]:
-    """What the artifact and engine manifests record about the plugin."""
-    return {"domain": ONNX_DOMAIN, "op": PLUGIN_NAME, "version": PLUGIN_VERSION, "namespace": PLUGIN_NAMESPACE}
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..artifact import Manifest
-from ..errors import ConfigError
 
 
 class GraphRunner(ABC):
@@ -93,15 +92,3 @@ class Backend(ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def make_backend(name: str, manifest: Manifest, **options) -> Backend:
-    if name == "onnxruntime":
-        from .onnxruntime_backend import OnnxRuntimeBackend
-
-        return OnnxRuntimeBackend(manifest, **options)
-    if name in ("tensorrt", "tensorrt-rtx"):
-        from .tensorrt_backend import TensorRTBackend
-
-        return TensorRTBackend(manifest, flavour=name, **options)
-    raise ConfigError(f"unknown backend {name!r}; available: onnxruntime, tensorrt, tensorrt-rtx")

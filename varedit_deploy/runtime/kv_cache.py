@@ -16,8 +16,9 @@ from typing import Literal, Union
 
 import numpy as np
 
-SOURCE = "source"  # the "scale" of the source pass in views and binding plans
-Call = Union[int, Literal["source"]]
+SOURCE = "source"  # the "scale" of the source pass in cache views
+# Which call of the step graph a view is for: a scale index, or SOURCE for the source pass.
+StepCall = Union[int, Literal["source"]]
 
 
 @dataclass
@@ -57,31 +58,31 @@ class KVCache:
         return cls.from_buffers({name: empty(shape, dtype) for name, shape in shapes.items()},
                                 source_tokens, starts, tokens)
 
-    def rows(self, kind: str, layer: int, call: Call = 0) -> tuple[int, int]:
+    def rows(self, kind: str, layer: int, call: StepCall = 0) -> tuple[int, int]:
         """Row range [first, end) of a view: 'past', 'slot', 'source' or 'sar'."""
         return cache_rows(kind, layer, call, self.source_tokens, self.starts, self.tokens)
 
-    def _view(self, kind: str, layer: int, call: Call = 0):
+    def _view(self, kind: str, layer: int, call: StepCall = 0):
         first, end = self.rows(kind, layer, call)
         k, v = (self.sar_k, self.sar_v) if kind == "sar" else (self.k[layer], self.v[layer])
         return k[first:end], v[first:end]
 
-    def past(self, layer: int, call: Call):
+    def past(self, layer: int, call: StepCall):
         return self._view("past", layer, call)
 
-    def slot(self, layer: int, call: Call):
+    def slot(self, layer: int, call: StepCall):
         return self._view("slot", layer, call)
 
     def source(self, layer: int):
         """Layer `layer`'s source K/V (layer 0's is what `sar_pool` reads)."""
         return self._view("source", layer)
 
-    def sar(self, call: Call):
+    def sar(self, call: StepCall):
         return self._view("sar", 0, call)
 
 
-def cache_rows(kind: str, layer: int, call: Call, source_tokens: int, starts, tokens) -> tuple[int, int]:
-    """The one definition of where everything sits in the caches (used by views and binding plans).
+def cache_rows(kind: str, layer: int, call: StepCall, source_tokens: int, starts, tokens) -> tuple[int, int]:
+    """The one definition of where everything sits in the caches (every view is cut by it).
 
     `call` is a scale index or SOURCE (the source pass: empty past, no SAR, slot = the source rows)."""
     if kind == "source":

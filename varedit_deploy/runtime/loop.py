@@ -31,7 +31,7 @@ from ..config import TransformerConfig
 from ..errors import InputError
 from ..sampling import NoiseSource, SamplerInputs, draw_edit
 from .backend import Backend
-from .kv_cache import SOURCE, Call, KVCache
+from .kv_cache import SOURCE, KVCache, StepCall
 
 # Called after each scale's work is queued, with (scale, summed codes buffer): previews, cancellation
 # and deadlines happen between scales; an exception raised by the hook ends the edit there. Reading
@@ -106,8 +106,8 @@ class LoopOutput:
 class ScaleLoop:
     def __init__(self, manifest: Manifest, backend: Backend):
         self.backend = backend
-        cfg = manifest.config
-        self.tcfg, sched = cfg.transformer, manifest.data["schedule"]
+        self.io = manifest.step_io
+        self.tcfg, sched = manifest.config.transformer, manifest.schedule
         self.tokens, self.starts = tuple(sched["tokens"]), tuple(sched["starts"])
         self.source_tokens, self.latent_side = sched["source_tokens"], sched["latent_side"]
         t = self.tcfg
@@ -145,17 +145,19 @@ class ScaleLoop:
                                        for name, s in specs.items())
         return self._text[length]
 
-    def _step_io(self, call: Call, text_k, text_v) -> tuple[dict, dict]:
-        """Inputs and outputs of one `step` call; the source pass (SOURCE) has the last scale's
-        token count, so it reads x[-1] (the source embedding) and writes logits[-1] (unused)."""
+    def _step_io(self, call: StepCall, text_k, text_v) -> tuple[dict, dict]:
+        """Inputs and outputs of one `step` call, by the manifest's names; the source pass (SOURCE)
+        has the last scale's token count, so it reads x[-1] (the source embedding) and writes
+        logits[-1] (unused)."""
+        io = self.io
         x, logits = (self.x[-1], self.logits[-1]) if call == SOURCE else (self.x[call], self.logits[call])
         sar_k, sar_v = self.cache.sar(call)
-        inputs = {"x": x, "modulation": self.modulation, "head_modulation": self.head_modulation,
-                  "text_k": text_k, "text_v": text_v, "sar_k": sar_k, "sar_v": sar_v}
-        outputs = {"logits": logits}
+        inputs = {io.x: x, io.modulation: self.modulation, io.head_modulation: self.head_modulation,
+                  io.text_k: text_k, io.text_v: text_v, io.sar_k: sar_k, io.sar_v: sar_v}
+        outputs = {io.logits: logits}
         for i in range(self.tcfg.depth):
-            inputs[f"past_k_{i}"], inputs[f"past_v_{i}"] = self.cache.past(i, call)
-            outputs[f"new_k_{i}"], outputs[f"new_v_{i}"] = self.cache.slot(i, call)
+            inputs.update(zip(io.past(i), self.cache.past(i, call)))
+            outputs.update(zip(io.new(i), self.cache.slot(i, call)))
         return inputs, outputs
 
     def _run(self, marks: list, key: str, graph: str, inputs, outputs) -> None:
@@ -175,22 +177,24 @@ class ScaleLoop:
     ) -> LoopOutput:
         """Queue one edit's transformer work; nothing is read back before `collect`. `scales` stops
         after that many scales (a teacher-forced check of the first scales of a long schedule)."""
-        t, be = self.tcfg, self.backend
+        t, backend = self.tcfg, self.backend
         features, text_k, text_v = self.text_buffers(text_features.shape[1])
         if features is not text_features:
-            be.write(features, text_features)
+            backend.write(features, text_features)
         if source_prefix is not self.prefix:
-            be.write(self.prefix, source_prefix)
-        be.write(self._sampler, np.concatenate(sampler.arrays()))
-        be.write(self._noise_all, draw_edit(noise, [n * t.d_tok for n in self.tokens]))
-        ran = len(self.tokens) if scales is None else scales
+            backend.write(self.prefix, source_prefix)
+        backend.write(self._sampler, np.concatenate(sampler.arrays()))
+        backend.write(self._noise_all, draw_edit(noise, [n * t.d_tok for n in self.tokens]))
+        scales_run = len(self.tokens) if scales is None else scales
         if teacher_bits is not None:
-            if len(teacher_bits) < ran:
-                raise InputError(f"teacher bits for {len(teacher_bits)} scales; this run has {ran}")
-            fed = np.concatenate([np.asarray(b, np.int64).reshape(-1, t.d_tok) for b in teacher_bits[:ran]])
-            be.write(self._teacher_all[:len(fed)], fed)  # the first scales' rows: a run of `scales` needs no more
+            if len(teacher_bits) < scales_run:
+                raise InputError(f"teacher bits for {len(teacher_bits)} scales; this run has {scales_run}")
+            teacher_rows = np.concatenate([np.asarray(b, np.int64).reshape(-1, t.d_tok)
+                                           for b in teacher_bits[:scales_run]])
+            # the first scales' rows: a run of `scales` needs no more
+            backend.write(self._teacher_all[:len(teacher_rows)], teacher_rows)
         summed_in, summed_out = self.summed
-        be.write(summed_in, np.zeros((1, t.codebook_dim, self.latent_side, self.latent_side), np.float32))
+        backend.write(summed_in, np.zeros((1, t.codebook_dim, self.latent_side, self.latent_side), np.float32))
         cfg_weights, inv_tau, threshold = self.sampler_inputs
         out = LoopOutput(summed_in)
         marks = out.marks
@@ -204,7 +208,7 @@ class ScaleLoop:
         self._run(marks, "source_pass", "sar_pool", {"source_k": source_k, "source_v": source_v},
                   {"sar_k": self.cache.sar_k, "sar_v": self.cache.sar_v})
 
-        out.scales = ran
+        out.scales = scales_run
         for s in range(out.scales):
             first = len(marks)
             self._run(marks, "step", "step", *self._step_io(s, text_k, text_v))
@@ -215,8 +219,8 @@ class ScaleLoop:
             next_out = {"summed_codes_out": summed_out}
             if s + 1 < len(self.tokens):
                 next_out["x_next"] = self.x[s + 1]
-            fed = self.bits[s] if teacher_bits is None else self.teacher[s]
-            self._run(marks, "next_input", f"next_input_{s}", {"bits": fed, "summed_codes": summed_in}, next_out)
+            fed_bits = self.bits[s] if teacher_bits is None else self.teacher[s]
+            self._run(marks, "next_input", f"next_input_{s}", {"bits": fed_bits, "summed_codes": summed_in}, next_out)
             summed_in, summed_out = summed_out, summed_in
             marks.append((f"scale_{s}", marks[first][1], marks[-1][2]))
             if on_scale is not None:
@@ -227,12 +231,12 @@ class ScaleLoop:
     def collect(self, out: LoopOutput, buffers=(), record: bool = False) -> list[np.ndarray]:
         """One host synchronisation: host copies of `buffers`, and (when `record`) every scale's
         bits and guided logits into `out`; then `out.timings_ms` from the marks (stages summed)."""
-        buffers, ran = list(buffers), out.scales
-        wanted = buffers + (self.bits[:ran] + self.guided[:ran] if record else [])
+        buffers, scales_run = list(buffers), out.scales
+        wanted = buffers + (self.bits[:scales_run] + self.guided[:scales_run] if record else [])
         host = self.backend.read_all(wanted)
         if record:
-            out.bits = host[len(buffers):len(buffers) + ran]
-            out.guided_logits = host[len(buffers) + ran:]
+            out.bits = host[len(buffers):len(buffers) + scales_run]
+            out.guided_logits = host[len(buffers) + scales_run:]
         out.timings_ms = {}
         for key, start, end in out.marks:
             out.timings_ms[key] = out.timings_ms.get(key, 0.0) + self.backend.seconds(start, end) * 1e3

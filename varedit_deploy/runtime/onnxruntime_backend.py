@@ -47,14 +47,6 @@ def _pointer(arr: np.ndarray, name: str) -> int:
     return arr.ctypes.data
 
 
-def check_onnxruntime_can_run(manifest: Manifest) -> None:
-    """Refuse an artifact whose graphs hold TensorRT plugin nodes (export --attention plugin)."""
-    if manifest.data.get("attention") == "plugin":
-        raise ArtifactError(f"artifact {manifest.folder} was exported with --attention plugin: its step graph holds "
-                            "TensorRT plugin nodes, which ONNX Runtime cannot run; use a TensorRT backend, or export "
-                            "it again without --attention plugin")
-
-
 class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
@@ -64,7 +56,6 @@ class OnnxRuntimeBackend(Backend):
         (weights stay memory-mapped from the artifact instead of repacked into process memory:
         faster to load, and no copy, but the small scales run slower: benchmarks/RESULTS.md)."""
         super().__init__(manifest)
-        check_onnxruntime_can_run(manifest)
         ort = _ort()
         self.providers = list(providers or ["CPUExecutionProvider"])
         self.options = ort.SessionOptions()
@@ -76,6 +67,10 @@ class OnnxRuntimeBackend(Backend):
             self.options.add_session_config_entry(key, value)
 
     def _load(self, name: str) -> GraphRunner:
+        if "plugin" in self.manifest.graphs[name]:
+            raise ArtifactError(f"graph {name} of artifact {self.manifest.folder} holds TensorRT plugin nodes "
+                                "(export --attention plugin), which ONNX Runtime cannot run; use a TensorRT backend, "
+                                "or export the artifact again without --attention plugin")
         return self.session_for(name, self.manifest.graph_path(name))
 
     def session_for(self, name: str, path: Path) -> OrtGraph:

@@ -5,7 +5,9 @@ Split by lifetime like onnxruntime-genai: the pipeline (graphs, buffers) is load
 at the end (the image, plus bits and guided logits when `record=True`): on a device backend that
 is one host synchronisation per edit. Imports only numpy, Pillow and the backend.
 `edit_batch` is the entry point of a server's scheduler; optional caches skip the text and
-VAE encoders for instructions and photos seen before.
+VAE encoders for instructions and photos seen before. `generate` is the same run for checks
+and tools, in diffusers' `prompt_embeds=` style: precomputed text features or source prefix,
+teacher-forced bits, the first scales only, everything read back as arrays.
 """
 
 from __future__ import annotations
@@ -23,12 +25,15 @@ from PIL import Image
 from ..artifact import Manifest, read_manifest, required_graphs, schedule_record
 from ..config import ModelConfig, SamplingConfig
 from ..errors import ArtifactError, InputError
+from ..graph_io import StepIO
 from ..imaging import as_rgb, postprocess, preprocess
 from ..sampling import NoiseSource, SamplerInputs, make_noise
 from ..timings import STAGES, ms_since
-from .backend import Backend, make_backend
+from .backend import Backend
 from .loop import LoopOutput, ScaleHook, ScaleLoop
 from .preview import PreviewProjection
+from .preview_fit import fit_preview, load_preview
+from .registry import DEFAULT_ARTIFACT_BACKEND, make_backend
 from .stage_cache import StageCache
 from .tokenizer import Tokenizer
 
@@ -38,6 +43,19 @@ class EditResult:
     image: Image.Image
     timings_ms: dict[str, float]  # milliseconds per stage and part (varedit_deploy.timings)
     loop: LoopOutput
+
+
+@dataclass
+class Generation:
+    """What `EditPipeline.generate` read back, host arrays all."""
+
+    bits: list[np.ndarray]  # per scale run [1, n, d_tok]: sampled (or, teacher-forced, what the sampler drew)
+    guided_logits: list[np.ndarray]  # per scale run [n * d_tok, 2]
+    text_features: np.ndarray  # [1, Lt, Ct5]: what the loop was conditioned on
+    source_prefix: np.ndarray  # [1, L_src, d_tok]
+    summed: np.ndarray  # [1, d, H, W]: the summed codes after the scales run
+    decoded: np.ndarray | None  # [1, 3, S, S] in [-1, 1]; None unless every scale ran and `decode`
+    timings_ms: dict[str, float]
 
 
 @dataclass
@@ -69,14 +87,15 @@ class EditPipeline:
         token_file = manifest.tokenizer_file
         self.tokenizer = tokenizer or (Tokenizer(token_file) if token_file is not None else None)
         self.text_cache, self.image_cache = StageCache(text_cache_bytes), StageCache(image_cache_bytes)
-        self._preview: PreviewProjection | None = None
+        # The latent-to-RGB map of `preview_image`: the artifact's, or None until `fit_preview`.
+        self.preview: PreviewProjection | None = load_preview(manifest)
 
     @classmethod
-    def from_artifacts(cls, folder: str | Path, backend: str = "onnxruntime", verify: str = "quick",
+    def from_artifacts(cls, folder: str | Path, backend: str = DEFAULT_ARTIFACT_BACKEND, verify: str = "quick",
                        text_cache_bytes: int = 0, image_cache_bytes: int = 0, keep_text_encoder: bool = True,
                        **backend_options) -> "EditPipeline":
-        """`verify`: "quick" (sizes; sha256 of small files and of large ones once, then stamped),
-        "full" (every sha256 now), "size" or "none"."""
+        """`backend`: a name of runtime/registry.py's table; `verify`: "quick" (sizes; sha256 of small
+        files and of large ones once, then stamped), "full" (every sha256 now), "size" or "none"."""
         manifest = read_manifest(folder, verify=verify)
         return cls(manifest, make_backend(backend, manifest, **backend_options), text_cache_bytes=text_cache_bytes,
                    image_cache_bytes=image_cache_bytes, keep_text_encoder=keep_text_encoder)
@@ -91,9 +110,12 @@ class EditPipeline:
         names = required_graphs(model.config)
         if model.text_encoder is not None:
             names.insert(0, "text_encoder")
+        dtype = dtype or torch.bfloat16
         manifest = Manifest(Path(f"<{model.config.name} in memory>"), {
-            "model": model.config.to_dict(), "schedule": schedule_record(model.config), "graphs": {n: {} for n in names}})
-        backend = TorchBackend(manifest, model, device, dtype or torch.bfloat16, cuda_graphs)
+            "model": model.config.to_dict(), "schedule": schedule_record(model.config), "graphs": {n: {} for n in names},
+            "precision": {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype],
+            "step_io": StepIO().to_json()})
+        backend = TorchBackend(manifest, model, device, dtype, cuda_graphs)
         tokenizer = None
         if model.text_encoder is not None:
             encoder = model.text_encoder
@@ -189,10 +211,6 @@ class EditPipeline:
         sampling = dataclasses.replace(sampling, **overrides)
         noise_source = make_noise(noise, sampling.seed) if isinstance(noise, str) else noise
         img = as_rgb(image)
-        if on_scale is not None and self._preview is None:
-            # The hook may ask for previews, and fitting the map (an artifact without one) runs edits on
-            # this pipeline's own buffers: done now, never in the middle of this edit.
-            self._preview = self.preview
         mark = self.backend.mark
         t0 = time.perf_counter()
         m0 = mark()
@@ -228,18 +246,61 @@ class EditPipeline:
                 results.append(e)
         return results
 
-    # ------------------------------------------------------------ previews
-    @property
-    def preview(self) -> PreviewProjection:
-        """The latent-to-RGB preview map: the artifact's, or fitted here once for an older artifact."""
-        if self._preview is None:
-            from .preview_fit import fit_preview, load_preview
+    def generate(
+        self,
+        instruction: str | None = None,
+        photo: Image.Image | np.ndarray | None = None,
+        *,
+        text_features: np.ndarray | None = None,
+        pixels: np.ndarray | None = None,
+        source_prefix: np.ndarray | None = None,
+        sampling: SamplingConfig | None = None,
+        noise: str | NoiseSource = "numpy",
+        teacher_bits: Sequence[np.ndarray] | None = None,
+        scales: int | None = None,
+        decode: bool = True,
+    ) -> Generation:
+        """One run of the loop with everything read back, for checks and tools (parity, calibration).
 
-            self._preview = load_preview(self.manifest) or fit_preview(self)[0]
-        return self._preview
+        Conditioning: `instruction` (through the text encoder) or `text_features` [1, Lt, Ct5]. Source:
+        `photo` (preprocessed as `edit` does), `pixels` [1, 3, S, S] in [-1, 1], or the VAE encoder's
+        `source_prefix` [1, L_src, d_tok]. `teacher_bits` feeds those bits (per scale) to the next scale
+        instead of the sampled ones; `scales` stops after the first scales; `decode` runs the VAE decoder
+        when every scale ran. One host synchronisation, like `edit`."""
+        if (instruction is None) == (text_features is None):
+            raise InputError("give exactly one of an instruction and text features")
+        if sum(x is not None for x in (photo, pixels, source_prefix)) != 1:
+            raise InputError("give exactly one of a photo, its pixels and its source prefix")
+        sampling = sampling or self.config.sampling
+        noise_source = make_noise(noise, sampling.seed) if isinstance(noise, str) else noise
+        t0 = time.perf_counter()
+        features = self.encode_text(instruction) if instruction is not None else text_features
+        if source_prefix is None:
+            source_prefix = (self.encode_image(pixels) if pixels is not None
+                             else self.encode_image(preprocess(as_rgb(photo), self.config.image_size)))
+        loop = self.loop.run(features, source_prefix, SamplerInputs.from_params(sampling), noise_source,
+                             teacher_bits=list(teacher_bits) if teacher_bits is not None else None, scales=scales)
+        whole = loop.scales == self.config.schedule.num_scales
+        image = self._decode(loop.summed) if decode and whole else None
+        fed_features = self.loop.text_buffers(features.shape[1])[0]
+        buffers = [fed_features, self.loop.prefix, loop.summed] + ([image] if image is not None else [])
+        host = self.loop.collect(loop, buffers, record=True)
+        timings = dict(loop.timings_ms, total=ms_since(t0))
+        return Generation(loop.bits, loop.guided_logits, host[0], host[1], host[2],
+                          host[3] if image is not None else None, timings)
+
+    # ------------------------------------------------------------ previews
+    def fit_preview(self) -> dict:
+        """Fit the preview projection on this pipeline's VAE graphs (an artifact exported without one,
+        e.g. bf16 graphs that ONNX Runtime's CPU provider cannot run); returns the fit's report."""
+        self.preview, report = fit_preview(self.backend, self.config)
+        return report
 
     def preview_image(self, summed, original_size: tuple[int, int]) -> Image.Image:
         """The picture the summed codes (a loop buffer, e.g. from `on_scale`) are heading to, cheaply."""
+        if self.preview is None:
+            raise ArtifactError(f"artifact {self.manifest.folder} has no preview projection; call fit_preview() "
+                                "first (seconds: it runs the VAE graphs only)")
         return postprocess(self.preview.apply(self.backend.read(summed)), original_size)
 
     def close(self) -> None:

@@ -27,13 +27,12 @@ from typing import Any
 import numpy as np
 
 from ..artifact import Manifest
-from ..build.engines import BuildOptions, build_command, check_engines, engine_dir_name, engine_precision
-from ..build.tensorrt_api import import_tensorrt
+from ..engine_set import ENGINE_MANIFEST, build_command, check_engines, engine_dir_name, engine_precision, select_profile
 from ..errors import ArtifactError, EngineError
 from ..plugins.trt_plugin import register_plugin
 from .backend import Backend, GraphRunner
-from .binding_plan import select_profile
 from .gpu import CudaGraph, DeviceArray, Stream, current_compute_capability
+from .tensorrt_import import import_tensorrt
 
 CallKey = tuple  # (profile, ((tensor, address, shape), ...)): what a captured graph has baked in
 # Captured calls (a context and a CUDA graph each) kept per engine, least recently used dropped first:
@@ -41,7 +40,7 @@ CallKey = tuple  # (profile, ((tensor, address, shape), ...)): what a captured g
 MAX_CAPTURED_CALLS = 256
 
 
-def _v2(obj, name: str):
+def _memory_query(obj, name: str):
     """TensorRT >= 10.1 and TensorRT-RTX name the memory queries `<name>_v2`; TensorRT 10.0 only `<name>`."""
     return getattr(obj, f"{name}_v2") if hasattr(obj, f"{name}_v2") else getattr(obj, name)
 
@@ -67,10 +66,10 @@ class TrtGraph(GraphRunner):
                  use_cuda_graphs: bool):
         self.name, self.engine, self.trt, self.profiles, self.stream = name, engine, trt, profiles, stream
         self.use_cuda_graphs = use_cuda_graphs
-        self.profile_bytes = [int(_v2(engine, "get_device_memory_size_for_profile")(p))
+        self.profile_bytes = [int(_memory_query(engine, "get_device_memory_size_for_profile")(p))
                               for p in range(engine.num_optimization_profiles)]
         # What any one context needs (set_device_memory asks for at least the engine's size).
-        self.workspace = DeviceArray.empty((max(int(_v2(engine, "device_memory_size")), *self.profile_bytes),),
+        self.workspace = DeviceArray.empty((max(int(_memory_query(engine, "device_memory_size")), *self.profile_bytes),),
                                            np.uint8)
         self.contexts: OrderedDict[tuple, _Context] = OrderedDict()  # by use, oldest first
         self.graphs: dict[CallKey, CudaGraph] = {}
@@ -181,16 +180,15 @@ class TensorRTBackend(Backend):
         target = current_compute_capability()
         folder = Path(engine_dir) if engine_dir else manifest.folder / "engines" / engine_dir_name(
             flavour, self.trt.__version__, target, precision)
-        fix = build_command(manifest.folder, BuildOptions(flavour=flavour, precision=precision,
-                                                          target=target if flavour == "tensorrt-rtx" else "current"))
+        rebuild = build_command(manifest.folder, flavour, target if flavour == "tensorrt-rtx" else "current", precision)
         if not folder.is_dir():
             raise ArtifactError(f"no engines for {flavour} {self.trt.__version__} {target} {precision} in "
-                                f"{manifest.folder / 'engines'}; build them: {fix}")
+                                f"{manifest.folder / 'engines'}; build them: {rebuild}")
         problems = check_engines(folder, manifest, self.trt.__version__, target)
         if problems:
-            raise ArtifactError(f"engines in {folder} cannot run here: " + "; ".join(problems) + f"; rebuild: {fix}")
+            raise ArtifactError(f"engines in {folder} cannot run here: " + "; ".join(problems) + f"; rebuild: {rebuild}")
         self.folder = folder
-        data = json.loads((folder / "engines.json").read_text())
+        data = json.loads((folder / ENGINE_MANIFEST).read_text())
         self.records = data["engines"]
         self.weight_streaming = bool(data.get("weight_streaming"))
         if data.get("plugins"):  # check_engines matched their versions: register before deserialising

@@ -5,7 +5,7 @@ the device, the KV caches and text K/V in the compute dtype (bf16: what the atte
 tensor cores read); `step` writes each layer's new K/V straight into the cache slot from the
 fused `prep_qkv` kernel and attends over [SAR reference ;] cache with `scale_attention`; `sample`
 and `next_input_{s}` are the fused sampler kernels. Text K/V come once per edit from `text_cond`,
-T5 runs on the real tokens only. Precision follows the official run (spec/transformer.md 3.12):
+T5 runs on the real tokens only. Precision follows the official run (docs/spec/transformer.md 3.12):
 blocks in bf16 under autocast, the text condition's AdaLN linears and the head in fp32.
 
 On a GPU nothing synchronises the host between graphs: uploads go through pinned staging
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..artifact import Manifest
+from ..graph_io import StepIO
 from ..model.attention import head_temperature
 from ..model.codes import latent_to_tokens
 from ..model.loaded import VAREditModel
@@ -57,8 +58,8 @@ class Stages:
     """What each graph computes, on the model alone. Runners hold this, not the backend, so that
     backend -> runners -> stages has no cycle and dropping a pipeline frees its device memory."""
 
-    def __init__(self, model: VAREditModel, device: torch.device, dtype: torch.dtype):
-        self.model, self.device, self.dtype = model, device, dtype
+    def __init__(self, model: VAREditModel, io: StepIO, device: torch.device, dtype: torch.dtype):
+        self.model, self.io, self.device, self.dtype = model, io, device, dtype
         self.config = model.config
         with torch.no_grad():  # per layer, once: the kernel takes the temperature, not scale_mul
             self.temperature = [head_temperature(blk.sa.scale_mul_1H11).reshape(-1).contiguous()
@@ -97,16 +98,17 @@ class Stages:
         o["sar_v"].copy_(sar_v)
 
     def step(self, i, o) -> None:
-        tr = self.model.transformer
-        x = i["x"]
+        tr, io = self.model.transformer, self.io
+        x = i[io.x]
         n = x.shape[1]
-        cos, sin = tr.step_rope(i["past_k_1"].shape[0], n)  # the source pass too: see VAREditTransformer.step
+        # the source pass too: see VAREditTransformer.step
+        cos, sin = tr.step_rope(i[io.past(1)[0]].shape[0], n)
         with self.autocast():
             for layer, blk in enumerate(tr.blocks):
-                past = i[f"past_k_{layer}"].shape[0]
-                cache_k = _joined(i[f"past_k_{layer}"], o[f"new_k_{layer}"])
-                cache_v = _joined(i[f"past_v_{layer}"], o[f"new_v_{layer}"])
-                sar = (i["sar_k"], i["sar_v"]) if layer == 0 else None
+                (past_k, past_v), (new_k, new_v) = io.past(layer), io.new(layer)
+                past = i[past_k].shape[0]
+                cache_k, cache_v = _joined(i[past_k], o[new_k]), _joined(i[past_v], o[new_v])
+                sar = (i[io.sar_k], i[io.sar_v]) if layer == 0 else None
 
                 def attend(y, blk=blk, cache_k=cache_k, cache_v=cache_v, past=past, sar=sar, layer=layer):
                     bias = torch.cat([blk.sa.q_bias, torch.zeros_like(blk.sa.q_bias), blk.sa.v_bias])
@@ -114,8 +116,8 @@ class Stages:
                     q = prep_qkv(qkv.contiguous(), self.temperature[layer], cos, sin, cache_k, cache_v, past)
                     return scale_attention(q, sar, (cache_k, cache_v)).reshape(2, n, -1)
 
-                x = blk.mix(x, i["modulation"][layer], i["text_k"][layer], i["text_v"][layer], attend)
-        o["logits"].copy_(tr.logits(x, i["head_modulation"]))  # fp32 head, autocast off inside
+                x = blk.mix(x, i[io.modulation][layer], i[io.text_k][layer], i[io.text_v][layer], attend)
+        o[io.logits].copy_(tr.logits(x, i[io.head_modulation]))  # fp32 head, autocast off inside
 
     def sample(self, i, o) -> None:
         o["guided_logits"].copy_(guided_logits(i["logits"], i["cfg_weights"], i["inv_tau"]))
@@ -182,7 +184,7 @@ class TorchBackend(Backend):
         model.vae.to(self.device)
         if model.text_encoder is not None:
             model.text_encoder.model.to(self.device)
-        self.stages = Stages(model, self.device, dtype)
+        self.stages = Stages(model, manifest.step_io, self.device, dtype)
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
 
     # --------------------------------------------------------------- buffers

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..runtime.registry import DEFAULT_ARTIFACT_BACKEND
+
 
 @dataclass(frozen=True)
 class ServeOptions:
     artifacts: str
-    backend: str = "onnxruntime"
+    backend: str = DEFAULT_ARTIFACT_BACKEND  # a name of runtime/registry.py
     host: str = "127.0.0.1"  # loopback unless asked: put a gateway with TLS in front for anything else
     port: int = 8000
     api_key: str | None = None  # bearer key for /v1/*; None: no authentication

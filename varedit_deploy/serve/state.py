@@ -1,8 +1,8 @@
 """What one server holds: its options, the loaded pipelines, the scheduler and metrics, ready/draining.
 
-`load` builds one pipeline per worker (device), warms each with a real edit (sessions,
-first-run allocations, and the preview projection, fitted here once if the artifact predates
-it), then starts the scheduler; until it finishes /ready answers 503.
+`load` builds one pipeline per worker (device), fits the preview projection where the artifact
+has none (bf16 graphs: a few VAE runs on the worker's own backend), warms each with a real edit
+(sessions, first-run allocations), then starts the scheduler; until it finishes /ready answers 503.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from ..artifact import read_manifest
 from ..config import SamplingConfig
 from ..runtime.pipeline import EditPipeline
 from ..runtime.preview import MAX_PREVIEWS, preview_scales
+from ..runtime.registry import ARTIFACT_BACKENDS
 from .metrics import Metrics
 from .options import ServeOptions
 from .scheduler import Scheduler
@@ -49,7 +50,8 @@ class ServerState:
     def load(self) -> None:
         """Build, warm and start; raises VareditError for an artifact that cannot serve edits."""
         o = self.options
-        per_device = o.backend != "onnxruntime"  # TensorRT: worker i owns GPU i (ONNX Runtime: CPU workers)
+        # TensorRT: worker i owns GPU i (ONNX Runtime: CPU workers); an unknown name fails in from_artifacts
+        per_device = o.backend in ARTIFACT_BACKENDS and ARTIFACT_BACKENDS[o.backend].on_gpu
         for device in range(o.workers):
             t0 = time.perf_counter()
             if per_device:
@@ -57,6 +59,10 @@ class ServerState:
             pipe = EditPipeline.from_artifacts(o.artifacts, backend=o.backend, text_cache_bytes=o.text_cache_bytes,
                                                image_cache_bytes=o.image_cache_bytes)
             self.pipelines.append(pipe)
+            if pipe.preview is None:
+                report = pipe.fit_preview()
+                log.info("worker %d: the artifact has no preview projection; fitted one (fit PSNR %.1f dB)", device,
+                         report["fit_psnr_db"])
             _warm(pipe)
             log.info("worker %d: %s on %s loaded and warmed in %.1f s", device, self.model_id, o.backend,
                      time.perf_counter() - t0)

@@ -46,7 +46,7 @@ def _profile(name: str, inputs: list[dict], dims: dict[str, int], text_len: tupl
 def graph_profiles(manifest: Manifest, graph: str, text_len: tuple[int, int, int] = TEXT_LEN) -> list[Profile]:
     """The profiles `graph` is built with, in the order the runtime selects them."""
     inputs = manifest.graphs[graph]["inputs"]
-    schedule = manifest.data["schedule"]
+    schedule = manifest.schedule
     if graph in ("step", "sample"):
         profiles = [
             _profile(f"scale_{p['scale']}", inputs,

@@ -73,10 +73,6 @@ def network_record(network) -> dict[str, Any]:
             "attention_chains": attention_chains(layers)}
 
 
-def attention_summary(record: dict[str, Any]) -> str:
-    return f"attention: {record['fused_attentions']} fused, {record['attention_chains']} MatMul-Softmax-MatMul"
-
-
 def mark_attentions_decomposable(trt: ModuleType, network) -> int:
     """Let every IAttention fall back to its decomposed form (fp32 has no dedicated fused kernel,
     and the build fails without this); returns how many were marked."""

@@ -1,7 +1,7 @@
-"""Lower-precision copies of the fp32 graphs for strongly typed engines (FP16/BF16).
+"""The graph-precision transform: fp32 ONNX graphs -> FP16/BF16 graphs (export, build, quantize).
 
-Strongly typed networks take their precision from the ONNX types, so the build converts each
-fp32 graph: matrix work in half precision; normalisations, softmax, exponentials, reductions
+Strongly typed networks take their precision from the ONNX types, so `export --precision` and
+the engine build of an fp32 artifact convert each graph the same way: matrix work in half precision; normalisations, softmax, exponentials, reductions
 and every graph input/output stay in fp32 (DESIGN.md: norms, softmax accumulation and logits
 in fp32). A normalisation written out in primitive ops (the VAE's GroupNorm, T5's RMSNorm) stays
 fp32 as a whole: every node of a module scope that takes a ReduceMean. BF16 reuses the FP16
@@ -18,7 +18,6 @@ import collections
 
 import numpy as np
 
-PRECISIONS = ("fp32", "fp16", "bf16")  # of exported graphs and of built engines
 # Graphs whose weights and matrix work are lowered (text_cond holds every block's text K/V
 # projection: an eighth of the transformer); the small ones (sampler, next-scale inputs with the
 # running code sum, source embedding, SAR pooling) stay fp32 in every engine set.
@@ -31,7 +30,7 @@ def graph_precision(graph: str, precision: str) -> str:
     return precision if graph in HALF_GRAPHS else "fp32"
 
 
-# Module scopes the official code runs in fp32 even under autocast (spec/transformer.md: the
+# Module scopes the official code runs in fp32 even under autocast (docs/spec/transformer.md: the
 # AdaLN condition `shared_ada_lin`, the head's `ada_lin`, and the logits `head`).
 FP32_SCOPES = ("/shared_ada_lin/", "/ada_lin/", "/head/")
 
@@ -81,30 +80,6 @@ def to_half(model, precision: str):
         _relabel_bf16(half, originals)
     _sort_nodes(half.graph)
     return half
-
-
-def lower_graph(path, precision: str, out) -> None:
-    """Write the fp32 graph `path` lowered to `precision` as `out` (+ `.data`), one external
-    tensor at a time (an engine build never holds the fp32 weights and their copy together)."""
-    import onnx
-
-    from ..export.external_data import write_graph
-
-    model = onnx.load(str(path), load_external_data=False)
-    external = {}
-    for t in model.graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            external[t.name] = ({e.key: e.value for e in t.external_data}, tuple(t.dims),
-                                onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
-            del t.external_data[:]  # a stub again: its values are read back as it is written
-
-    def values(name: str) -> np.ndarray:
-        info, dims, dtype = external[name]
-        with open(path.parent / info["location"], "rb") as f:
-            f.seek(int(info.get("offset", 0)))
-            return np.frombuffer(f.read(int(info["length"])), dtype).reshape(dims)
-
-    write_graph(to_half(model, precision), out, values, external=bool(external))
 
 
 def _sort_nodes(graph) -> None:

@@ -1,6 +1,6 @@
 """`varedit-deploy plan`: what a model needs in memory per precision, and whether it fits a device.
 
-Computed from the model config alone (spec/transformer.md 1.2, 3.7; spec/vae-text.md 4.2, 6).
+Computed from the model config alone (docs/spec/transformer.md 1.2, 3.7; docs/spec/vae-text.md 4.2, 6).
 Jetson boards share one memory between the OS, CPU and GPU: we reserve 4 GiB (8 GiB boards:
 2.5 GiB) for the system. Activation figures are the peak of one graph at a time (the runtime
 runs them one after another). Attention is counted fused (no score matrix) below fp32, as
@@ -18,9 +18,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..calibration.groups import blocks_quantised_by_default
-from ..config import ModelConfig
-from .capabilities import supported
+from .builder.capabilities import supported
+from .calibration.groups import blocks_quantised_by_default
+from .config import ModelConfig
+from .engine_set import read_engine_manifest
+from .errors import ArtifactError, InputError
+from .precisions import QUANTIZED_MODES
+from .runtime.loop import loop_layout, text_capacity, text_layout
 
 GIB = 2**30
 T5_XL_PARAMS = 1_224_000_000  # Flan-T5-XL encoder (65.8 M of it the embedding)
@@ -33,8 +37,7 @@ DEVICES = {  # total memory in GiB, memory the system keeps
 DEVICE_SM = {"orin-agx-64": "sm87", "orin-agx-32": "sm87", "orin-nx-16": "sm87", "orin-nx-8": "sm87",
              "orin-nano-8": "sm87", "thor-128": "sm110"}  # Jetson runs full TensorRT (JetPack)
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
-QUANTIZED = ("int8", "fp8", "int4")
-ROWS = ("fp32", "bf16", "fp16", *QUANTIZED)  # the precisions `plan` prints
+ROWS = ("fp32", "bf16", "fp16", *QUANTIZED_MODES)  # the precisions `plan` prints
 INT4_BLOCK = 128  # ModelOpt's block size for int4 weight-only (calibration/ptq.py)
 
 
@@ -104,8 +107,6 @@ def loop_buffer_bytes(config: ModelConfig, compute_dtype: str, text_len: int,
     """(KV caches, every other buffer) that the scale loop allocates, summed from the loop's own
     layout: caches in `cache_dtype` (default: `compute_dtype`), text K/V in `compute_dtype`, the
     rest as the loop holds it (fp32, int64)."""
-    from ..runtime.loop import loop_layout, text_capacity, text_layout
-
     t, sched = config.transformer, config.schedule
     specs = [*loop_layout(t, sched.tokens, sched.starts, sched.source_tokens, sched.latent_side,
                           compute_dtype, cache_dtype).values(),
@@ -140,7 +141,7 @@ def quantized_matmul_bytes(k: int, n: int, mode: str, high_bytes: int = 2) -> in
 def transformer_bytes(config: ModelConfig, precision: str) -> int:
     """Transformer weights at `precision`; a quantised precision quantises the block products of the
     default recipe (calibration/groups.py) and keeps the rest in fp16."""
-    if precision not in QUANTIZED:
+    if precision not in QUANTIZED_MODES:
         return transformer_params(config) * BYTES[precision]
     blocks = len(blocks_quantised_by_default(precision, config.transformer.depth))
     shapes = block_matmuls(config)
@@ -182,8 +183,6 @@ def plan(config: ModelConfig, precision: str, workspace_gib: float, text_len: in
 
 def plan_table(config: ModelConfig, device: str | None, memory_gib: float | None, workspace_gib: float,
                text_len: int) -> str:
-    from ..errors import InputError
-
     if device is not None:
         if device not in DEVICES:
             raise InputError(f"unknown device {device!r}; known: {', '.join(DEVICES)} (or use --memory-gib)")
@@ -192,7 +191,7 @@ def plan_table(config: ModelConfig, device: str | None, memory_gib: float | None
         can = supported("tensorrt", DEVICE_SM[device])
     else:
         budget, where = float(memory_gib), f"{memory_gib} GiB available"
-        can = list(BYTES) + list(QUANTIZED)
+        can = list(BYTES) + list(QUANTIZED_MODES)
     lines = [f"{config.name} ({config.image_size} px, {config.schedule.num_scales} scales), {where}, "
              f"budget {budget:.1f} GiB; below fp32, T5, VAE and activations are 16-bit; the KV cache is fp32 "
              "as the TensorRT runtime holds it (fp32 engine inputs and outputs); activ. includes the loop's buffers",
@@ -226,17 +225,14 @@ def plan_table(config: ModelConfig, device: str | None, memory_gib: float | None
 
 def artifact_table(manifest, engine_dirs: list, workspace_gib: float = 1.0, text_len: int = 77) -> str:
     """What an artifact (and engine sets) hold, by model part and by graph, beside the estimate."""
-    from ..errors import ArtifactError
-    from .engines import read_engine_manifest
-
-    config, precision = manifest.config, manifest.data.get("precision", "fp32")
+    config, precision = manifest.config, manifest.precision
     act = 4 if precision == "fp32" else 2
     stored: dict[str, int] = {}
     for g in manifest.graphs.values():
         for part, n in g["weights"]["by_module"].items():
             stored[part] = stored.get(part, 0) + n
     on_disk = sum(f["bytes"] for g in manifest.graphs.values() for f in g["files"])
-    summary = manifest.data.get("weights", {})
+    summary = manifest.weights
     estimates = {"transformer": transformer_bytes(config, precision), "vae": vae_params(config) * act}
     if "text_encoder" in summary:  # the artifact's own T5 (a tiny one for random-weight exports)
         estimates["text_encoder"] = summary["text_encoder"]["parameters"] * act

@@ -21,61 +21,33 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..artifact import MANIFEST, STAMP, Manifest, file_record, read_manifest, sha256_file, verify_files
-from ..errors import ArtifactError, OutputError, VareditError
+from ..artifact import MANIFEST, Manifest, file_record, read_manifest, sha256_file
+from ..engine_set import (ENGINE_MANIFEST, ENGINE_SCHEMA, attention_summary, build_command, engine_dir_name,
+                          engine_precision, engine_set_files, read_engine_manifest)
+from ..errors import OutputError, VareditError
+from ..export.external_data import lower_graph
+from ..export.precision import graph_precision
 from ..fileio import atomic_dir, check_writable, unlisted_files, write_bytes
-from .capabilities import DESCRIPTION, check_supported, sm_number
-from .network_report import attention_summary, mark_attentions_decomposable, network_record
-from .precision import PRECISIONS, graph_precision, lower_graph
+from ..graph_io import plugin_record
+from ..plugins.trt_plugin import register_plugin
+from ..runtime.gpu import current_compute_capability, gpu_available
+from ..runtime.tensorrt_import import import_tensorrt
+from .capabilities import check_supported, sm_number
+from .network_report import mark_attentions_decomposable, network_record
 from .profiles import graph_profiles
-from ..plugins.trt_plugin import plugin_record, register_plugin
-from .tensorrt_api import import_tensorrt, make_logger, parser_plugin_library_dir, strongly_typed_network
+from .tensorrt_api import make_logger, parser_plugin_library_dir, strongly_typed_network
 
-ENGINE_SCHEMA = 2  # 2: per-graph math mode and parsed network; TF32 off
-ENGINE_MANIFEST = "engines.json"
-QUANTIZED = ("int8", "fp8", "int4")  # what a quantised artifact (`varedit-deploy quantize`) is built in
 RTX_TARGETS = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
 
 
 @dataclass(frozen=True)
 class BuildOptions:
     flavour: str = "tensorrt-rtx"
-    precision: str | None = None  # None: the artifact's own (see engine_precision)
+    precision: str | None = None  # None: the artifact's own (see engine_set.engine_precision)
     target: str = "sm89"
     workspace_gib: float | None = None
     weight_streaming: bool = False
     timing_cache: Path | None = None
-
-
-def engine_dir_name(flavour: str, version: str, target: str, precision: str) -> str:
-    return f"{flavour}-{version}-{target}-{precision}"
-
-
-def engine_precision(manifest: Manifest, requested: str | None) -> str:
-    """The precision engines of this artifact are built in: a quantised artifact's mode, an fp16/bf16
-    artifact's stored precision, and for an fp32 artifact what is asked (fp16 when nothing is)."""
-    quant = manifest.quantization
-    stored = manifest.data.get("precision", "fp32")
-    if requested is not None and requested not in PRECISIONS + QUANTIZED:
-        raise VareditError(f"unknown precision {requested!r}; choose one of {', '.join(PRECISIONS + QUANTIZED)}")
-    if quant is not None:
-        if requested not in (None, quant["mode"]):
-            raise VareditError(f"artifact {manifest.folder} holds {DESCRIPTION[quant['mode']]} Q/DQ graphs "
-                               f"({quant['high_precision']} elsewhere); build it with --precision {quant['mode']}, "
-                               f"or build {requested} engines from its fp32 source {quant['source_artifact']}")
-        return quant["mode"]
-    if requested in QUANTIZED:
-        raise VareditError(f"{DESCRIPTION[requested]} engines are built from a quantised artifact: "
-                           f"varedit-deploy quantize --artifacts {manifest.folder} --mode {requested} --out ART-{requested}")
-    if stored != "fp32" and requested not in (None, stored):
-        raise VareditError(f"artifact {manifest.folder} holds {stored} graphs; build --precision {stored}, "
-                           f"or export fp32 graphs to build {requested} engines")
-    return requested or (stored if stored != "fp32" else "fp16")
-
-
-def build_command(artifacts: Path, opts: BuildOptions) -> str:
-    return (f"varedit-deploy build --artifacts {artifacts} --flavour {opts.flavour} --target {opts.target} "
-            f"--precision {opts.precision}")
 
 
 def _target(trt, opts: BuildOptions) -> str:
@@ -84,8 +56,6 @@ def _target(trt, opts: BuildOptions) -> str:
             raise VareditError(f"TensorRT-RTX builds for {', '.join(RTX_TARGETS)}; not {opts.target!r} "
                                "(Jetson Orin is sm87 and Hopper sm90: build those with TensorRT on the device)")
         return opts.target
-    from ..runtime.gpu import current_compute_capability
-
     here = current_compute_capability()  # TensorRT builds for the GPU it runs on
     if opts.target not in ("current", here):
         raise VareditError(f"TensorRT builds for the GPU of this host ({here}), not {opts.target}")
@@ -153,16 +123,13 @@ def build_engines(
 ) -> Path:
     manifest = read_manifest(artifacts)
     opts = dataclasses.replace(opts, precision=engine_precision(manifest, opts.precision))
-    stored = manifest.data.get("precision", "fp32")
     # Quantised and half artifacts are typed already; an fp32 one is lowered per graph while parsing.
-    lower_to = opts.precision if stored == "fp32" and manifest.quantization is None else "fp32"
+    lower_to = opts.precision if manifest.precision == "fp32" and manifest.quantization is None else "fp32"
     trt = import_tensorrt(opts.flavour)
     target = _target(trt, opts)
     names = graphs or list(manifest.graphs)
     _check_parser_ops(trt, opts.flavour, manifest, names)
     check_supported(opts.flavour, target, opts.precision)
-    from ..runtime.gpu import gpu_available
-
     plugins = _check_plugins(manifest, names)
     library_dir = parser_plugin_library_dir(trt) if plugins else None
     if library_dir is not None:
@@ -219,7 +186,7 @@ def build_engines(
             "artifact_manifest_sha256": sha256_file(manifest.folder / MANIFEST),
             "engines": records, "timing_cache": "timing.cache" if cache_bytes else None, "plugins": plugins,
             "builder": {"varedit_deploy": __version__, "python": platform.python_version(), "host": platform.node()},
-            "rebuild": build_command(manifest.folder, opts),
+            "rebuild": build_command(manifest.folder, opts.flavour, opts.target, opts.precision),
         }
         (tmp / ENGINE_MANIFEST).write_text(json.dumps(data, indent=1))
     if opts.timing_cache and cache_bytes:
@@ -290,34 +257,6 @@ def _math_precision(manifest: Manifest, name: str, precision: str) -> str:
     return entry.get("precision", "fp32") if manifest.quantization else graph_precision(name, precision)
 
 
-def math_summary(math: dict[str, Any]) -> str:
-    """One engine's math mode as the manifest records it, e.g. 'fp32, TF32 off, attention decomposable'."""
-    parts = [math["precision"], f"TF32 {'on' if math['tf32'] else 'off'}"]
-    if math["attention_decomposable"]:
-        parts.append("attention decomposable")
-    return ", ".join(parts)
-
-
-def describe_engine_set(engine_dir: str | Path) -> list[str]:
-    """Lines for `inspect`: what each engine of a set computes in and what TensorRT parsed."""
-    engine_dir = Path(engine_dir)
-    try:
-        data = json.loads((engine_dir / ENGINE_MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        return [f"engines {engine_dir.name}: {ENGINE_MANIFEST} is unreadable ({e}); rebuild with `varedit-deploy build`"]
-    head = f"engines {engine_dir.name}: {data['flavour']} {data['tensorrt_version']} {data['target']} {data['precision']}"
-    if data.get("schema_version") != ENGINE_SCHEMA:
-        return [f"{head}: engine manifest schema {data.get('schema_version')!r} records no math mode or layers; "
-                f"rebuild: {data.get('rebuild', 'varedit-deploy build')}"]
-    lines = [head]
-    for name, rec in data["engines"].items():
-        net = rec["network"]
-        layers = ", ".join(f"{kind} {n}" for kind, n in sorted(net["layers"].items(), key=lambda kv: (-kv[1], kv[0])))
-        lines.append(f"  {name:<14} {math_summary(rec['math'])}; {attention_summary(net)}; "
-                     f"{sum(net['layers'].values())} layers: {layers}")
-    return lines
-
-
 def _check_replaceable(engine_dir: Path) -> None:
     """A rebuild replaces an engine set folder only if it holds nothing but that set's files."""
     if not engine_dir.exists() or not any(engine_dir.iterdir()):
@@ -326,74 +265,6 @@ def _check_replaceable(engine_dir: Path) -> None:
     if foreign:
         raise OutputError(f"{engine_dir} holds files its {ENGINE_MANIFEST} does not list ({', '.join(foreign)}); "
                           "move them away before rebuilding: a build deletes only what it wrote")
-
-
-def engine_sets(artifact: Path) -> list[Path]:
-    """The engine set folders of an artifact (`engines/*/`), built or not."""
-    folder = Path(artifact) / "engines"
-    return sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
-
-
-def read_engine_manifest(engine_dir: Path) -> dict[str, Any]:
-    path = Path(engine_dir) / ENGINE_MANIFEST
-    if not path.is_file():
-        raise ArtifactError(f"{engine_dir} has no {ENGINE_MANIFEST}; build engines with `varedit-deploy build`")
-    try:
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict) or not isinstance(data.get("engines"), dict):
-            raise ValueError("no engines section")
-        for name, rec in data["engines"].items():
-            if not (isinstance(rec, dict) and {"path", "bytes", "sha256"} <= set(rec)
-                    and isinstance(rec.get("profiles", []), list)):
-                raise ValueError(f"the record of engine {name!r} lacks its path, size or sha256")
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"{path} is not a valid engine manifest ({e}); rebuild the engines") from None
-    return data
-
-
-def engine_set_files(data: dict[str, Any]) -> list[str]:
-    """Every file an engine set consists of, relative to its folder."""
-    files = [ENGINE_MANIFEST, STAMP, *(rec["path"] for rec in data["engines"].values())]
-    return files + ([data["timing_cache"]] if data.get("timing_cache") else [])
-
-
-def verify_engine_set(engine_dir: Path, data: dict[str, Any], mode: str) -> list[str]:
-    """Engine files missing, resized or altered (`mode`: see `verify_files`); empty when intact."""
-    return verify_files(Path(engine_dir), list(data["engines"].values()), mode)
-
-
-def check_engines(engine_dir: str | Path, manifest: Manifest, tensorrt_version: str,
-                  compute_capability: str | None) -> list[str]:
-    """What keeps these engines from running here (empty when they can): artifact, files, library, GPU."""
-    engine_dir = Path(engine_dir)
-    data = read_engine_manifest(engine_dir)
-    problems = verify_engine_set(engine_dir, data, "quick")
-    if data.get("schema_version") != ENGINE_SCHEMA:
-        problems.append(f"engine manifest schema {data.get('schema_version')!r}, this runtime reads {ENGINE_SCHEMA}")
-    if data.get("artifact_manifest_sha256") != sha256_file(manifest.folder / MANIFEST):
-        problems.append("the engines were built from another export of this artifact (manifest hash differs)")
-    for name in manifest.graphs:
-        rec = data.get("engines", {}).get(name)
-        if rec is None:
-            problems.append(f"no engine for graph {name}")
-        elif rec["source_sha256"] != manifest.graphs[name]["files"][0]["sha256"]:
-            problems.append(f"engine {name} was built from a different {rec['source']}")
-        elif rec.get("math", {}).get("precision") == "fp32" and rec["math"]["tf32"]:
-            problems.append(f"engine {name} is meant to be fp32 but was built with TF32 ({math_summary(rec['math'])})")
-    have = plugin_record()
-    for record in data.get("plugins", []):
-        if (record["namespace"], record["op"]) != (have["namespace"], have["op"]):
-            problems.append(f"the engines need plugin {record['namespace']}::{record['op']}, which this varedit-deploy "
-                            "does not provide")
-        elif record["version"] != have["version"]:
-            problems.append(f"the engines need plugin {record['namespace']}::{record['op']} version {record['version']}, "
-                            f"this varedit-deploy has version {have['version']}")
-    if data.get("tensorrt_version") != tensorrt_version:
-        problems.append(f"built with {data.get('flavour')} {data.get('tensorrt_version')}, "
-                        f"installed is {tensorrt_version}")
-    if compute_capability is not None and data.get("target") != compute_capability:
-        problems.append(f"built for {data.get('target')}, this GPU is {compute_capability}")
-    return problems
 
 
 if __name__ == "__main__":  # the child of `_build_in_child`

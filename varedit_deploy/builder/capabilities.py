@@ -9,6 +9,7 @@ weight-only GEMMs, not INT8 activations); INT4 weight-only from Ampere on; BF16 
 from __future__ import annotations
 
 from ..errors import VareditError
+from ..precisions import describe_precision
 
 # precision -> (flavour -> predicate on the SM number)
 _SUPPORT = {
@@ -19,8 +20,6 @@ _SUPPORT = {
     "fp8": {"tensorrt": lambda sm: sm in (89, 90) or sm >= 100, "tensorrt-rtx": lambda sm: sm in (89, 120, 121)},
     "int4": {"tensorrt": lambda sm: sm >= 80, "tensorrt-rtx": lambda sm: sm >= 80},
 }
-PRECISIONS = tuple(_SUPPORT)
-DESCRIPTION = {"int8": "int8 (W8A8)", "fp8": "fp8 (E4M3)", "int4": "int4 (weight-only)"}
 
 
 def sm_number(target: str) -> int:
@@ -38,12 +37,12 @@ def check_supported(flavour: str, target: str, precision: str) -> None:
     """Raise a VareditError naming what the target can build when `precision` is not among it."""
     can = supported(flavour, target)
     if precision not in can:
-        listed = ", ".join(DESCRIPTION.get(p, p) for p in can)
+        listed = ", ".join(describe_precision(p) for p in can)
         hint = ""
         if precision == "int8" and flavour == "tensorrt-rtx":
             hint = ("; TensorRT-RTX has no INT8 activation GEMMs: quantise with --mode fp8 or int4, or build the "
                     "int8 artifact with --flavour tensorrt on the GPU")
         elif precision == "fp8":
             hint = "; FP8 needs Ada (sm89), Hopper (sm90) or Blackwell"
-        raise VareditError(f"{flavour} cannot build {DESCRIPTION.get(precision, precision)} engines for {target}: "
+        raise VareditError(f"{flavour} cannot build {describe_precision(precision)} engines for {target}: "
                            f"it supports {listed} there{hint}")

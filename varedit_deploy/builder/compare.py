@@ -15,9 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from ..artifact import read_manifest
+from ..engine_set import check_engines, read_engine_manifest
 from ..errors import VareditError, missing_dependency
+from ..runtime.gpu import current_compute_capability
+from ..runtime.tensorrt_import import import_tensorrt
 from .profiles import graph_profiles
-from .tensorrt_api import import_tensorrt
 
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int8": np.int8}  # int8: 8-bit KV caches
 
@@ -69,9 +71,6 @@ def compare_engines(artifacts: str | Path, engine_dir: str | Path, flavour: str 
         from polygraphy.comparator import CompareFunc, Comparator, DataLoader
     except ImportError:
         raise missing_dependency("polygraphy", "trt") from None
-    from ..runtime.gpu import current_compute_capability
-    from .engines import check_engines, read_engine_manifest
-
     manifest = read_manifest(artifacts)
     engine_dir = Path(engine_dir)
     records = read_engine_manifest(engine_dir)["engines"]
