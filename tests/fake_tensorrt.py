@@ -191,8 +191,12 @@ class FakeEngine:
     context_class = FakeContext
 
     def __init__(self, cudart: FakeCudart, name: str, profile_bytes: list[int],
-                 outputs: dict[str, Callable[[dict[str, tuple]], tuple]], capturable: bool = True):
+                 outputs: dict[str, Callable[[dict[str, tuple]], tuple]], capturable: bool = True,
+                 dtypes: dict[str, str] | None = None, weights: dict[str, bytes] | None = None):
         self.cudart, self.name, self.profile_bytes, self.outputs = cudart, name, profile_bytes, outputs
+        self.dtypes = dtypes or {}  # tensor -> TensorRT DataType name; FLOAT where not given
+        self.weights = weights  # a weight-stripped engine: the weights it was built with, by initializer name
+        self.refitted: dict[str, bytes] = {}
         self.num_optimization_profiles = len(profile_bytes)
         self.capturable = capturable
         self.refuse: dict[str, Refusal] = {}
@@ -205,6 +209,9 @@ class FakeEngine:
     def get_weight_streaming_automatic_budget(self) -> int:
         return 4096
 
+    def get_tensor_dtype(self, name: str):
+        return types.SimpleNamespace(name=self.dtypes.get(name, "FLOAT"))
+
     def get_device_memory_size_for_profile_v2(self, profile: int) -> int:
         return self.profile_bytes[profile]
 
@@ -213,6 +220,7 @@ class FakeEngine:
         return max(self.profile_bytes)
 
     def create_execution_context(self, strategy):
+        assert self.weights is None or self.refitted == self.weights, "a context of an engine without its weights"
         self.strategies.append(strategy)
         ctx = self.context_class(self)
         self.contexts.append(weakref.ref(ctx))
@@ -263,6 +271,14 @@ class FakeEngine10(FakeEngine):
         return max(self.profile_bytes)
 
 
+def onnx_weights(path) -> dict[str, bytes]:
+    """Every initializer of an ONNX file by name, as bytes (what a weight-stripped engine is refitted with)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    return {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in model.graph.initializer}
+
+
 def fake_tensorrt_module(cudart: FakeCudart, engines: dict[bytes, FakeEngine], version: str = "1.7.1.116"):
     """A stand-in for `tensorrt_rtx` whose Runtime deserialises engine files to `engines[file bytes]`."""
 
@@ -279,8 +295,48 @@ def fake_tensorrt_module(cudart: FakeCudart, engines: dict[bytes, FakeEngine], v
         def deserialize_cuda_engine(self, data: bytes):
             return engines.get(bytes(data))
 
+    class Refitter:
+        """Weights are set by name; the refit succeeds when every weight is the one built with."""
+
+        def __init__(self, engine: FakeEngine, logger):
+            self.engine, self.logger, self.staged = engine, logger, {}
+
+        def get_missing_weights(self) -> list[str]:
+            return sorted(set(self.engine.weights or {}) - set(self.staged))
+
+        def refit_cuda_engine(self) -> bool:
+            if self.get_missing_weights() or any(self.engine.weights[k] != v for k, v in self.staged.items()):
+                return False
+            self.engine.refitted = dict(self.staged)
+            return True
+
+    class OnnxParserRefitter:
+        """Stages every initializer of the ONNX file (external data included) that the engine has."""
+
+        def __init__(self, refitter: Refitter, logger):
+            self.refitter, self.errors = refitter, []
+
+        def refit_from_file(self, model: str) -> bool:
+            try:
+                weights = onnx_weights(model)
+            except Exception as e:  # noqa: BLE001 - reported as the parser reports it
+                self.errors.append(types.SimpleNamespace(desc=lambda e=e: f"cannot read {model}: {e}"))
+                return False
+            for name, value in weights.items():
+                if name in (self.refitter.engine.weights or {}):
+                    self.refitter.staged[name] = value
+            return True
+
+        @property
+        def num_errors(self) -> int:
+            return len(self.errors)
+
+        def get_error(self, index: int):
+            return self.errors[index]
+
     return types.SimpleNamespace(
-        __name__="tensorrt_rtx", __version__=version, Logger=Logger, Runtime=Runtime,
+        __name__="tensorrt_rtx", __version__=version, Logger=Logger, Runtime=Runtime, Refitter=Refitter,
+        OnnxParserRefitter=OnnxParserRefitter,
         ExecutionContextAllocationStrategy=types.SimpleNamespace(STATIC="STATIC", ON_PROFILE_CHANGE="ON_PROFILE_CHANGE",
                                                                  USER_MANAGED="USER_MANAGED"),
     )

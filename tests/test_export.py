@@ -176,12 +176,20 @@ def test_fp16_export_runs_on_onnxruntime_and_reports_its_agreement(tmp_path, tin
 
     art = export_artifacts(tiny_model, tmp_path / "fp16", precision="fp16", progress=lambda _: None)
     m = read_manifest(art)
-    assert m.data["precision"] == "fp16"
+    assert m.precision == "fp16"
     assert m.graphs["step"]["precision"] == "fp16" and m.graphs["sample"]["precision"] == "fp32"
+    # The caches, SAR references and text K/V are taken and given in 16 bits; the rest of the I/O stays fp32.
+    io = {g: {v["name"]: v["dtype"] for v in (*m.graphs[g]["inputs"], *m.graphs[g]["outputs"])}
+          for g in ("step", "sar_pool", "text_cond")}
+    assert {io["step"][n] for n in ("past_k_0", "past_v_2", "new_k_1", "sar_v", "text_k")} == {"float16"}
+    assert {io["step"][n] for n in ("x", "modulation", "head_modulation", "logits")} == {"float32"}
+    assert set(io["sar_pool"].values()) == {"float16"} and io["text_cond"]["text_v"] == "float16"
+    assert io["text_cond"]["modulation"] == io["text_cond"]["start_token"] == "float32"
     step = onnx.load(str(m.graph_path("step")))
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in step.graph.initializer)
-    half = EditPipeline.from_artifacts(art).edit(photos["astronaut"], "make it red", noise=NumpyNoise(2),
-                                                 record=True)
+    half_pipe = EditPipeline.from_artifacts(art)
+    assert half_pipe.loop.cache.k[1].dtype == half_pipe.loop.cache.sar_k.dtype == np.float16
+    half = half_pipe.edit(photos["astronaut"], "make it red", noise=NumpyNoise(2), record=True)
     full = EditPipeline.from_artifacts(tiny_artifact).edit(photos["astronaut"], "make it red",
                                                            noise=NumpyNoise(2), record=True)
     agreement = np.mean(np.concatenate([(a == b).ravel() for a, b in zip(half.loop.bits, full.loop.bits)]))
@@ -294,3 +302,26 @@ def test_decomposed_attention_export_computes_the_same_step(tiny_artifact, tmp_p
            for a in (m, fused)]
     for name, a, b in zip(spec.outputs, *run):
         assert np.abs(a - b).max() <= 1e-5 * max(np.abs(b).max(), 1.0), name
+
+
+@pytest.mark.parametrize("checks", ["none", "skipped"])
+def test_export_never_runs_the_transformer(tiny_model, tmp_path, monkeypatch, checks):
+    """The preview projection is fitted from the VAE graphs alone: an export opens ONNX Runtime sessions
+    only for the VAE graphs and for graphs it checks against torch, never for a graph whose check it
+    skips (a release `step` is over the comparison's memory limit), so the transformer never runs."""
+    import onnxruntime as ort
+
+    import varedit_deploy.export.artifacts as artifacts
+
+    opened = []
+    real = ort.InferenceSession
+    monkeypatch.setattr(ort, "InferenceSession", lambda path, *a, **kw: (opened.append(path), real(path, *a, **kw))[1])
+    if checks == "skipped":  # every graph with weights over the limit, as a release step is
+        monkeypatch.setattr(artifacts, "VALIDATE_BYTES", 1)
+    art = export_artifacts(tiny_model, tmp_path / "art", validate=checks != "none", progress=lambda _: None)
+    graphs = {str(p).rsplit("/", 1)[-1].removesuffix(".onnx") for p in opened}
+    manifest = read_manifest(art)
+    skipped = {n for n, g in manifest.graphs.items() if g.get("validation", "").startswith("skipped")}
+    assert "step" in skipped and "text_cond" in skipped if checks == "skipped" else skipped == set(manifest.graphs)
+    assert graphs - {"vae_encoder", "vae_decoder"} == set(manifest.graphs) - skipped - {"vae_encoder", "vae_decoder"}
+    assert "step" not in graphs and manifest.preview["states"] == 9

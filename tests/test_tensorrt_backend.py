@@ -229,7 +229,8 @@ def test_close_releases_graphs_contexts_and_the_block(cudart):
 
 
 def write_fake_engine_set(artifact: Path, folder: Path, precision: str = "fp32", tf32: bool = False,
-                          weight_streaming: bool = False) -> Path:
+                          weight_streaming: bool = False, weights_stripped: bool = False,
+                          io: dict[str, dict[str, str]] | None = None) -> Path:
     """An engine set for `artifact` as `build` writes it, whose engine files hold the graph names."""
     manifest = read_manifest(artifact)
     folder.mkdir(parents=True)
@@ -241,11 +242,12 @@ def write_fake_engine_set(artifact: Path, folder: Path, precision: str = "fp32",
                          "source_sha256": g["files"][0]["sha256"],
                          "profiles": [p.to_json() for p in graph_profiles(manifest, name)],
                          "network": {"layers": {}, "fused_attentions": 0, "attention_chains": 0},
-                         "math": {"precision": precision, "tf32": tf32, "attention_decomposable": False}}
+                         "math": {"precision": precision, "tf32": tf32, "attention_decomposable": False},
+                         **({"io": io[name]} if io and name in io else {})}
     (folder / "engines.json").write_text(json.dumps({
         "schema_version": ENGINE_SCHEMA, "flavour": "tensorrt-rtx", "tensorrt_version": "1.7.1.116",
         "target": "sm89", "precision": precision, "artifact_manifest_sha256": sha256_file(artifact / MANIFEST),
-        "weight_streaming": weight_streaming, "engines": engines}))
+        "weight_streaming": weight_streaming, "weights_stripped": weights_stripped, "engines": engines}))
     return folder
 
 
@@ -322,13 +324,89 @@ def test_backend_refuses_fp32_engines_built_with_tf32(fake_rtx, tiny_artifact, t
         TensorRTBackend(read_manifest(tiny_artifact), flavour="tensorrt-rtx", precision="fp32", engine_dir=folder)
 
 
+def _set(tiny_artifact, tmp_path, **kw) -> Path:
+    return write_fake_engine_set(tiny_artifact, tmp_path / "set" / engine_dir_name("tensorrt-rtx", "1.7.1.116", "sm89",
+                                                                                   "fp16"), precision="fp16", **kw)
+
+
+CACHE_TENSORS = {"step": [f"{p}_{kv}_{i}" for p in ("past", "new") for kv in "kv" for i in range(3)]
+                 + ["sar_k", "sar_v", "text_k", "text_v"],
+                 "sar_pool": ["source_k", "source_v", "sar_k", "sar_v"], "text_cond": ["text_k", "text_v"]}
+
+
+def test_the_loop_allocates_caches_in_the_engines_types(fake_rtx, cudart, tiny_artifact, tmp_path):
+    """16-bit engines take the caches and text K/V in 16 bits: the loop allocates them so (read from the
+    engines), and refuses engines that disagree on a buffer they share, naming it, in one line."""
+    from varedit_deploy.runtime.loop import ScaleLoop
+
+    manifest = read_manifest(tiny_artifact)
+    for name, tensors in CACHE_TENSORS.items():
+        fake_rtx[name.encode()].dtypes = dict.fromkeys(tensors, "HALF")
+    with TensorRTBackend(manifest, flavour="tensorrt-rtx", precision="fp16", engine_dir=_set(tiny_artifact, tmp_path)) as backend:
+        loop = ScaleLoop(manifest, backend)
+        assert loop.cache.k[1].dtype == loop.cache.sar_v.dtype == np.float16 and loop.x[0].dtype == np.float32
+        assert loop.text_buffers(9)[1].dtype == np.float16 and loop.text_buffers(9)[0].dtype == np.float32
+        fake_rtx[b"sar_pool"].dtypes["sar_v"] = "FLOAT"
+    with TensorRTBackend(manifest, flavour="tensorrt-rtx", precision="fp16", engine_dir=_set(tiny_artifact, tmp_path / "2")) as backend:
+        with pytest.raises(ArtifactError, match=r"disagree on the types of the buffers they share \(caches float16, "
+                                                r"text K/V float16\): sar_pool has sar_v in float32, not float16; export the artifact"):
+            ScaleLoop(manifest, backend)
+
+
+def test_an_engine_that_is_not_what_its_manifest_records_is_refused(fake_rtx, cudart, tiny_artifact, tmp_path):
+    manifest = read_manifest(tiny_artifact)
+    folder = _set(tiny_artifact, tmp_path, io={"step": {"past_k_0": "float16"}})
+    with TensorRTBackend(manifest, flavour="tensorrt-rtx", precision="fp16", engine_dir=folder) as backend:
+        with pytest.raises(EngineError, match="engine step: past_k_0 is float32, its engine manifest says float16"):
+            backend.tensor_dtype("step", "past_k_0")
+
+
+def _stripped(fake_rtx, manifest, weights_of=None) -> None:
+    """Make every fake engine a weight-stripped one built with the initializers of its graph file."""
+    from fake_tensorrt import onnx_weights
+
+    for name in manifest.graphs:
+        fake_rtx[name.encode()].weights = onnx_weights((weights_of or manifest).graph_path(name))
+
+
+def test_stripped_engines_are_refitted_from_the_artifact_before_any_context(fake_rtx, cudart, tiny_artifact, tmp_path):
+    manifest = read_manifest(tiny_artifact)
+    _stripped(fake_rtx, manifest)
+    assert sum(len(e.weights) for e in fake_rtx.values()) > 20
+    with TensorRTBackend(manifest, flavour="tensorrt-rtx", precision="fp16",
+                         engine_dir=_set(tiny_artifact, tmp_path, weights_stripped=True)) as backend:
+        for name in manifest.graphs:
+            backend.graph(name)
+            backend.graph(name)._context((0,), 0)  # the fake asserts the engine had its weights first
+        assert all(e.refitted == e.weights for e in fake_rtx.values())
+
+
+def test_a_stripped_engine_without_its_weights_is_one_clear_error(fake_rtx, cudart, tiny_artifact, tmp_path):
+    manifest = read_manifest(tiny_artifact)
+    _stripped(fake_rtx, manifest)
+    fake_rtx[b"step"].weights["a weight the graph file lacks"] = b"\0"
+    backend = TensorRTBackend(manifest, flavour="tensorrt-rtx", precision="fp16",
+                              engine_dir=_set(tiny_artifact, tmp_path, weights_stripped=True))
+    with pytest.raises(EngineError, match=r"engine step: .*step.onnx lacks 1 of the weights it was built with "
+                                          r"\(a weight the graph file lacks\)"):
+        backend.graph("step")
+    _stripped(fake_rtx, manifest)
+    name = next(iter(fake_rtx[b"step"].weights))
+    fake_rtx[b"step"].weights[name] = b"other values"  # built from another export's weights
+    with pytest.raises(EngineError, match="engine step: TensorRT refused the weights of .*step.onnx"):
+        backend.graph("step")
+    backend.close()
+
+
 def test_the_fake_offers_only_calls_tensorrt_rtx_has_and_their_statuses_are_bools():
     import tensorrt_rtx as trt
 
     from fake_tensorrt import FakeContext
 
     test_helpers = {"alive_contexts", "answer", "context_class"}
-    for fake, real in ((FakeEngine, trt.ICudaEngine), (FakeContext, trt.IExecutionContext)):
+    fake_module = fake_tensorrt_module(FakeCudart(), {})
+    for fake, real in ((FakeEngine, trt.ICudaEngine), (FakeContext, trt.IExecutionContext),
+                       (fake_module.Refitter, trt.Refitter), (fake_module.OnnxParserRefitter, trt.OnnxParserRefitter)):
         calls = [n for n in vars(fake) if not n.startswith("_") and n not in test_helpers]
         assert calls and all(hasattr(real, n) for n in calls), [n for n in calls if not hasattr(real, n)]
     assert hasattr(trt.ICudaEngine, "num_optimization_profiles")
@@ -336,3 +414,7 @@ def test_the_fake_offers_only_calls_tensorrt_rtx_has_and_their_statuses_are_bool
     for name in ("set_optimization_profile_async", "set_input_shape", "set_tensor_address", "execute_async_v3",
                  "is_stream_capturable"):
         assert "-> bool" in getattr(trt.IExecutionContext, name).__doc__, name
+    assert "-> bool" in trt.Refitter.refit_cuda_engine.__doc__ and "-> bool" in trt.OnnxParserRefitter.refit_from_file.__doc__
+    assert "-> list[str]" in trt.Refitter.get_missing_weights.__doc__
+    assert {"FLOAT", "HALF", "BF16", "INT8", "INT64"} <= set(trt.DataType.__members__)
+    assert {"STRIP_PLAN", "REFIT_IDENTICAL"} <= set(trt.BuilderFlag.__members__)

@@ -282,7 +282,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     print("build: " + ", ".join(f"{name} {value}{'' if given else ' (default)'}" for name, value, given in chosen))
     for target in targets:
         opts = BuildOptions(flavour=flavour, precision=args.precision, target=target, workspace_gib=args.workspace,
-                            weight_streaming=args.weight_streaming, timing_cache=args.timing_cache)
+                            weight_streaming=args.weight_streaming, timing_cache=args.timing_cache,
+                            strip_weights=args.strip_weights)
         print(f"building {flavour} engines for {target}")
         build_engines(args.artifacts, opts)
     return 0
@@ -305,9 +306,11 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from .memory_plan import DEVICES, artifact_table, plan_table
+    import json
+
     from .config import from_name
     from .errors import InputError
+    from .memory_plan import DEVICES, artifact_data, artifact_table, plan_data, plan_table
 
     if args.artifacts is not None:
         from .artifact import read_manifest
@@ -317,11 +320,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         missing = [str(e) for e in engines if not (e / "engines.json").is_file()]
         if missing:
             raise InputError(f"no engines.json in {', '.join(missing)} (build engines with `varedit-deploy build`)")
-        print(artifact_table(manifest, engines, args.workspace, args.text_len))
+        data = artifact_data(manifest, engines, args.workspace, args.text_len)
+        print(json.dumps(data, indent=1) if args.json else artifact_table(data))
         return 0
     if (args.device is None) == (args.memory_gib is None):
         raise UsageError(f"give one of --device ({', '.join(DEVICES)}) or --memory-gib N")
-    print(plan_table(from_name(args.model), args.device, args.memory_gib, args.workspace, args.text_len))
+    data = plan_data(from_name(args.model), args.device, args.memory_gib, args.workspace, args.text_len)
+    print(json.dumps(data, indent=1) if args.json else plan_table(data))
     return 0
 
 
@@ -435,6 +440,9 @@ def _add_build(sub) -> None:
     p.add_argument("--workspace", type=_value(float, _positive), help="workspace limit in GiB (default: TensorRT's)")
     p.add_argument("--weight-streaming", action="store_true",
                    help="build with weight streaming (part of the weights may stay in host memory)")
+    p.add_argument("--strip-weights", action="store_true",
+                   help="weight-stripped, refittable engines: the weights ship once, in the artifact, and the runtime "
+                        "refits each engine from its graph file at load (the artifact's precision must be the engines')")
     p.set_defaults(func=_cmd_build)
 
 
@@ -480,6 +488,7 @@ def _add_plan(sub) -> None:
     p.add_argument("--artifacts", type=Path, help="an exported artifact: what it and its engines really hold, "
                                                   "beside the estimate")
     p.add_argument("--engines", type=Path, nargs="+", help="engine folders to report (default: ARTIFACTS/engines/*)")
+    p.add_argument("--json", action="store_true", help="print the table as JSON (`rows`: one object per precision)")
     p.set_defaults(func=_cmd_plan)
 
 

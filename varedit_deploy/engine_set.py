@@ -27,10 +27,10 @@ def engine_dir_name(flavour: str, version: str, target: str, precision: str) -> 
     return f"{flavour}-{version}-{target}-{precision}"
 
 
-def build_command(artifacts: Path, flavour: str, target: str, precision: str) -> str:
+def build_command(artifacts: Path, flavour: str, target: str, precision: str, strip_weights: bool = False) -> str:
     """The command that (re)builds an engine set."""
     return (f"varedit-deploy build --artifacts {artifacts} --flavour {flavour} --target {target} "
-            f"--precision {precision}")
+            f"--precision {precision}" + (" --strip-weights" if strip_weights else ""))
 
 
 def engine_precision(manifest: Manifest, requested: str | None) -> str:

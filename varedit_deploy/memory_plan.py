@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from .builder.capabilities import supported
 from .calibration.groups import blocks_quantised_by_default
@@ -37,6 +38,7 @@ DEVICES = {  # total memory in GiB, memory the system keeps
 DEVICE_SM = {"orin-agx-64": "sm87", "orin-agx-32": "sm87", "orin-nx-16": "sm87", "orin-nx-8": "sm87",
              "orin-nano-8": "sm87", "thor-128": "sm110"}  # Jetson runs full TensorRT (JetPack)
 BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+CACHE_DTYPE = {4: "float32", 2: "bfloat16", 1: "int8"}  # by bytes per element
 ROWS = ("fp32", "bf16", "fp16", *QUANTIZED_MODES)  # the precisions `plan` prints
 INT4_BLOCK = 128  # ModelOpt's block size for int4 weight-only (calibration/ptq.py)
 
@@ -102,15 +104,13 @@ def vae_params(config: ModelConfig) -> int:
     return enc + dec
 
 
-def loop_buffer_bytes(config: ModelConfig, compute_dtype: str, text_len: int,
-                      cache_dtype: str | None = None) -> tuple[int, int]:
+def loop_buffer_bytes(config: ModelConfig, cache_dtype: str, text_kv_dtype: str, text_len: int) -> tuple[int, int]:
     """(KV caches, every other buffer) that the scale loop allocates, summed from the loop's own
-    layout: caches in `cache_dtype` (default: `compute_dtype`), text K/V in `compute_dtype`, the
-    rest as the loop holds it (fp32, int64)."""
+    layout: caches in `cache_dtype`, text K/V in `text_kv_dtype`, the rest as the loop holds it
+    (fp32, int64)."""
     t, sched = config.transformer, config.schedule
-    specs = [*loop_layout(t, sched.tokens, sched.starts, sched.source_tokens, sched.latent_side,
-                          compute_dtype, cache_dtype).values(),
-             *text_layout(t, text_capacity(text_len), compute_dtype).values()]
+    specs = [*loop_layout(t, sched.tokens, sched.starts, sched.source_tokens, sched.latent_side, cache_dtype).values(),
+             *text_layout(t, text_capacity(text_len), text_kv_dtype).values()]
     kv = sum(s.nbytes for s in specs if s.kind == "kv_cache")
     return kv, sum(s.nbytes for s in specs) - kv
 
@@ -119,7 +119,14 @@ def kv_cache_bytes(config: ModelConfig, bytes_per: int) -> int:
     """All layers, K and V, CFG batch 2: every layer holds the source and every target scale
     (runtime/kv_cache.py), plus the pooled SAR references of layer 0; the loop's own layout.
     `bytes_per` 1: an 8-bit cache (`quantize --kv-cache int8`)."""
-    return loop_buffer_bytes(config, "float32", 0, {4: "float32", 2: "bfloat16", 1: "int8"}[bytes_per])[0]
+    return loop_buffer_bytes(config, CACHE_DTYPE[bytes_per], "float32", 0)[0]
+
+
+def buffer_dtypes(precision: str, kv_bytes: int | None = None) -> tuple[str, str]:
+    """(cache, text K/V) element types of artifacts and engines of `precision`: fp32 for fp32, 16 bits
+    otherwise (a quantised artifact's high precision), the cache 8-bit with `kv_bytes` 1."""
+    text = "float32" if precision == "fp32" else "bfloat16"  # fp16 and bf16 alike: two bytes
+    return (CACHE_DTYPE[kv_bytes] if kv_bytes else text), text
 
 
 def block_matmuls(config: ModelConfig) -> list[tuple[int, int]]:
@@ -167,13 +174,13 @@ def activation_bytes(config: ModelConfig, bytes_per: int, text_len: int, fused_a
 def plan(config: ModelConfig, precision: str, workspace_gib: float, text_len: int, kv_bytes: int | None = None) -> MemoryPlan:
     """Transformer weights at `precision`; T5, VAE and the graphs' activations in fp32 for an fp32 build
     and in 16 bits otherwise (no quantisation recipes for those parts). The KV cache and the loop's other
-    buffers are what the TensorRT runtime allocates (`loop_layout`): its engines keep fp32 inputs and
-    outputs, so the caches are fp32 at every precision, or 8-bit with `kv_bytes` 1 (an int8-cache artifact)."""
+    buffers are what the runtime allocates (`loop_layout`) for engines of `precision`, which take the
+    caches and text K/V in 16 bits below fp32 (`buffer_dtypes`), or 8-bit caches with `kv_bytes` 1."""
     act = 4 if precision == "fp32" else 2
     t5 = 0
     if config.text_encoder_dir:  # the official fp16 load keeps the FFN output layers in fp32
         t5 = T5_XL_PARAMS * 4 if act == 4 else T5_XL_PARAMS * 2 + T5_XL_WO_PARAMS * 2
-    kv, loop_rest = loop_buffer_bytes(config, "float32", text_len, "int8" if kv_bytes == 1 else None)
+    kv, loop_rest = loop_buffer_bytes(config, *buffer_dtypes(precision, kv_bytes), text_len)
     graph_peak = activation_bytes(config, act, text_len, fused_attention=precision != "fp32")
     return MemoryPlan(
         precision, transformer_bytes(config, precision) / GIB, t5 / GIB, vae_params(config) * act / GIB,
@@ -181,8 +188,9 @@ def plan(config: ModelConfig, precision: str, workspace_gib: float, text_len: in
     )
 
 
-def plan_table(config: ModelConfig, device: str | None, memory_gib: float | None, workspace_gib: float,
-               text_len: int) -> str:
+def plan_data(config: ModelConfig, device: str | None, memory_gib: float | None, workspace_gib: float,
+              text_len: int) -> dict:
+    """`plan`'s table as data (what `plan --json` prints): one row per precision, GiB throughout."""
     if device is not None:
         if device not in DEVICES:
             raise InputError(f"unknown device {device!r}; known: {', '.join(DEVICES)} (or use --memory-gib)")
@@ -192,11 +200,7 @@ def plan_table(config: ModelConfig, device: str | None, memory_gib: float | None
     else:
         budget, where = float(memory_gib), f"{memory_gib} GiB available"
         can = list(BYTES) + list(QUANTIZED_MODES)
-    lines = [f"{config.name} ({config.image_size} px, {config.schedule.num_scales} scales), {where}, "
-             f"budget {budget:.1f} GiB; below fp32, T5, VAE and activations are 16-bit; the KV cache is fp32 "
-             "as the TensorRT runtime holds it (fp32 engine inputs and outputs); activ. includes the loop's buffers",
-             f"{'precision':<9} {'transformer':>11} {'T5-XL':>7} {'VAE':>6} {'KV cache':>9} {'activ.':>7} "
-             f"{'workspace':>9} {'total':>7} {'T5 freed':>8} {'8-bit KV':>8}  fits"]
+    rows = []
     for precision in ROWS:
         p = plan(config, precision, workspace_gib, text_len)
         kv8 = plan(config, precision, workspace_gib, text_len, kv_bytes=1)
@@ -206,9 +210,30 @@ def plan_table(config: ModelConfig, device: str | None, memory_gib: float | None
             ways = [("yes", p.total), ("T5 freed", p.t5_released), ("8-bit KV", kv8.total),
                     ("T5 freed, 8-bit KV", kv8.t5_released)]
             fits = next((way for way, peak in ways if peak <= budget), "no")
-        lines.append(f"{precision:<9} {p.transformer_weights:>11.2f} {p.text_encoder_weights:>7.2f} "
-                     f"{p.vae_weights:>6.2f} {p.kv_cache:>9.2f} {p.activations:>7.2f} {p.workspace:>9.2f} "
-                     f"{p.total:>7.2f} {p.t5_released:>8.2f} {kv8.total:>8.2f}  {fits}")
+        rows.append({"precision": precision, "transformer_gib": p.transformer_weights,
+                     "text_encoder_gib": p.text_encoder_weights, "vae_gib": p.vae_weights,
+                     "kv_cache_gib": p.kv_cache, "kv_cache_dtype": buffer_dtypes(precision)[0],
+                     "activations_gib": p.activations, "workspace_gib": p.workspace, "total_gib": p.total,
+                     "total_t5_freed_gib": p.t5_released, "total_8bit_kv_gib": kv8.total,
+                     "total_t5_freed_8bit_kv_gib": kv8.t5_released, "fits": fits})
+    kv, rest = loop_buffer_bytes(config, "bfloat16", "bfloat16", text_len)
+    return {"model": config.name, "image_size": config.image_size, "scales": config.schedule.num_scales,
+            "where": where, "budget_gib": budget, "text_len": text_len, "rows": rows,
+            "torch_fast_path": {"kv_cache_gib": kv / GIB, "other_loop_buffers_gib": rest / GIB}}
+
+
+def plan_table(data: dict) -> str:
+    """`plan_data` as the table `plan` prints."""
+    lines = [f"{data['model']} ({data['image_size']} px, {data['scales']} scales), {data['where']}, "
+             f"budget {data['budget_gib']:.1f} GiB; below fp32, T5, VAE, activations, the KV cache and the text K/V "
+             "are 16-bit (the engines take and give them so); activ. includes the loop's buffers",
+             f"{'precision':<9} {'transformer':>11} {'T5-XL':>7} {'VAE':>6} {'KV cache':>9} {'activ.':>7} "
+             f"{'workspace':>9} {'total':>7} {'T5 freed':>8} {'8-bit KV':>8}  fits"]
+    for r in data["rows"]:
+        lines.append(f"{r['precision']:<9} {r['transformer_gib']:>11.2f} {r['text_encoder_gib']:>7.2f} "
+                     f"{r['vae_gib']:>6.2f} {r['kv_cache_gib']:>9.2f} {r['activations_gib']:>7.2f} "
+                     f"{r['workspace_gib']:>9.2f} {r['total_gib']:>7.2f} {r['total_t5_freed_gib']:>8.2f} "
+                     f"{r['total_8bit_kv_gib']:>8.2f}  {r['fits']}")
     lines.append("GiB. int8: W8A8 (TensorRT: Turing, Ampere, Orin); fp8: Ada, Hopper, Blackwell/Thor; int4: weight-only, "
                  "Ampere on. Quantised rows: the block weight products of the default recipe (int8/fp8 keep the first "
                  "and last blocks from depth 8 on), measured per weight as ModelOpt stores them; the rest in fp16 "
@@ -216,15 +241,16 @@ def plan_table(config: ModelConfig, device: str | None, memory_gib: float | None
                  "below fp32. T5 freed: T5 released after encoding (or run on the CPU), the peak is the larger phase; "
                  "8-bit KV: the total with an 8-bit cache. Engines built with --weight-streaming can keep part of "
                  "the transformer weights in host memory (slower).")
-    kv, rest = loop_buffer_bytes(config, "bfloat16", text_len)
-    lines.append(f"torch fast path (bf16 caches and text K/V, the loop's own allocation): KV cache {kv / GIB:.2f} GiB, "
-                 f"other loop buffers {rest / GIB:.2f} GiB (fp32 inputs, modulation, logits, codes; "
-                 f"{text_len}-token instruction)")
+    fast = data["torch_fast_path"]
+    lines.append(f"torch fast path (bf16 caches and text K/V, the loop's own allocation): KV cache "
+                 f"{fast['kv_cache_gib']:.2f} GiB, other loop buffers {fast['other_loop_buffers_gib']:.2f} GiB "
+                 f"(fp32 inputs, modulation, logits, codes; {data['text_len']}-token instruction)")
     return "\n".join(lines)
 
 
-def artifact_table(manifest, engine_dirs: list, workspace_gib: float = 1.0, text_len: int = 77) -> str:
-    """What an artifact (and engine sets) hold, by model part and by graph, beside the estimate."""
+def artifact_data(manifest, engine_dirs: list, workspace_gib: float = 1.0, text_len: int = 77) -> dict:
+    """What an artifact (and engine sets) hold, by model part and by graph, beside the estimate; the
+    run-time buffers in the types its graphs (or each engine set) take them in. GiB throughout."""
     config, precision = manifest.config, manifest.precision
     act = 4 if precision == "fp32" else 2
     stored: dict[str, int] = {}
@@ -236,42 +262,82 @@ def artifact_table(manifest, engine_dirs: list, workspace_gib: float = 1.0, text
     estimates = {"transformer": transformer_bytes(config, precision), "vae": vae_params(config) * act}
     if "text_encoder" in summary:  # the artifact's own T5 (a tiny one for random-weight exports)
         estimates["text_encoder"] = summary["text_encoder"]["parameters"] * act
-    lines = [f"artifact {manifest.folder}: {config.name}, {precision} graphs, {on_disk / GIB:.2f} GiB on disk",
-             f"{'part':<14} {'estimate GiB':>12} {'artifact GiB':>12} {'ratio':>7}"]
-    for part, est in estimates.items():
-        got = stored.get(part, 0)
-        lines.append(f"{part:<14} {est / GIB:>12.3f} {got / GIB:>12.3f} {got / est:>7.3f}")
-    constants = on_disk - sum(stored.values())
-    lines.append(f"{'graph, consts':<14} {'':>12} {constants / GIB:>12.3f}  (protos, RoPE tables, resampling matrices)")
-    lines.append(f"{'graph':<14} {'MB on disk':>10} {'weights MB':>10}  precision")
-    for name, g in manifest.graphs.items():
-        lines.append(f"{name:<14} {sum(f['bytes'] for f in g['files']) / 1e6:>10.1f} "
-                     f"{g['weights']['bytes'] / 1e6:>10.1f}  {g['precision']}")
+    io = manifest.step_io
+    step_types = {v["name"]: v["dtype"] for v in (*manifest.graphs["step"]["inputs"], *manifest.graphs["step"]["outputs"])}
+    data = {
+        "artifact": str(manifest.folder), "model": config.name, "precision": precision, "on_disk_gib": on_disk / GIB,
+        "parts": [{"part": part, "estimate_gib": est / GIB, "artifact_gib": stored.get(part, 0) / GIB}
+                  for part, est in estimates.items()],
+        "constants_gib": (on_disk - sum(stored.values())) / GIB,
+        "graphs": [{"graph": name, "mb_on_disk": sum(f["bytes"] for f in g["files"]) / 1e6,
+                    "weights_mb": g["weights"]["bytes"] / 1e6, "precision": g["precision"]}
+                   for name, g in manifest.graphs.items()],
+        "runs": [_run_peak("artifact (ONNX Runtime)", config, precision, stored, step_types[io.past(0)[0]],
+                           step_types[io.text_k], workspace_gib, text_len)],
+        "engines": [],
+    }
     for folder in engine_dirs:
-        data = read_engine_manifest(folder)
+        engines = read_engine_manifest(folder)
         try:
-            lines += _engine_rows(folder, data, config, act, summary)
+            data["engines"].append(_engine_set(folder, engines, config, act, summary))
+            step = engines["engines"]["step"]
+            types = step.get("io") or dict.fromkeys((io.past(0)[0], io.text_k),
+                                                    buffer_dtypes(engines["precision"])[1])  # before `io` was recorded
+            data["runs"].append(_run_peak(f"engines {Path(folder).name}", config, engines["precision"], stored,
+                                          types[io.past(0)[0]], types[io.text_k], workspace_gib, text_len))
         except (KeyError, TypeError, AttributeError) as e:
-            raise ArtifactError(f"{folder / 'engines.json'} is not a valid engine manifest ({type(e).__name__}: {e}); "
-                                "rebuild the engines") from None
-    p = plan(config, precision, workspace_gib, text_len)
-    lines.append(f"at run time (estimate, {precision}): KV cache {p.kv_cache:.2f} GiB, activations "
-                 f"{p.activations:.2f} GiB, workspace {p.workspace:.2f} GiB")
+            raise ArtifactError(f"{Path(folder) / 'engines.json'} is not a valid engine manifest "
+                                f"({type(e).__name__}: {e}); rebuild the engines") from None
+    return data
+
+
+def _run_peak(where: str, config: ModelConfig, precision: str, stored: dict[str, int], cache_dtype: str,
+              text_kv_dtype: str, workspace_gib: float, text_len: int) -> dict:
+    """The peak of running the artifact's weights with buffers of these types (estimated activations)."""
+    kv, loop_rest = loop_buffer_bytes(config, cache_dtype, text_kv_dtype, text_len)
+    act = 4 if precision == "fp32" else 2
+    activations = (activation_bytes(config, act, text_len, fused_attention=precision != "fp32") + loop_rest) / GIB
     t5 = stored.get("text_encoder", 0) / GIB
-    rest = sum(v for k, v in stored.items() if k != "text_encoder") / GIB + p.kv_cache + p.activations + p.workspace
-    lines.append(f"peak with this artifact's weights: {t5 + rest:.2f} GiB; T5 on the CPU: {rest:.2f} GiB; "
-                 f"T5 released after encoding: {max(t5 + p.workspace, rest):.2f} GiB")
-    return "\n".join(lines)
+    rest = sum(v for k, v in stored.items() if k != "text_encoder") / GIB + kv / GIB + activations + workspace_gib
+    return {"where": where, "kv_cache_dtype": cache_dtype, "text_kv_dtype": text_kv_dtype, "kv_cache_gib": kv / GIB,
+            "activations_gib": activations, "workspace_gib": workspace_gib, "total_gib": t5 + rest,
+            "total_t5_on_cpu_gib": rest, "total_t5_freed_gib": max(t5 + workspace_gib, rest)}
 
 
-def _engine_rows(folder, data: dict, config: ModelConfig, act: int, summary: dict) -> list[str]:
-    """One engine set's lines of `artifact_table`."""
+def _engine_set(folder, data: dict, config: ModelConfig, act: int, summary: dict) -> dict:
+    """One engine set's entry of `artifact_data`: its bytes against the estimated weights."""
     b = BYTES.get(data["precision"], 2)  # quantised engines: the VAE and T5 stay 16-bit
     weights = transformer_bytes(config, data["precision"]) + vae_params(config) * min(b, act)
     weights += summary.get("text_encoder", {}).get("parameters", 0) * min(b, act)
-    total = sum(rec["bytes"] for rec in data["engines"].values())
-    lines = [f"engines {folder.name}: {total / GIB:.3f} GiB for {len(data['engines'])} graphs; weights at "
-             f"{data['precision']} estimated {weights / GIB:.3f} GiB (ratio {total / weights:.3f}; the rest "
-             "is kernels)"]
-    return lines + [f"  {name:<14} {rec['bytes'] / 1e6:>10.1f} MB, {len(rec['profiles'])} profile(s)"
-                    for name, rec in data["engines"].items()]
+    return {"folder": Path(folder).name, "precision": data["precision"],
+            "gib": sum(rec["bytes"] for rec in data["engines"].values()) / GIB, "weights_estimate_gib": weights / GIB,
+            "weights_stripped": bool(data.get("weights_stripped")),
+            "engines": [{"graph": name, "mb": rec["bytes"] / 1e6, "profiles": len(rec["profiles"])}
+                        for name, rec in data["engines"].items()]}
+
+
+def artifact_table(data: dict) -> str:
+    """`artifact_data` as the table `plan --artifacts` prints."""
+    lines = [f"artifact {data['artifact']}: {data['model']}, {data['precision']} graphs, {data['on_disk_gib']:.2f} GiB "
+             "on disk", f"{'part':<14} {'estimate GiB':>12} {'artifact GiB':>12} {'ratio':>7}"]
+    for p in data["parts"]:
+        lines.append(f"{p['part']:<14} {p['estimate_gib']:>12.3f} {p['artifact_gib']:>12.3f} "
+                     f"{p['artifact_gib'] / p['estimate_gib']:>7.3f}")
+    lines.append(f"{'graph, consts':<14} {'':>12} {data['constants_gib']:>12.3f}  (protos, RoPE tables, resampling "
+                 "matrices)")
+    lines.append(f"{'graph':<14} {'MB on disk':>10} {'weights MB':>10}  precision")
+    for g in data["graphs"]:
+        lines.append(f"{g['graph']:<14} {g['mb_on_disk']:>10.1f} {g['weights_mb']:>10.1f}  {g['precision']}")
+    for e in data["engines"]:
+        stripped = "; weights stripped (refitted from the artifact at load)" if e["weights_stripped"] else ""
+        lines.append(f"engines {e['folder']}: {e['gib']:.3f} GiB for {len(e['engines'])} graphs; weights at "
+                     f"{e['precision']} estimated {e['weights_estimate_gib']:.3f} GiB (ratio "
+                     f"{e['gib'] / e['weights_estimate_gib']:.3f}; the rest is kernels){stripped}")
+        lines += [f"  {r['graph']:<14} {r['mb']:>10.1f} MB, {r['profiles']} profile(s)" for r in e["engines"]]
+    for r in data["runs"]:
+        lines.append(f"at run time, {r['where']}: KV cache {r['kv_cache_gib']:.2f} GiB ({r['kv_cache_dtype']}), text "
+                     f"K/V {r['text_kv_dtype']}, activations {r['activations_gib']:.2f} GiB (estimate), workspace "
+                     f"{r['workspace_gib']:.2f} GiB; peak with this artifact's weights {r['total_gib']:.2f} GiB, "
+                     f"T5 on the CPU {r['total_t5_on_cpu_gib']:.2f} GiB, T5 released after encoding "
+                     f"{r['total_t5_freed_gib']:.2f} GiB")
+    return "\n".join(lines)

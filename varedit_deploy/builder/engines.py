@@ -33,7 +33,7 @@ from ..plugins.trt_plugin import register_plugin
 from ..runtime.gpu import current_compute_capability, gpu_available
 from ..runtime.tensorrt_import import import_tensorrt
 from .capabilities import check_supported, sm_number
-from .network_report import mark_attentions_decomposable, network_record
+from .network_report import mark_attentions_decomposable, network_io_dtypes, network_record
 from .profiles import graph_profiles
 from .tensorrt_api import make_logger, parser_plugin_library_dir, strongly_typed_network
 
@@ -48,6 +48,7 @@ class BuildOptions:
     workspace_gib: float | None = None
     weight_streaming: bool = False
     timing_cache: Path | None = None
+    strip_weights: bool = False  # refittable engines without their weights, refitted from the artifact at load
 
 
 def _target(trt, opts: BuildOptions) -> str:
@@ -77,6 +78,10 @@ def _configure(trt, builder, opts: BuildOptions, target: str, cache_bytes: bytes
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(opts.workspace_gib * 2**30))
     if opts.weight_streaming:
         config.set_flag(trt.BuilderFlag.WEIGHT_STREAMING)
+    if opts.strip_weights:  # the plan keeps no refittable weight; the runtime refits identical ones from the
+        # artifact's graph files (TensorRT's weight-stripped engines: STRIP_PLAN with REFIT_IDENTICAL)
+        config.set_flag(trt.BuilderFlag.STRIP_PLAN)
+        config.set_flag(trt.BuilderFlag.REFIT_IDENTICAL)
     if opts.flavour == "tensorrt":  # TensorRT-RTX has no timing cache (its operations are no-ops)
         if not config.set_timing_cache(config.create_timing_cache(cache_bytes or b""), ignore_mismatch=False):
             raise VareditError(f"the timing cache {opts.timing_cache} was made on another device or TensorRT "
@@ -84,16 +89,17 @@ def _configure(trt, builder, opts: BuildOptions, target: str, cache_bytes: bytes
     return config
 
 
-def _parse(trt, builder, logger, path: Path, lower_to: str, name: str):
-    """Parse `path` (lowered to fp16/bf16 first, tensor by tensor, when asked) from files, so
-    external data works."""
+def _parse(trt, builder, logger, manifest: Manifest, name: str, lower_to: str):
+    """Parse graph `name` from its file, so external data works; an fp32 graph built in 16 bits is first
+    lowered as a 16-bit artifact holds it (`lower_graph`: matrix work and the cache I/O), tensor by tensor."""
+    path = manifest.graph_path(name)
     network = strongly_typed_network(trt, builder)
     parser = trt.OnnxParser(network, logger)
     with tempfile.TemporaryDirectory() as tmp:
         source = path
         if lower_to != "fp32":
             source = Path(tmp) / path.name
-            lower_graph(path, lower_to, source)
+            lower_graph(path, name, lower_to, manifest.step_io, source)
         ok = parser.parse_from_file(str(source))
     errors = [parser.get_error(i).desc() for i in range(parser.num_errors)]
     if not ok or errors:
@@ -125,6 +131,10 @@ def build_engines(
     opts = dataclasses.replace(opts, precision=engine_precision(manifest, opts.precision))
     # Quantised and half artifacts are typed already; an fp32 one is lowered per graph while parsing.
     lower_to = opts.precision if manifest.precision == "fp32" and manifest.quantization is None else "fp32"
+    if opts.strip_weights and lower_to != "fp32":
+        raise VareditError(f"--strip-weights refits each engine from the artifact's own graph files, and artifact "
+                           f"{manifest.folder} holds fp32 graphs, not the {opts.precision} ones the engines would be "
+                           f"built from: export with --precision {opts.precision} and build that")
     trt = import_tensorrt(opts.flavour)
     target = _target(trt, opts)
     names = graphs or list(manifest.graphs)
@@ -149,8 +159,7 @@ def build_engines(
         config = None
         for i, name in enumerate(names, 1):
             t0 = time.perf_counter()
-            network, _parser = _parse(trt, builder, logger, manifest.graph_path(name),
-                                      graph_precision(name, lower_to), name)
+            network, _parser = _parse(trt, builder, logger, manifest, name, lower_to)
             parsed = network_record(network)
             math = _math_precision(manifest, name, opts.precision)
             # fp32 has no dedicated fused attention kernel: let each attention decompose.
@@ -173,7 +182,7 @@ def build_engines(
             records[name] = {**file_record(tmp, path), "source": manifest.graphs[name]["files"][0]["path"],
                              "source_sha256": manifest.graphs[name]["files"][0]["sha256"],
                              "profiles": [p.to_json() for p in profiles], "build_seconds": round(seconds, 2),
-                             "network": parsed,
+                             "network": parsed, "io": network_io_dtypes(network),
                              "math": {"precision": math, "tf32": config.get_flag(trt.BuilderFlag.TF32),
                                       "attention_decomposable": decomposable}}
             progress(f"[{i:>2}/{len(names)}] {name:<14} {path.stat().st_size / 1e6:>8.2f} MB "
@@ -183,10 +192,11 @@ def build_engines(
         data = {
             "schema_version": ENGINE_SCHEMA, "flavour": opts.flavour, "tensorrt_version": trt.__version__,
             "target": target, "precision": opts.precision, "weight_streaming": opts.weight_streaming,
+            "weights_stripped": opts.strip_weights,
             "artifact_manifest_sha256": sha256_file(manifest.folder / MANIFEST),
             "engines": records, "timing_cache": "timing.cache" if cache_bytes else None, "plugins": plugins,
             "builder": {"varedit_deploy": __version__, "python": platform.python_version(), "host": platform.node()},
-            "rebuild": build_command(manifest.folder, opts.flavour, opts.target, opts.precision),
+            "rebuild": build_command(manifest.folder, opts.flavour, opts.target, opts.precision, opts.strip_weights),
         }
         (tmp / ENGINE_MANIFEST).write_text(json.dumps(data, indent=1))
     if opts.timing_cache and cache_bytes:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from ..runtime.tensorrt_import import dtype_name
+
 # Layers that may sit between the two products and the softmax of an attention: the scale and
 # mask (elementwise), fp16 <-> fp32 casts, reshapes and transposes.
 PASS_THROUGH = frozenset({"CAST", "ELEMENTWISE", "SHUFFLE", "IDENTITY", "SCALE"})
@@ -71,6 +73,14 @@ def network_record(network) -> dict[str, Any]:
     counts = Counter(layer.kind for layer in layers)
     return {"layers": dict(sorted(counts.items())), "fused_attentions": counts.get("ATTENTION_OUTPUT", 0),
             "attention_chains": attention_chains(layers)}
+
+
+def network_io_dtypes(network) -> dict[str, str]:
+    """Every network input and output with the element type the engine takes or gives it in (the
+    runtime allocates the buffers bound to them so, and checks the engine says the same)."""
+    tensors = [network.get_input(i) for i in range(network.num_inputs)]
+    tensors += [network.get_output(i) for i in range(network.num_outputs)]
+    return {t.name: dtype_name(t.dtype) for t in tensors}
 
 
 def mark_attentions_decomposable(trt: ModuleType, network) -> int:

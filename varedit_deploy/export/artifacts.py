@@ -35,7 +35,6 @@ from .attention_nodes import ATTENTION_FORMS
 from .destination import carry_engines, check_export_target
 from .graphs import graph_specs
 from .onnx_export import EXTERNAL_DATA_BYTES, VALIDATE_BYTES, export_graph
-from .precision import graph_precision
 from .source import ExportSource
 
 TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -75,7 +74,7 @@ def export_artifacts(
         (tmp / "graphs").mkdir()
         for i, spec in enumerate(specs, 1):
             t0 = time.perf_counter()
-            entry = export_graph(spec, tmp / "graphs", src, graph_precision(spec.name, precision),
+            entry = export_graph(spec, tmp / "graphs", src, precision,
                                  external_data_bytes, VALIDATE_BYTES if validate else None,
                                  _block_progress(f"[{i:>2}/{len(specs)}] {spec.name:<14}", progress))
             entry["files"] = [{**f, "path": f"graphs/{f['path']}"} for f in entry["files"]]

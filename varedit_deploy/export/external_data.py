@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from .precision import cast_values, to_half
+from ..graph_io import StepIO
+from .precision import cast_values, lower
 
 ALIGN, ALIGN_FROM = 64 * 2**10, 2**20
 _ITEMSIZE = {1: 4, 10: 2, 16: 2, 11: 8, 7: 8, 6: 4, 9: 1}  # float, fp16, bf16, double, int64, int32, bool
@@ -89,9 +90,10 @@ def write_graph(model, path: Path, values: Callable[[str], np.ndarray], external
     return records
 
 
-def lower_graph(path, precision: str, out) -> None:
-    """Write the fp32 graph `path` lowered to `precision` as `out` (+ `.data`), one external
-    tensor at a time (an engine build never holds the fp32 weights and their copy together)."""
+def lower_graph(path, graph: str, precision: str, io: StepIO, out) -> None:
+    """Write the fp32 graph `path` (graph `graph` of an artifact) as an engine set of `precision` holds it
+    (`precision.lower`) to `out` (+ `.data`), one external tensor at a time (an engine build never holds
+    the fp32 weights and their copy together)."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -108,4 +110,4 @@ def lower_graph(path, precision: str, out) -> None:
             f.seek(int(info.get("offset", 0)))
             return np.frombuffer(f.read(int(info["length"])), dtype).reshape(dims)
 
-    write_graph(to_half(model, precision), out, values, external=bool(external))
+    write_graph(lower(model, graph, precision, io), out, values, external=bool(external))

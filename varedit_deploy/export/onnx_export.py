@@ -21,7 +21,8 @@ from ..graph_io import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_ONNX_DOMAIN, plugin
 from ..runtime.onnxruntime_backend import disabled_optimizers
 from .external_data import nbytes, stubs, write_graph
 from .graphs import GraphSpec
-from .precision import to_half
+from ..graph_io import StepIO
+from .precision import graph_precision, lower
 from .source import ExportSource
 from .weightless import graph_opset, parameters_replaced, trace
 
@@ -57,18 +58,20 @@ def tensorrt_support(ops) -> dict[str, Any]:
             "tensorrt_needs": {op: NEWER_TENSORRT_OPS[op] for op in sorted(ops & set(NEWER_TENSORRT_OPS))}}
 
 _ONNX_DTYPES = {1: "float32", 7: "int64", 10: "float16", 16: "bfloat16", 6: "int32", 9: "bool"}
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
 
 def export_graph(spec: GraphSpec, folder: Path, source: ExportSource, precision: str = "fp32",
                  external_data_bytes: int = EXTERNAL_DATA_BYTES, validate_bytes: int | None = VALIDATE_BYTES,
                  progress: Callable[[int, int, str], None] = lambda done, total, name: None) -> dict[str, Any]:
-    """Write `folder/<name>.onnx` (+ `.onnx.data` when large) at `precision`; return its manifest entry."""
+    """Write `folder/<name>.onnx` (+ `.onnx.data` when large) as an artifact of `precision` holds it
+    (precision.lower: its matrix work, and the inputs and outputs that bind the caches); return its
+    manifest entry."""
     onnx = require("onnx", "export")
     traced = trace(spec)
     model = traced.model
     _pin_static_output_dims(model, spec, traced.output_shapes)
-    if precision != "fp32":
-        model = to_half(model, precision)
+    model = lower(model, spec.name, precision, StepIO())
     owners = source.owners()
     params = {name: owners[id(p)] for name, p in spec.module.named_parameters()}
     recipes = traced.recipes
@@ -83,7 +86,7 @@ def export_graph(spec: GraphSpec, folder: Path, source: ExportSource, precision:
     weight_bytes = sum(by_module.values())
     path = folder / f"{spec.name}.onnx"
     files = write_graph(model, path, values, external=weight_bytes > external_data_bytes, progress=progress)
-    try:  # opset 17 types no bf16 Conv (TensorRT parses it); bf16 graphs get the structural check only
+    try:  # opset 17 types no bf16 Conv (TensorRT parses it); bf16 artifacts get the structural check only
         onnx.checker.check_model(str(path), full_check=precision != "bf16")
     except Exception as e:
         raise VareditError(f"exported graph {spec.name} fails the ONNX checker: {e}") from None
@@ -93,7 +96,7 @@ def export_graph(spec: GraphSpec, folder: Path, source: ExportSource, precision:
     read = sorted(params[p] for p in used)
     entry: dict[str, Any] = {
         "files": files,
-        "precision": precision,
+        "precision": graph_precision(spec.name, precision),
         "inputs": _io(model.graph.input, spec.inputs),
         "outputs": _io(model.graph.output, spec.outputs),
         "opset": graph_opset(model),
@@ -152,7 +155,8 @@ def compare_with_module(spec: GraphSpec, path: Path, source: ExportSource, used:
                for name, p in spec.module.named_parameters()}
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"],
                                 disabled_optimizers=disabled_optimizers(ops))
-    got = sess.run(None, {n: v.numpy() for n, v in zip(spec.inputs, spec.example)})
+    types = {i.name: _ORT_TYPES.get(i.type, np.float32) for i in sess.get_inputs()}  # 16-bit cache inputs
+    got = sess.run(None, {n: v.numpy().astype(types[n]) for n, v in zip(spec.inputs, spec.example)})
     del sess
     with torch.inference_mode(), parameters_replaced(spec.module, tensors):
         ref = spec.module(*spec.example)

@@ -15,8 +15,12 @@ retyped here; their values are converted by `cast_values` as they are written.
 from __future__ import annotations
 
 import collections
+import re
+from collections.abc import Collection, Iterable
 
 import numpy as np
+
+from ..graph_io import StepIO
 
 # Graphs whose weights and matrix work are lowered (text_cond holds every block's text K/V
 # projection: an eighth of the transformer); the small ones (sampler, next-scale inputs with the
@@ -27,7 +31,68 @@ KEEP_FP32_OPS = ["LayerNormalization", "InstanceNormalization", "Softmax", "Redu
 
 
 def graph_precision(graph: str, precision: str) -> str:
+    """What `graph`'s weights and matrix work are in, in an artifact or engine set of `precision`."""
     return precision if graph in HALF_GRAPHS else "fp32"
+
+
+def cache_io(graph: str, names: Iterable[str], io: StepIO) -> set[str]:
+    """Those of `names` (a graph's inputs and outputs) that bind the KV caches, the SAR references or
+    the per-layer text K/V: held in 16 bits by 16-bit artifacts and engines, as the official code
+    holds them (bf16). The residual input, the modulation and the logits stay fp32."""
+    if graph == "step":
+        templates = [re.compile("^" + re.escape(t).replace(re.escape("{layer}"), r"\d+") + "$")
+                     for t in (io.past_k, io.past_v, io.new_k, io.new_v)]
+        fixed = {io.sar_k, io.sar_v, io.text_k, io.text_v}
+        return {n for n in names if n in fixed or any(t.match(n) for t in templates)}
+    if graph == "text_cond":
+        return {n for n in names if n in ("text_k", "text_v")}
+    if graph == "sar_pool":  # layer 0's source K/V in, the SAR references out: all of them cache rows
+        return set(names)
+    return set()
+
+
+def lower(model, graph: str, precision: str, io: StepIO):
+    """`graph` (an fp32 ModelProto) as an artifact or engine set of `precision` holds it: the half
+    graphs' matrix work in 16 bits (`to_half`), and in every graph the inputs and outputs that bind
+    the caches (`cache_io`) in 16 bits, the rest of the I/O fp32. Other graphs stay as they are."""
+    if precision == "fp32":
+        return model
+    half_io = cache_io(graph, [v.name for v in (*model.graph.input, *model.graph.output)], io)
+    if graph in HALF_GRAPHS:
+        return to_half(model, precision, half_io)
+    return cast_io(model, half_io, precision) if half_io else model
+
+
+def cast_io(model, names: Collection[str], precision: str):
+    """`model` with its float32 inputs and outputs in `names` taken and given in `precision` through a
+    Cast each; what it computes stays float32 (the SAR pooling pools in fp32 and rounds once)."""
+    import onnx
+
+    half = {"fp16": onnx.TensorProto.FLOAT16, "bf16": onnx.TensorProto.BFLOAT16}[precision]
+    graph = model.graph
+
+    def rename(old: str, new: str) -> None:
+        for node in graph.node:
+            node.input[:] = [new if i == old else i for i in node.input]
+            node.output[:] = [new if o == old else o for o in node.output]
+
+    casts_in, casts_out = [], []
+    for value in graph.input:
+        if value.name in names and value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
+            rename(value.name, value.name + "_fp32")
+            casts_in.append(onnx.helper.make_node("Cast", [value.name], [value.name + "_fp32"],
+                                                  name=f"/io/{value.name}_to_fp32", to=onnx.TensorProto.FLOAT))
+            value.type.tensor_type.elem_type = half
+    for value in graph.output:
+        if value.name in names and value.type.tensor_type.elem_type == onnx.TensorProto.FLOAT:
+            rename(value.name, value.name + "_fp32")
+            casts_out.append(onnx.helper.make_node("Cast", [value.name + "_fp32"], [value.name],
+                                                   name=f"/io/{value.name}_to_{precision}", to=half))
+            value.type.tensor_type.elem_type = half
+    nodes = [*casts_in, *graph.node, *casts_out]
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    return model
 
 
 # Module scopes the official code runs in fp32 even under autocast (docs/spec/transformer.md: the
@@ -49,8 +114,8 @@ def normalisation_nodes(model) -> list[str]:
     return [n.name for n in model.graph.node if n.name.startswith(tuple(scopes))]
 
 
-def to_half(model, precision: str):
-    """fp32 ModelProto -> fp16 or bf16 ModelProto with fp32 I/O."""
+def to_half(model, precision: str, half_io: Collection[str] = ()):
+    """fp32 ModelProto -> fp16 or bf16 ModelProto, its I/O fp32 except those named in `half_io`."""
     from unittest import mock
 
     import onnx
@@ -73,7 +138,8 @@ def to_half(model, precision: str):
         return onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
 
     with mock.patch.object(float16, "make_value_info_from_tensor", value_info):
-        half = float16.convert_float_to_float16(model, keep_io_types=True, op_block_list=KEEP_FP32_OPS,
+        keep_fp32 = [v.name for v in (*model.graph.input, *model.graph.output) if v.name not in half_io]
+        half = float16.convert_float_to_float16(model, keep_io_types=keep_fp32, op_block_list=KEEP_FP32_OPS,
                                                 node_block_list=fp32_nodes(model))
     _skip_half_round_trips(half)
     if precision == "bf16":

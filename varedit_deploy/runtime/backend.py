@@ -19,6 +19,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..artifact import Manifest
+from ..errors import require
 
 
 class GraphRunner(ABC):
@@ -32,9 +33,16 @@ class GraphRunner(ABC):
         """Release what the runner holds beyond Python objects (device memory, contexts, CUDA graphs)."""
 
 
+def host_dtype(name: str) -> np.dtype:
+    """The numpy dtype of an element type name; bfloat16 through ml_dtypes (numpy has none)."""
+    if name == "bfloat16":
+        return np.dtype(require("ml_dtypes", "trt").bfloat16)
+    return np.dtype(name)
+
+
 class Backend(ABC):
     name: str
-    # What the KV caches and text K/V are held in: the dtype the graphs compute attention in.
+    # What the KV caches and text K/V are held in where the graphs do not say (the torch fast path).
     compute_dtype: str = "float32"
 
     def __init__(self, manifest: Manifest):
@@ -58,8 +66,17 @@ class Backend(ABC):
 
     def empty(self, shape: tuple[int, ...], dtype: str) -> np.ndarray:
         """A buffer the graphs can read and write in place; axis-0 slices stay contiguous views.
-        `dtype` is a numpy name ("float32", "int64") or the backend's `compute_dtype`."""
-        return np.empty(shape, np.dtype(dtype))
+        `dtype` is an element type name ("float32", "float16", "bfloat16", "int64", "int8")."""
+        return np.empty(shape, host_dtype(dtype))
+
+    def tensor_dtype(self, graph: str, tensor: str) -> str:
+        """The element type `graph` takes or gives for `tensor`, which the buffer bound to it must have:
+        the artifact's record of its graph files; `compute_dtype` where the manifest records no I/O."""
+        entry = self.manifest.graphs.get(graph, {})
+        for spec in (*entry.get("inputs", ()), *entry.get("outputs", ())):
+            if spec["name"] == tensor:
+                return spec["dtype"]
+        return self.compute_dtype
 
     def write(self, dst, src: np.ndarray) -> None:
         """Copy host data into a buffer (or a view of one); `src` may be reused at once."""

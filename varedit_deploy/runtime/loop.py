@@ -7,9 +7,10 @@ past, no SAR: every layer's source K/V land in rows [0, L_src) of the caches) an
 All buffers (KV caches, logits, bits, next inputs, summed codes) are allocated by the backend
 once per pipeline from `loop_layout`, the one list of what the loop holds (the memory plan sums
 the same list), and reused by every edit; each graph reads and writes them in place. The KV
-caches and text K/V are held in the backend's compute dtype (bf16 on the torch fast path, as the
-official code holds them); everything the official code keeps in fp32 (residual inputs, AdaLN
-modulation, logits, codes) stays fp32.
+caches and text K/V are held in the type the graphs take them in (16 bits in 16-bit artifacts,
+engines and the torch fast path, as the official code holds them in bf16; int8 in an 8-bit-cache
+artifact); everything the official code keeps in fp32 (residual inputs, AdaLN modulation,
+logits, codes) stays fp32.
 
 Host transfers per edit: uploads (the sampler constants, the whole edit's noise, teacher bits
 when given, zeroed codes) are queued before the first graph, and nothing is read back until
@@ -28,7 +29,8 @@ import numpy as np
 
 from ..artifact import Manifest
 from ..config import TransformerConfig
-from ..errors import InputError
+from ..errors import ArtifactError, InputError
+from ..graph_io import StepIO
 from ..sampling import NoiseSource, SamplerInputs, draw_edit
 from .backend import Backend
 from .kv_cache import SOURCE, KVCache, StepCall
@@ -54,12 +56,11 @@ class BufferSpec:
 
 
 def loop_layout(t: TransformerConfig, tokens: tuple[int, ...], starts: tuple[int, ...], source_tokens: int,
-                latent_side: int, compute_dtype: str, cache_dtype: str | None = None) -> dict[str, BufferSpec]:
-    """Every buffer the loop allocates for a pipeline, by name (text buffers: `text_layout`).
-    The caches are in `cache_dtype` where the graphs fix one (int8 for an 8-bit-cache artifact),
-    else in the compute dtype."""
+                latent_side: int, cache_dtype: str) -> dict[str, BufferSpec]:
+    """Every buffer the loop allocates for a pipeline, by name (text buffers: `text_layout`). The
+    caches in `cache_dtype`, what the graphs take them in (16-bit, int8 for an 8-bit-cache artifact)."""
     cache = KVCache.layout(t.depth, t.heads, t.head_dim, source_tokens, starts, tokens)
-    specs = {f"cache.{name}": BufferSpec(shape, cache_dtype or compute_dtype, "kv_cache") for name, shape in cache.items()}
+    specs = {f"cache.{name}": BufferSpec(shape, cache_dtype, "kv_cache") for name, shape in cache.items()}
 
     def act(shape, dtype="float32"):
         return BufferSpec(tuple(shape), dtype, "activations")
@@ -85,12 +86,30 @@ def text_capacity(length: int) -> int:
     return -(-length // TEXT_CHUNK) * TEXT_CHUNK
 
 
-def text_layout(t: TransformerConfig, length: int, compute_dtype: str) -> dict[str, BufferSpec]:
-    """T5 features and per-layer text K/V of an instruction of `length` tokens."""
+def text_layout(t: TransformerConfig, length: int, text_kv_dtype: str) -> dict[str, BufferSpec]:
+    """T5 features and per-layer text K/V (in `text_kv_dtype`) of an instruction of `length` tokens."""
     kv = (t.depth, 2, t.heads, length, t.head_dim)
     return {"features": BufferSpec((1, length, t.text_channels), "float32", "activations"),
-            "text_k": BufferSpec(kv, compute_dtype, "activations"),
-            "text_v": BufferSpec(kv, compute_dtype, "activations")}
+            "text_k": BufferSpec(kv, text_kv_dtype, "activations"),
+            "text_v": BufferSpec(kv, text_kv_dtype, "activations")}
+
+
+def shared_buffer_dtypes(backend: Backend, io: StepIO, depth: int) -> tuple[str, str]:
+    """(cache dtype, text K/V dtype): what the graphs that share the caches and the text K/V take and
+    give them in, asked of the backend (an artifact's files, or the engines built from them); an
+    ArtifactError names every graph that disagrees, since one buffer serves them all."""
+    cache, text = backend.tensor_dtype("step", io.past(0)[0]), backend.tensor_dtype("step", io.text_k)
+    uses = [("step", name, cache) for i in range(depth) for name in (*io.past(i), *io.new(i))]
+    uses += [("step", io.sar_k, cache), ("step", io.sar_v, cache), ("step", io.text_v, text)]
+    uses += [("sar_pool", name, cache) for name in ("source_k", "source_v", "sar_k", "sar_v")]
+    uses += [("text_cond", name, text) for name in ("text_k", "text_v")]
+    wrong = [f"{graph} has {name} in {backend.tensor_dtype(graph, name)}, not {want}"
+             for graph, name, want in uses if backend.tensor_dtype(graph, name) != want]
+    if wrong:
+        raise ArtifactError(f"the {backend.name} graphs of {backend.manifest.folder} disagree on the types of the buffers "
+                            f"they share (caches {cache}, text K/V {text}): {'; '.join(wrong)}; export the artifact, "
+                            "or build its engines, again, all graphs together")
+    return cache, text
 
 
 @dataclass
@@ -111,8 +130,8 @@ class ScaleLoop:
         self.tokens, self.starts = tuple(sched["tokens"]), tuple(sched["starts"])
         self.source_tokens, self.latent_side = sched["source_tokens"], sched["latent_side"]
         t = self.tcfg
-        specs = loop_layout(t, self.tokens, self.starts, self.source_tokens, self.latent_side, backend.compute_dtype,
-                            manifest.kv_cache_dtype)
+        self.cache_dtype, self.text_kv_dtype = shared_buffer_dtypes(backend, self.io, t.depth)
+        specs = loop_layout(t, self.tokens, self.starts, self.source_tokens, self.latent_side, self.cache_dtype)
         buf = {name: backend.empty(spec.shape, spec.dtype) for name, spec in specs.items()}
         self.cache = KVCache.from_buffers({k.removeprefix("cache."): v for k, v in buf.items() if k.startswith("cache.")},
                                           self.source_tokens, self.starts, self.tokens)
@@ -136,11 +155,11 @@ class ScaleLoop:
         captured on them) stay put from one instruction length to the next."""
         if length > self._text_capacity:
             self._text_capacity = text_capacity(length)
-            specs = text_layout(self.tcfg, self._text_capacity, self.backend.compute_dtype)
+            specs = text_layout(self.tcfg, self._text_capacity, self.text_kv_dtype)
             self._text_flat = {name: self.backend.empty((prod(s.shape),), s.dtype) for name, s in specs.items()}
             self._text.clear()
         if length not in self._text:
-            specs = text_layout(self.tcfg, length, self.backend.compute_dtype)
+            specs = text_layout(self.tcfg, length, self.text_kv_dtype)
             self._text[length] = tuple(self._text_flat[name][:prod(s.shape)].reshape(s.shape)
                                        for name, s in specs.items())
         return self._text[length]

@@ -30,9 +30,9 @@ from ..artifact import Manifest
 from ..engine_set import ENGINE_MANIFEST, build_command, check_engines, engine_dir_name, engine_precision, select_profile
 from ..errors import ArtifactError, EngineError
 from ..plugins.trt_plugin import register_plugin
-from .backend import Backend, GraphRunner
+from .backend import Backend, GraphRunner, host_dtype
 from .gpu import CudaGraph, DeviceArray, Stream, current_compute_capability
-from .tensorrt_import import import_tensorrt
+from .tensorrt_import import dtype_name, import_tensorrt
 
 CallKey = tuple  # (profile, ((tensor, address, shape), ...)): what a captured graph has baked in
 # Captured calls (a context and a CUDA graph each) kept per engine, least recently used dropped first:
@@ -191,9 +191,11 @@ class TensorRTBackend(Backend):
         data = json.loads((folder / ENGINE_MANIFEST).read_text())
         self.records = data["engines"]
         self.weight_streaming = bool(data.get("weight_streaming"))
+        self.weights_stripped = bool(data.get("weights_stripped"))
         if data.get("plugins"):  # check_engines matched their versions: register before deserialising
             register_plugin(self.trt)
-        self.runtime = self.trt.Runtime(self.trt.Logger(self.trt.Logger.ERROR))
+        self.logger = self.trt.Logger(self.trt.Logger.ERROR)
+        self.runtime = self.trt.Runtime(self.logger)
         self.stream = Stream()
         self.cuda_graphs = cuda_graphs
         # Weak: a buffer the loop drops (text buffers outgrown by a longer instruction) is freed then,
@@ -205,13 +207,42 @@ class TensorRTBackend(Backend):
         engine = self.runtime.deserialize_cuda_engine((self.folder / rec["path"]).read_bytes())
         if engine is None:
             raise ArtifactError(f"engine {self.folder / rec['path']} cannot be deserialized")
+        if self.weights_stripped:
+            self._refit(name, engine)
         if self.weight_streaming:  # built streamable (build --weight-streaming): it keeps every weight on the
             # device until given a budget, set after deserialising and before any context (TensorRT's docs)
             engine.weight_streaming_budget_v2 = engine.get_weight_streaming_automatic_budget()
         return TrtGraph(name, engine, self.trt, rec["profiles"], self.stream, self.cuda_graphs)
 
+    def _refit(self, name: str, engine) -> None:
+        """Give a weight-stripped engine its weights, from the artifact's graph file it was built from (the
+        engine manifest's hashes matched the artifact's in `check_engines`); before any context exists."""
+        graph = self.manifest.graph_path(name)
+        refitter = self.trt.Refitter(engine, self.logger)
+        parser = self.trt.OnnxParserRefitter(refitter, self.logger)
+        if not parser.refit_from_file(str(graph)):
+            errors = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors)) or "no reason given"
+            raise EngineError(f"engine {name}: TensorRT could not read its weights from {graph} ({errors})")
+        missing = list(refitter.get_missing_weights())
+        if missing:
+            raise EngineError(f"engine {name}: {graph} lacks {len(missing)} of the weights it was built with "
+                              f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+        if not refitter.refit_cuda_engine():
+            raise EngineError(f"engine {name}: TensorRT refused the weights of {graph} (refit_cuda_engine returned "
+                              "False: they are not the ones it was built with)")
+
+    def tensor_dtype(self, graph: str, tensor: str) -> str:
+        """What the engine takes or gives `tensor` in (the engine manifest must say the same)."""
+        runner = self.graph(graph)
+        got = dtype_name(runner.engine.get_tensor_dtype(tensor))
+        recorded = self.records[graph].get("io", {}).get(tensor, got)
+        if recorded != got:
+            raise EngineError(f"engine {graph}: {tensor} is {got}, its engine manifest says {recorded}; rebuild "
+                              "the engines")
+        return got
+
     def empty(self, shape, dtype) -> DeviceArray:
-        buffer = DeviceArray.empty(tuple(shape), dtype)
+        buffer = DeviceArray.empty(tuple(shape), host_dtype(dtype))
         self._buffers = [ref for ref in self._buffers if ref() is not None] + [weakref.ref(buffer)]
         return buffer
 

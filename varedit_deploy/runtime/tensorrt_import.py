@@ -28,3 +28,13 @@ def import_tensorrt(flavour: str) -> ModuleType:
         return importlib.import_module(FLAVOURS[flavour])
     except ImportError:
         raise VareditError(_INSTALL[flavour]) from None
+
+
+# TensorRT's DataType names -> the element type names buffers are allocated by (runtime/backend.py).
+DTYPE_NAMES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "INT32": "int32",
+               "INT64": "int64", "BOOL": "bool", "UINT8": "uint8", "FP8": "float8_e4m3fn"}
+
+
+def dtype_name(trt_dtype) -> str:
+    """A TensorRT DataType as the element type name the runtime allocates by."""
+    return DTYPE_NAMES.get(trt_dtype.name, trt_dtype.name.lower())
