@@ -13,6 +13,7 @@ from varedit_deploy.builder.capabilities import check_supported, supported
 from varedit_deploy.memory_plan import plan, plan_table, transformer_bytes
 from varedit_deploy.export.precision import to_half
 from varedit_deploy.calibration import kv_cache
+from varedit_deploy.graph_io import StepIO
 from varedit_deploy.calibration.backends import Recording, RecordingBackend
 from varedit_deploy.calibration.dataset import HELD_OUT_PHOTOS, default_set, load_set
 from varedit_deploy.calibration.groups import default_exclusions, excluded, find_groups, group_of, node_scope
@@ -148,11 +149,13 @@ def test_recording_is_bounded_per_input_shape_and_per_graph(tiny_artifact):
 
 # ----------------------------------------------------------------------------- 8-bit KV cache
 def test_cache_tensors_are_found_by_name():
-    assert kv_cache.cache_of("past_k_3", output=False) == "k.3" and kv_cache.cache_of("new_v_0", output=True) == "v.0"
-    assert kv_cache.cache_of("source_k", output=False) == "k.0" and kv_cache.cache_of("sar_v", output=True) == "sar_v"
-    assert kv_cache.cache_of("source_k_2", output=False) is None and kv_cache.cache_of("source_k", output=True) is None
-    assert kv_cache.cache_of("sar_k", output=False) == "sar_k" and kv_cache.cache_of("text_k", output=False) is None
-    assert kv_cache.cache_of("past_k", output=False) is None and kv_cache.cache_of("new_k_1", output=False) is None
+    views = kv_cache.CacheViews.of(StepIO(), depth=4)
+    assert views.cache_of("past_k_3", output=False) == "k.3" and views.cache_of("new_v_0", output=True) == "v.0"
+    assert views.cache_of("source_k", output=False) == "k.0" and views.cache_of("sar_v", output=True) == "sar_v"
+    assert views.cache_of("source_k_2", output=False) is None and views.cache_of("source_k", output=True) is None
+    assert views.cache_of("sar_k", output=False) == "sar_k" and views.cache_of("text_k", output=False) is None
+    assert views.cache_of("past_k", output=False) is None and views.cache_of("new_k_1", output=False) is None
+    assert views.cache_of("past_k_4", output=False) is None  # a layer the model does not have
 
 
 def test_an_int8_cache_round_trips_within_half_a_step_per_channel():
@@ -166,9 +169,10 @@ def test_an_int8_cache_round_trips_within_half_a_step_per_channel():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
     rng = np.random.default_rng(0)
     x = (rng.normal(size=(5, 2, 3, 4)) * np.linspace(0.1, 3, 12).reshape(3, 4)).astype(np.float32)
-    scales = kv_cache.calibrate_scales({"step": [{"past_k_0": x}]})
+    views = kv_cache.CacheViews.of(StepIO(), depth=1)
+    scales = kv_cache.calibrate_scales({"step": [{"past_k_0": x}]}, views)
     assert scales["k.0"].shape == (12,)
-    assert kv_cache.rewrite(model, scales) == ["past_k_0", "new_k_0"]
+    assert kv_cache.rewrite(model, scales, views) == ["past_k_0", "new_k_0"]
     assert [v.type.tensor_type.elem_type for v in (*model.graph.input, *model.graph.output)] == [TensorProto.INT8] * 2
     step = scales["k.0"].reshape(3, 4)
     q = np.clip(np.round(x / step), -127, 127).astype(np.int8)

@@ -24,6 +24,7 @@ from typing import Any
 
 from .config import ModelConfig
 from .errors import ArtifactError, InputError
+from .fileio import write_text
 from .graph_io import StepIO
 
 SCHEMA_VERSION = 3  # 2: the source pass runs the step graph (source_embed, sar_pool); 3: step_io names
@@ -164,9 +165,21 @@ class Manifest:
         """The records of every tokenizer file shipped (the release's own files and `tokenizer.json`)."""
         return self.data.get("tokenizer", {}).get("files", [])
 
+    @property
+    def ranges(self) -> dict[str, dict[str, float]] | None:
+        """The range record (`varedit-deploy ranges`): per graph, each tensor's largest absolute value in
+        fp32 on real edits; None where none was recorded."""
+        record = self.data.get("ranges")
+        if record is None:
+            return None
+        data = json.loads((self.folder / record["file"]["path"]).read_text())
+        return {graph: entry["values"] for graph, entry in data["graphs"].items()}
+
     def companion_files(self) -> list[dict[str, Any]]:
-        """The records of the files besides the graphs that travel with them: tokenizer, preview projection."""
-        return self.tokenizer_files + ([self.preview["file"]] if self.preview else [])
+        """The records of the files besides the graphs that travel with them: tokenizer, preview
+        projection, range record."""
+        return (self.tokenizer_files + ([self.preview["file"]] if self.preview else [])
+                + ([self.data["ranges"]["file"]] if "ranges" in self.data else []))
 
     def all_files(self) -> list[dict[str, Any]]:
         files = [f for g in self.graphs.values() for f in g["files"]]
@@ -197,8 +210,6 @@ def read_stamp(folder: Path) -> dict[str, Any]:
 def write_stamp(folder: Path, records: list[dict[str, Any]]) -> None:
     """Record that these files (whose sha256 was just checked or written) match the manifest.
     A read-only artifact simply stays unstamped: it is then hashed on every load."""
-    from .fileio import write_text
-
     stamp = read_stamp(folder)
     for rec in records:
         stamp[rec["path"]] = _stamp_entry((folder / rec["path"]).stat(), rec["sha256"])
@@ -306,4 +317,5 @@ def read_manifest(folder: str | Path, verify: str = "quick") -> Manifest:
 
 
 def write_manifest(folder: Path, data: dict[str, Any]) -> None:
-    (folder / MANIFEST).write_text(json.dumps({"schema_version": SCHEMA_VERSION, **data}, indent=1))
+    """Write (or replace) the manifest whole or not at all."""
+    write_text(folder / MANIFEST, json.dumps({"schema_version": SCHEMA_VERSION, **data}, indent=1))

@@ -275,7 +275,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
     defaults = BuildOptions()
     flavour = args.flavour or defaults.flavour
-    precision = args.precision or "fp16 for fp32 graphs, else the artifact's"
+    precision = args.precision or "bf16 for fp32 graphs where the target has it (else fp16), or the artifact's"
     targets = args.target or ([defaults.target] if flavour == "tensorrt-rtx" else ["current"])
     chosen = [("flavour", flavour, args.flavour), ("target", " ".join(targets), args.target),
               ("precision", precision, args.precision)]
@@ -283,7 +283,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     for target in targets:
         opts = BuildOptions(flavour=flavour, precision=args.precision, target=target, workspace_gib=args.workspace,
                             weight_streaming=args.weight_streaming, timing_cache=args.timing_cache,
-                            strip_weights=args.strip_weights)
+                            strip_weights=args.strip_weights, strict_fp16=args.strict_fp16)
         print(f"building {flavour} engines for {target}")
         build_engines(args.artifacts, opts)
     return 0
@@ -302,6 +302,13 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     opts = QuantizeOptions(**given, search=not args.no_search)
     quantize_artifacts(args.artifacts, args.out, opts,
                        command="varedit-deploy " + " ".join(shlex.quote(a) for a in args.argv))
+    return 0
+
+
+def _cmd_ranges(args: argparse.Namespace) -> int:
+    from .calibration.ranges import record_ranges
+
+    record_ranges(args.artifacts, args.calibration, args.edits, args.fixture)
     return 0
 
 
@@ -431,8 +438,8 @@ def _add_build(sub) -> None:
                    help="tensorrt-rtx builds ahead of time on any machine; tensorrt builds on the GPU that runs "
                         f"the engines (default: {BuildOptions.flavour})")
     p.add_argument("--precision", choices=ENGINE_PRECISIONS,
-                   help="engine precision (default: fp16 for an fp32 artifact, the stored precision of an fp16/bf16 "
-                        "one, the quantisation mode of a quantised one)")
+                   help="engine precision (default: for an fp32 artifact bf16 where the target has it, sm80 on, else "
+                        "fp16; the stored precision of an fp16/bf16 artifact; the mode of a quantised one)")
     p.add_argument("--target", nargs="+", metavar="TARGET",
                    help=f"GPU targets: for tensorrt-rtx one or more of {' '.join(RTX_TARGETS)}; for tensorrt "
                         f"'current' (default: {BuildOptions.target} for tensorrt-rtx, current for tensorrt)")
@@ -440,6 +447,9 @@ def _add_build(sub) -> None:
     p.add_argument("--workspace", type=_value(float, _positive), help="workspace limit in GiB (default: TensorRT's)")
     p.add_argument("--weight-streaming", action="store_true",
                    help="build with weight streaming (part of the weights may stay in host memory)")
+    p.add_argument("--strict-fp16", action="store_true",
+                   help="refuse an fp16 build of fp32 graphs whose range record (`varedit-deploy ranges`) has values "
+                        "beyond fp16's safe range, listing them (default: keep those nodes fp32)")
     p.add_argument("--strip-weights", action="store_true",
                    help="weight-stripped, refittable engines: the weights ship once, in the artifact, and the runtime "
                         "refits each engine from its graph file at load (the artifact's precision must be the engines')")
@@ -473,6 +483,23 @@ def _add_quantize(sub) -> None:
                                                 "its text features stand in for every instruction")
     p.add_argument("--kv-cache", choices=["int8"], help="an 8-bit KV cache with per-channel scales")
     p.set_defaults(func=_cmd_quantize)
+
+
+def _add_ranges(sub) -> None:
+    from .calibration.ranges import DEFAULT_EDITS
+
+    p = sub.add_parser("ranges", help="record every tensor's largest value in the fp32 graphs on real edits, so that "
+                                      "fp16 builds keep out-of-range nodes fp32")
+    p.add_argument("--artifacts", required=True, type=Path,
+                   help="fp32 artifact folder: the record goes into it (engines built before become stale)")
+    p.add_argument("--calibration", type=Path,
+                   help="folder of photos with instructions.txt, or a CSV image,instruction[,split] (default: the "
+                        "calibration photos and instructions `quantize` uses)")
+    p.add_argument("--edits", type=_value(int, _at_least_one), default=DEFAULT_EDITS,
+                   help="calibration edits to run (a release model's edit takes minutes on a CPU)")
+    p.add_argument("--fixture", type=Path, help="for artifacts exported from a golden fixture (no text encoder): "
+                                                "its text features stand in for every instruction")
+    p.set_defaults(func=_cmd_ranges)
 
 
 def _add_plan(sub) -> None:
@@ -547,8 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Deploy VAREdit: reference, export, runtime.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_parity, _add_edit, _add_export, _add_build, _add_quantize, _add_plan, _add_inspect, _add_serve,
-                _add_demo):
+    for add in (_add_parity, _add_edit, _add_export, _add_build, _add_quantize, _add_ranges, _add_plan, _add_inspect,
+                _add_serve, _add_demo):
         add(sub)
     return parser
 

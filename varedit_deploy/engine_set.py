@@ -17,7 +17,7 @@ from typing import Any
 from .artifact import MANIFEST, STAMP, Manifest, sha256_file, verify_files
 from .errors import ArtifactError, VareditError
 from .graph_io import plugin_record
-from .precisions import ENGINE_PRECISIONS, QUANTIZED_MODES, describe_precision
+from .precisions import ENGINE_PRECISIONS, QUANTIZED_MODES, default_16bit, describe_precision
 
 ENGINE_SCHEMA = 2  # 2: per-graph math mode and parsed network; TF32 off
 ENGINE_MANIFEST = "engines.json"
@@ -33,9 +33,10 @@ def build_command(artifacts: Path, flavour: str, target: str, precision: str, st
             f"--precision {precision}" + (" --strip-weights" if strip_weights else ""))
 
 
-def engine_precision(manifest: Manifest, requested: str | None) -> str:
-    """The precision engines of this artifact are built in: a quantised artifact's mode, an fp16/bf16
-    artifact's stored precision, and for an fp32 artifact what is asked (fp16 when nothing is)."""
+def engine_precision(manifest: Manifest, requested: str | None, target: str | None) -> str:
+    """The precision engines of this artifact are built in for GPU `target` ('sm89'): a quantised
+    artifact's mode, an fp16/bf16 artifact's stored precision, and for an fp32 artifact what is asked
+    (`default_16bit(target)` when nothing is)."""
     quant = manifest.quantization
     stored = manifest.precision
     if requested is not None and requested not in ENGINE_PRECISIONS:
@@ -52,7 +53,7 @@ def engine_precision(manifest: Manifest, requested: str | None) -> str:
     if stored != "fp32" and requested not in (None, stored):
         raise VareditError(f"artifact {manifest.folder} holds {stored} graphs; build --precision {stored}, "
                            f"or export fp32 graphs to build {requested} engines")
-    return requested or (stored if stored != "fp32" else "fp16")
+    return requested or (stored if stored != "fp32" else default_16bit(target))
 
 
 def engine_sets(artifact: Path) -> list[Path]:

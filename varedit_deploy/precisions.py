@@ -16,3 +16,10 @@ _DESCRIPTION = {"int8": "int8 (W8A8)", "fp8": "fp8 (E4M3)", "int4": "int4 (weigh
 def describe_precision(precision: str) -> str:
     """'int8 (W8A8)' for the quantisation modes, the name itself otherwise."""
     return _DESCRIPTION.get(precision, precision)
+
+
+def default_16bit(target: str | None) -> str:
+    """The 16-bit precision engines of an fp32 artifact are built in when none is asked for: bf16 where
+    the GPU has it (Ampere, sm80, and later, Jetson Orin's sm87 included: fp32's range, so trained
+    weights cannot overflow), fp16 before (Turing, sm75), where a range record keeps out-of-range nodes fp32."""
+    return "bf16" if target is not None and int(target.removeprefix("sm")) >= 80 else "fp16"

@@ -26,10 +26,11 @@ from ..engine_set import (ENGINE_MANIFEST, ENGINE_SCHEMA, attention_summary, bui
                           engine_precision, engine_set_files, read_engine_manifest)
 from ..errors import OutputError, VareditError
 from ..export.external_data import lower_graph
-from ..export.precision import graph_precision
+from ..export.precision import FP16_SAFE_MAX, LOWERED_GRAPHS, graph_precision, mixed_precision, out_of_range_nodes
 from ..fileio import atomic_dir, check_writable, unlisted_files, write_bytes
 from ..graph_io import plugin_record
 from ..plugins.trt_plugin import register_plugin
+from ..precisions import default_16bit
 from ..runtime.gpu import current_compute_capability, gpu_available
 from ..runtime.tensorrt_import import import_tensorrt
 from .capabilities import check_supported, sm_number
@@ -49,6 +50,7 @@ class BuildOptions:
     weight_streaming: bool = False
     timing_cache: Path | None = None
     strip_weights: bool = False  # refittable engines without their weights, refitted from the artifact at load
+    strict_fp16: bool = False  # refuse an fp16 build whose range record has values beyond fp16's safe range
 
 
 def _target(trt, opts: BuildOptions) -> str:
@@ -89,22 +91,57 @@ def _configure(trt, builder, opts: BuildOptions, target: str, cache_bytes: bytes
     return config
 
 
-def _parse(trt, builder, logger, manifest: Manifest, name: str, lower_to: str):
+def _parse(trt, builder, logger, manifest: Manifest, name: str, lower_to: str, ranges: dict[str, float] | None):
     """Parse graph `name` from its file, so external data works; an fp32 graph built in 16 bits is first
-    lowered as a 16-bit artifact holds it (`lower_graph`: matrix work and the cache I/O), tensor by tensor."""
+    lowered as a 16-bit artifact holds it (`lower_graph`: matrix work and the cache I/O; in fp16 the
+    nodes its range record puts beyond fp16's safe range stay fp32), tensor by tensor."""
     path = manifest.graph_path(name)
     network = strongly_typed_network(trt, builder)
     parser = trt.OnnxParser(network, logger)
     with tempfile.TemporaryDirectory() as tmp:
         source = path
-        if lower_to != "fp32":
+        if lower_to != "fp32" and name in LOWERED_GRAPHS:
             source = Path(tmp) / path.name
-            lower_graph(path, name, lower_to, manifest.step_io, source)
+            lower_graph(path, name, lower_to, manifest.step_io, source, ranges)
         ok = parser.parse_from_file(str(source))
     errors = [parser.get_error(i).desc() for i in range(parser.num_errors)]
     if not ok or errors:
         raise VareditError(f"TensorRT's ONNX parser rejected {name}: " + "; ".join(errors or ["unknown error"]))
     return network, parser
+
+
+def _fp16_ranges(manifest: Manifest, opts: BuildOptions, lower_to: str, target: str, names: list[str],
+                 progress: Callable[[str], None]) -> dict[str, dict[str, float]]:
+    """The range record an fp16 build of fp32 graphs honours, per graph (empty for other builds). Says
+    once what it keeps fp32, or that there is no record to go by; `strict_fp16` refuses out-of-range nodes."""
+    if opts.precision != "fp16":
+        return {}
+    bf16 = f" ({target} has bf16: fp32's range, --precision bf16)" if default_16bit(target) == "bf16" else ""
+    ranges = manifest.ranges if lower_to == "fp16" else None
+    if ranges is None:
+        if opts.strict_fp16:
+            raise VareditError(f"--strict-fp16 checks fp16 against a range record, and artifact {manifest.folder} has "
+                               f"none: record one with `varedit-deploy ranges --artifacts {manifest.folder}`{bf16}")
+        progress(f"warning: fp16 without a range record: trained weights can pass fp16's range (Flan-T5's FFN does), "
+                 f"which no check here can see; record one with `varedit-deploy ranges --artifacts {manifest.folder}` "
+                 f"on the fp32 artifact{bf16}")
+        return {}
+    import onnx
+
+    kept = {}
+    for name in names:
+        if name in ranges:
+            nodes = out_of_range_nodes(onnx.load(str(manifest.graph_path(name)), load_external_data=False), ranges[name])
+            if nodes:
+                kept[name] = nodes
+    if kept and opts.strict_fp16:
+        listed = "; ".join(f"{g}: {', '.join(n[:3])}{' and more' if len(n) > 3 else ''} ({len(n)} nodes)"
+                           for g, n in kept.items())
+        raise VareditError(f"--strict-fp16: the range record has values beyond fp16's safe range ({FP16_SAFE_MAX:g}) "
+                           f"at {listed}; build without --strict-fp16 to keep them fp32{bf16}")
+    progress("range record: " + (", ".join(f"{g} keeps {len(n)} nodes fp32" for g, n in kept.items())
+                                 or f"every recorded value within fp16's safe range ({FP16_SAFE_MAX:g})"))
+    return ranges
 
 
 def _check_parser_ops(trt, flavour: str, manifest: Manifest, names: list[str]) -> None:
@@ -128,16 +165,17 @@ def build_engines(
     graphs: list[str] | None = None,
 ) -> Path:
     manifest = read_manifest(artifacts)
-    opts = dataclasses.replace(opts, precision=engine_precision(manifest, opts.precision))
+    trt = import_tensorrt(opts.flavour)
+    target = _target(trt, opts)
+    opts = dataclasses.replace(opts, precision=engine_precision(manifest, opts.precision, target))
     # Quantised and half artifacts are typed already; an fp32 one is lowered per graph while parsing.
     lower_to = opts.precision if manifest.precision == "fp32" and manifest.quantization is None else "fp32"
     if opts.strip_weights and lower_to != "fp32":
         raise VareditError(f"--strip-weights refits each engine from the artifact's own graph files, and artifact "
                            f"{manifest.folder} holds fp32 graphs, not the {opts.precision} ones the engines would be "
                            f"built from: export with --precision {opts.precision} and build that")
-    trt = import_tensorrt(opts.flavour)
-    target = _target(trt, opts)
     names = graphs or list(manifest.graphs)
+    ranges = _fp16_ranges(manifest, opts, lower_to, target, names, progress)
     _check_parser_ops(trt, opts.flavour, manifest, names)
     check_supported(opts.flavour, target, opts.precision)
     plugins = _check_plugins(manifest, names)
@@ -159,7 +197,7 @@ def build_engines(
         config = None
         for i, name in enumerate(names, 1):
             t0 = time.perf_counter()
-            network, _parser = _parse(trt, builder, logger, manifest, name, lower_to)
+            network, _parser = _parse(trt, builder, logger, manifest, name, lower_to, ranges.get(name))
             parsed = network_record(network)
             math = _math_precision(manifest, name, opts.precision)
             # fp32 has no dedicated fused attention kernel: let each attention decompose.
@@ -183,6 +221,8 @@ def build_engines(
                              "source_sha256": manifest.graphs[name]["files"][0]["sha256"],
                              "profiles": [p.to_json() for p in profiles], "build_seconds": round(seconds, 2),
                              "network": parsed, "io": network_io_dtypes(network),
+                             "mixed_precision": mixed_precision(name, opts.precision if lower_to != "fp32" else
+                                                                manifest.graphs[name].get("precision", "fp32")),
                              "math": {"precision": math, "tf32": config.get_flag(trt.BuilderFlag.TF32),
                                       "attention_decomposable": decomposable}}
             progress(f"[{i:>2}/{len(names)}] {name:<14} {path.stat().st_size / 1e6:>8.2f} MB "

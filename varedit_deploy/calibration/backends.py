@@ -88,6 +88,9 @@ class _RecordingRunner(GraphRunner):
     def __init__(self, inner: GraphRunner, backend: Backend, recording: Recording):
         self.inner, self.name, self.backend, self.recording = inner, inner.name, backend, recording
 
+    def dtype(self, tensor: str) -> str | None:
+        return self.inner.dtype(tensor)
+
     def run(self, inputs, outputs) -> None:
         if self.recording.wants(self.name, inputs):
             self.recording.add(self.name, {k: self.backend.read(v) for k, v in inputs.items()})

@@ -10,10 +10,13 @@ features for every instruction.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from ..errors import require
+from ..artifact import Manifest
+from ..errors import InputError, require
+from ..fixtures import FixtureData
 from ..imaging import postprocess
 from ..runtime.pipeline import EditPipeline
 from ..sampling import NumpyNoise
@@ -41,6 +44,23 @@ class EditRun:
     features: np.ndarray  # host copies of what the loop was fed
     prefix: np.ndarray
     image: np.ndarray | None = None  # HxWx3 uint8 at the photo's size
+
+
+def text_source(manifest: Manifest, fixture: Path | None) -> TextSource:
+    """Where the instructions' T5 features come from: the artifact's text encoder, or (an artifact exported
+    from a golden fixture, which has none) that fixture's features for every instruction."""
+    if manifest.has_graph("text_encoder"):
+        if fixture is not None:
+            raise InputError("--fixture gives text features to artifacts without a text encoder; this one has one")
+        return TextSource()
+    if fixture is None:
+        raise InputError(f"artifact {manifest.folder} has no text encoder (it was exported from a fixture); "
+                         "pass --fixture DIR to calibrate with that fixture's text features")
+    data = FixtureData.load(fixture)
+    if data.config != manifest.config:
+        raise InputError(f"fixture {fixture} is a {data.config.name} model; artifact {manifest.folder} is "
+                         f"{manifest.config.name}")
+    return TextSource(data.text_features, f"the fixture's one instruction ({fixture}) for every pair")
 
 
 def run_edit(pipe: EditPipeline, text: TextSource, pair: EditPair, seed: int, teacher: EditRun | None = None,

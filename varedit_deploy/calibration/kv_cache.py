@@ -6,41 +6,50 @@ the element type changes. Every graph input that is a cache view gets a Dequanti
 QuantizeLinear at the end, both per channel (H x c, symmetric, zero point 0), with scales
 calibrated from the caches the fp32 run filled (max |x| / 127 per channel). A scale's own new
 K/V are used in float inside the step; later scales read them back from the 8-bit cache.
-Which tensors are cache views is read from their names (the contract with runtime/loop.py).
+Which tensors are cache views follows the step's I/O names in the manifest (graph_io.StepIO)
+and the SAR pooling's (layer 0's source rows in, the SAR cache out).
 """
 
 from __future__ import annotations
 
-import re
+from dataclasses import dataclass
 
 import numpy as np
 
-# Cache-bound graph I/O: past_k_3 / new_k_3 are views of layer 3's K cache; source_k (sar_pool's
-# input) is layer 0's source rows; sar_k is the SAR cache.
-CACHE_INPUTS = re.compile(r"(past|source|sar)_([kv])(?:_(\d+))?")
-CACHE_OUTPUTS = re.compile(r"(new|sar)_([kv])(?:_(\d+))?")
+from ..graph_io import StepIO
+
 QMAX = 127.0
 DTYPE = "int8"
 
 
-def cache_of(name: str, output: bool) -> str | None:
-    """The cache a graph input/output is a view of ('k.3', 'v.0', 'sar_k'), or None."""
-    m = (CACHE_OUTPUTS if output else CACHE_INPUTS).fullmatch(name)
-    if m is None:
-        return None
-    kind, kv, layer = m.groups()
-    if kind in ("sar", "source"):
-        return None if layer is not None else f"sar_{kv}" if kind == "sar" else f"{kv}.0"
-    return None if layer is None else f"{kv}.{layer}"
+@dataclass(frozen=True)
+class CacheViews:
+    """Which graph inputs and outputs are views of which cache ('k.3', 'v.0', 'sar_k')."""
+
+    inputs: dict[str, str]
+    outputs: dict[str, str]
+
+    @classmethod
+    def of(cls, io: StepIO, depth: int) -> "CacheViews":
+        inputs = {"source_k": "k.0", "source_v": "v.0", io.sar_k: "sar_k", io.sar_v: "sar_v"}
+        outputs = {io.sar_k: "sar_k", io.sar_v: "sar_v"}  # the step reads what sar_pool writes
+        for layer in range(depth):
+            for names, views in ((io.past(layer), inputs), (io.new(layer), outputs)):
+                views.update(zip(names, (f"k.{layer}", f"v.{layer}")))
+        return cls(inputs, outputs)
+
+    def cache_of(self, name: str, output: bool) -> str | None:
+        """The cache a graph input (or output) named `name` is a view of, or None."""
+        return (self.outputs if output else self.inputs).get(name)
 
 
-def calibrate_scales(samples: dict[str, list[dict[str, np.ndarray]]]) -> dict[str, np.ndarray]:
+def calibrate_scales(samples: dict[str, list[dict[str, np.ndarray]]], views: CacheViews) -> dict[str, np.ndarray]:
     """Per-channel scales [H * c] of every cache, from the recorded graph inputs that read it."""
     amax: dict[str, np.ndarray] = {}
     for graph_samples in samples.values():
         for sample in graph_samples:
             for name, value in sample.items():
-                cache = cache_of(name, output=False)
+                cache = views.cache_of(name, output=False)
                 if cache is None or value.shape[0] == 0:
                     continue
                 m = np.abs(value.reshape(-1, value.shape[-2] * value.shape[-1])).max(axis=0)
@@ -48,7 +57,7 @@ def calibrate_scales(samples: dict[str, list[dict[str, np.ndarray]]]) -> dict[st
     return {k: (np.maximum(v, 1e-8) / QMAX).astype(np.float32) for k, v in amax.items()}
 
 
-def rewrite(model, scales: dict[str, np.ndarray]) -> list[str]:
+def rewrite(model, scales: dict[str, np.ndarray], views: CacheViews) -> list[str]:
     """Make `model`'s cache inputs and outputs int8, in place; return the names changed."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -59,7 +68,7 @@ def rewrite(model, scales: dict[str, np.ndarray]) -> list[str]:
 
     def convert(value, op: str, source: str, target: str) -> list:
         """Reshape [L, 2, H, c] -> [L, 2, H*c], (de)quantise per channel along axis 2, reshape back."""
-        cache = cache_of(value.name, output=op == "QuantizeLinear")
+        cache = views.cache_of(value.name, output=op == "QuantizeLinear")
         if cache not in scales:
             raise AssertionError(f"no calibrated scale for cache {cache} ({value.name})")
         dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
@@ -77,13 +86,13 @@ def rewrite(model, scales: dict[str, np.ndarray]) -> list[str]:
                 helper.make_node("Reshape", [f"{name}.{op}", shape], [target], name=f"kv/{name}/unflatten")]
 
     for value in graph.input:
-        if cache_of(value.name, output=False) is not None:
+        if views.cache_of(value.name, output=False) is not None:
             name = value.name
             for node in graph.node:
                 node.input[:] = [f"{name}.dequantized" if i == name else i for i in node.input]
             front += convert(value, "DequantizeLinear", name, f"{name}.dequantized")
     for value in graph.output:
-        if cache_of(value.name, output=True) is not None:
+        if views.cache_of(value.name, output=True) is not None:
             name = value.name
             for node in graph.node:
                 node.output[:] = [f"{name}.float" if o == name else o for o in node.output]

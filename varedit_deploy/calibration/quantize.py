@@ -29,16 +29,15 @@ from .. import __version__
 from ..artifact import MANIFEST, SCHEMA_VERSION, Manifest, file_record, read_manifest, sha256_file, write_manifest
 from ..errors import ArtifactError, InputError, OutputError
 from ..export.onnx_export import EXTERNAL_DATA_BYTES, tensorrt_support
-from ..export.precision import graph_precision, to_half
+from ..export.precision import LOWERED_GRAPHS, graph_precision, lower
 from ..export.weightless import graph_opset
 from ..fileio import atomic_dir
-from ..fixtures import FixtureData
 from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
 from ..runtime.pipeline import EditPipeline
 from . import kv_cache, report
 from .backends import Recording, RecordingBackend, SwappedBackend
 from .dataset import CalibrationSet, load_set
-from .evaluate import EditRun, TextSource, image_scores, reference_runs, run_edit, teacher_forced
+from .evaluate import EditRun, image_scores, reference_runs, run_edit, teacher_forced, text_source
 from .groups import LayerGroup, default_exclusions, excluded, find_groups
 from .ptq import check_mode, keep_quantized, modelopt, quantize_graph, stored_bytes, versions
 from .sensitivity import SearchResult, search
@@ -71,7 +70,7 @@ def quantize_artifacts(artifacts: str | Path, out: str | Path, opts: QuantizeOpt
     _check(manifest, out, opts)
     modelopt()  # a missing ModelOpt fails here, before any work
     calib = load_set(opts.calibration).limited(opts.calibration_edits, opts.held_out)
-    run = _Quantization(manifest, opts, method, calib, _text_source(manifest, opts.fixture), command, progress)
+    run = _Quantization(manifest, opts, method, calib, text_source(manifest, opts.fixture), command, progress)
     try:
         with tempfile.TemporaryDirectory(prefix="varedit-quantize-") as work, atomic_dir(out) as tmp:
             run.work = Path(work)
@@ -121,21 +120,6 @@ def _check(manifest: Manifest, out: Path, opts: QuantizeOptions) -> None:
             raise InputError(f"--exclude {pattern!r} is not a regular expression ({e})") from None
 
 
-def _text_source(manifest: Manifest, fixture: Path | None) -> TextSource:
-    if manifest.has_graph("text_encoder"):
-        if fixture is not None:
-            raise InputError("--fixture gives text features to artifacts without a text encoder; this one has one")
-        return TextSource()
-    if fixture is None:
-        raise InputError(f"artifact {manifest.folder} has no text encoder (it was exported from a fixture); "
-                         "pass --fixture DIR to calibrate with that fixture's text features")
-    data = FixtureData.load(fixture)
-    if data.config != manifest.config:
-        raise InputError(f"fixture {fixture} is a {data.config.name} model; artifact {manifest.folder} is "
-                         f"{manifest.config.name}")
-    return TextSource(data.text_features, f"the fixture's one instruction ({fixture}) for every pair")
-
-
 def _nodes(groups: list[LayerGroup], graph: str) -> list[str]:
     return [n for g in groups for n in g.nodes.get(graph, ())]
 
@@ -164,6 +148,8 @@ class _Quantization:
             raise InputError(f"nothing to quantise: all {len(self.groups)} layer groups of {manifest.folder} match "
                              f"the exclusions {self.patterns}")
         self.graphs = sorted({graph for g in self.candidates for graph in g.nodes})
+        self.views = kv_cache.CacheViews.of(manifest.step_io, manifest.config.transformer.depth)
+        self.ranges = manifest.ranges or {}  # an fp16 high precision keeps out-of-range nodes fp32
         self.backend = OnnxRuntimeBackend(manifest)
         # Up to `samples_per_scale` calls per input shape, and room for every scale at two instruction lengths.
         scales = manifest.config.schedule.num_scales
@@ -240,7 +226,7 @@ class _Quantization:
         chosen = [c for c in self.candidates if c.name not in found.kept]
         self.progress(f"[5/6] writing the {opts.mode} artifact ({opts.high_precision} elsewhere"
                       f"{', int8 KV cache' if opts.kv_cache else ''})")
-        scales = kv_cache.calibrate_scales(self.recording.samples) if opts.kv_cache else {}
+        scales = kv_cache.calibrate_scales(self.recording.samples, self.views) if opts.kv_cache else {}
         graphs = {name: self._write_graph(name, entry, folder, chosen, scales)
                   for name, entry in self.manifest.graphs.items()}
         _copy(self.manifest, self.manifest.companion_files(), folder)
@@ -268,35 +254,38 @@ class _Quantization:
         target.parent.mkdir(parents=True, exist_ok=True)
         nodes = _nodes(chosen, name)
         lowered = graph_precision(name, opts.high_precision)
-        cache_io = bool(scales) and _has_cache_io(entry)
+        cache_io = bool(scales) and self._has_cache_io(entry)
         quantized = None
         if nodes:
             model = self._variant(name, chosen)
             quantized = {"mode": opts.mode, "nodes": len(nodes)}
-        elif lowered != "fp32" or cache_io:
+        elif (opts.high_precision != "fp32" and name in LOWERED_GRAPHS) or cache_io:
             model = onnx.load(str(self.manifest.graph_path(name)))
         else:
             return {**entry, "files": _copy(self.manifest, entry["files"], folder)}
-        if lowered != "fp32":
-            model = to_half(model, lowered)
+        model = lower(model, name, opts.high_precision, self.manifest.step_io, self.ranges.get(name))
         if cache_io:
-            kv_cache.rewrite(model, scales)
+            kv_cache.rewrite(model, scales, self.views)
         return _entry(folder, _save(model, target), entry, model, lowered, quantized)
 
     def _kv_cache_alone(self) -> float:
         """Agreement of the fp32 graphs with only the 8-bit KV cache (what the cache costs by itself)."""
         import onnx
 
-        scales = kv_cache.calibrate_scales(self.recording.samples)
+        scales = kv_cache.calibrate_scales(self.recording.samples, self.views)
         swaps = {}
         for name, entry in self.manifest.graphs.items():
-            if _has_cache_io(entry):
+            if self._has_cache_io(entry):
                 model = onnx.load(str(self.manifest.graph_path(name)))
-                kv_cache.rewrite(model, scales)
+                kv_cache.rewrite(model, scales, self.views)
                 swaps[name] = self.work / f"{name}.kv8.onnx"
                 _save(model, swaps[name])
         with_kv = self.manifest.replaced(kv_cache={"dtype": kv_cache.DTYPE})
         return self._agreement(swaps, with_kv)
+
+    def _has_cache_io(self, entry: dict[str, Any]) -> bool:
+        return any(self.views.cache_of(v["name"], output=False) for v in entry["inputs"]) or any(
+            self.views.cache_of(v["name"], output=True) for v in entry["outputs"])
 
     def report(self, result: Manifest, found: SearchResult) -> dict[str, Any]:
         import onnx
@@ -348,11 +337,6 @@ class _Quantization:
         return rep
 
 
-def _has_cache_io(entry: dict[str, Any]) -> bool:
-    return any(kv_cache.cache_of(v["name"], output=False) for v in entry["inputs"]) or any(
-        kv_cache.cache_of(v["name"], output=True) for v in entry["outputs"])
-
-
 def _save(model, path: Path) -> list[Path]:
     """Write a graph, its weights beside it in `<name>.data` when large (as `export` does)."""
     import onnx
@@ -400,12 +384,13 @@ def lowered_copy(manifest: Manifest, folder: Path, precision: str) -> Manifest:
     graphs = {}
     for name, entry in manifest.graphs.items():
         lowered = graph_precision(name, precision)
-        if lowered == "fp32":
+        if name not in LOWERED_GRAPHS:
             graphs[name] = {**entry, "files": _copy(manifest, entry["files"], folder)}
             continue
         target = folder / entry["files"][0]["path"]
         target.parent.mkdir(parents=True, exist_ok=True)
-        model = to_half(onnx.load(str(manifest.graph_path(name))), lowered)
+        model = lower(onnx.load(str(manifest.graph_path(name))), name, precision, manifest.step_io,
+                      (manifest.ranges or {}).get(name))
         graphs[name] = _entry(folder, _save(model, target), entry, model, lowered, None)
     _copy(manifest, manifest.companion_files(), folder)
     return Manifest(folder, {**manifest.data, "precision": precision, "graphs": graphs})

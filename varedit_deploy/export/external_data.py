@@ -9,7 +9,7 @@ Runtime memory-maps external data instead of copying it.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +90,7 @@ def write_graph(model, path: Path, values: Callable[[str], np.ndarray], external
     return records
 
 
-def lower_graph(path, graph: str, precision: str, io: StepIO, out) -> None:
+def lower_graph(path, graph: str, precision: str, io: StepIO, out, ranges: Mapping[str, float] | None = None) -> None:
     """Write the fp32 graph `path` (graph `graph` of an artifact) as an engine set of `precision` holds it
     (`precision.lower`) to `out` (+ `.data`), one external tensor at a time (an engine build never holds
     the fp32 weights and their copy together)."""
@@ -110,4 +110,4 @@ def lower_graph(path, graph: str, precision: str, io: StepIO, out) -> None:
             f.seek(int(info.get("offset", 0)))
             return np.frombuffer(f.read(int(info["length"])), dtype).reshape(dims)
 
-    write_graph(lower(model, graph, precision, io), out, values, external=bool(external))
+    write_graph(lower(model, graph, precision, io, ranges), out, values, external=bool(external))

@@ -22,7 +22,7 @@ from ..runtime.onnxruntime_backend import disabled_optimizers
 from .external_data import nbytes, stubs, write_graph
 from .graphs import GraphSpec
 from ..graph_io import StepIO
-from .precision import graph_precision, lower
+from .precision import graph_precision, lower, mixed_precision
 from .source import ExportSource
 from .weightless import graph_opset, parameters_replaced, trace
 
@@ -97,6 +97,7 @@ def export_graph(spec: GraphSpec, folder: Path, source: ExportSource, precision:
     entry: dict[str, Any] = {
         "files": files,
         "precision": graph_precision(spec.name, precision),
+        "mixed_precision": mixed_precision(spec.name, precision),
         "inputs": _io(model.graph.input, spec.inputs),
         "outputs": _io(model.graph.output, spec.outputs),
         "opset": graph_opset(model),

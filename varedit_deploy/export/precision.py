@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import collections
 import re
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from ..graph_io import StepIO
 # projection: an eighth of the transformer); the small ones (sampler, next-scale inputs with the
 # running code sum, source embedding, SAR pooling) stay fp32 in every engine set.
 HALF_GRAPHS = ("text_encoder", "text_cond", "vae_encoder", "vae_decoder", "step")
+# Graphs a 16-bit artifact or engine set holds differently from an fp32 one: the half graphs, and
+# the SAR pooling, which computes in fp32 but takes and gives the caches in 16 bits (`lower`).
+LOWERED_GRAPHS = (*HALF_GRAPHS, "sar_pool")
 KEEP_FP32_OPS = ["LayerNormalization", "InstanceNormalization", "Softmax", "ReduceL2", "ReduceMean", "Pow",
                  "Sqrt", "Exp", "Range", "Shape", "Resize"]
 
@@ -51,16 +54,67 @@ def cache_io(graph: str, names: Iterable[str], io: StepIO) -> set[str]:
     return set()
 
 
-def lower(model, graph: str, precision: str, io: StepIO):
+# fp16 nodes keep a quarter of fp16's range (its largest finite value is 65504) for inputs the range
+# record never saw; a node that reads or writes a larger value stays fp32 (`out_of_range_nodes`).
+FP16_SAFE_MAX = 2.0**14
+
+
+def lower(model, graph: str, precision: str, io: StepIO, ranges: Mapping[str, float] | None = None):
     """`graph` (an fp32 ModelProto) as an artifact or engine set of `precision` holds it: the half
-    graphs' matrix work in 16 bits (`to_half`), and in every graph the inputs and outputs that bind
-    the caches (`cache_io`) in 16 bits, the rest of the I/O fp32. Other graphs stay as they are."""
+    graphs' matrix work in 16 bits (`to_half`) but for the nodes `mixed_fp32_nodes` keeps fp32, and in
+    every graph the inputs and outputs that bind the caches (`cache_io`) in 16 bits, the rest of the
+    I/O fp32. Other graphs stay as they are. `ranges`: the graph's range record (tensor -> largest
+    absolute value in fp32), which fp16 honours."""
     if precision == "fp32":
         return model
     half_io = cache_io(graph, [v.name for v in (*model.graph.input, *model.graph.output)], io)
     if graph in HALF_GRAPHS:
-        return to_half(model, precision, half_io)
+        return to_half(model, precision, half_io, mixed_fp32_nodes(model, graph, precision, ranges))
     return cast_io(model, half_io, precision) if half_io else model
+
+
+def mixed_fp32_nodes(model, graph: str, precision: str, ranges: Mapping[str, float] | None) -> list[str]:
+    """The nodes an fp16 graph keeps fp32 beyond the normalisations and official fp32 scopes: T5's
+    FFN output projections and residual stream (`t5_fp32_nodes`), and every node outside fp16's safe
+    range in the record. bf16 has fp32's range and lowers them all."""
+    if precision != "fp16":
+        return []
+    return (t5_fp32_nodes(model) if graph == "text_encoder" else []) + out_of_range_nodes(model, ranges)
+
+
+_T5_NODE = re.compile(r"^/t5/encoder/block\.(\d+)/layer\.(\d+)/(Add|DenseReluDense/wo/.+)$")
+
+
+def t5_fp32_nodes(model) -> list[str]:
+    """Flan-T5 as the official fp16 load runs it (docs/spec/vae-text.md 4.2): transformers keeps `wo` in
+    fp32, so each FFN output is fp32 and the residual stream is fp32 from block 0's FFN on (every
+    residual Add but the first); attention and `wi` stay fp16."""
+    names = []
+    for node in model.graph.node:
+        match = _T5_NODE.match(node.name)
+        if match and not (match[3] == "Add" and match[1] == "0" and match[2] == "0"):
+            names.append(node.name)
+    return names
+
+
+def out_of_range_nodes(model, ranges: Mapping[str, float] | None, limit: float = FP16_SAFE_MAX) -> list[str]:
+    """Nodes that read or write a tensor whose recorded largest absolute value exceeds `limit`."""
+    large = {tensor for tensor, value in (ranges or {}).items() if value > limit}
+    return [node.name for node in model.graph.node if large.intersection(node.input) or large.intersection(node.output)]
+
+
+def mixed_precision(graph: str, precision: str) -> str:
+    """What an artifact's or engine's graph computes in, in words (its manifest entry says so)."""
+    if precision == "fp32":
+        return "fp32"
+    if graph not in HALF_GRAPHS:
+        return "fp32" + (f"; the caches it binds {precision}" if graph == "sar_pool" else "")
+    kept = "normalisations, softmax and exponentials"
+    if graph == "step":
+        kept += ", the AdaLN condition and the head"
+    if graph == "text_encoder" and precision == "fp16":
+        kept += ", the FFN output projections (wo) and the residual stream, as the official fp16 T5 load"
+    return f"{precision}; {kept} fp32"
 
 
 def cast_io(model, names: Collection[str], precision: str):
@@ -114,8 +168,9 @@ def normalisation_nodes(model) -> list[str]:
     return [n.name for n in model.graph.node if n.name.startswith(tuple(scopes))]
 
 
-def to_half(model, precision: str, half_io: Collection[str] = ()):
-    """fp32 ModelProto -> fp16 or bf16 ModelProto, its I/O fp32 except those named in `half_io`."""
+def to_half(model, precision: str, half_io: Collection[str] = (), keep_fp32: Collection[str] = ()):
+    """fp32 ModelProto -> fp16 or bf16 ModelProto, its I/O fp32 except those named in `half_io`; the
+    nodes named in `keep_fp32` stay fp32 with the normalisations and the official fp32 scopes."""
     from unittest import mock
 
     import onnx
@@ -138,9 +193,9 @@ def to_half(model, precision: str, half_io: Collection[str] = ()):
         return onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
 
     with mock.patch.object(float16, "make_value_info_from_tensor", value_info):
-        keep_fp32 = [v.name for v in (*model.graph.input, *model.graph.output) if v.name not in half_io]
-        half = float16.convert_float_to_float16(model, keep_io_types=keep_fp32, op_block_list=KEEP_FP32_OPS,
-                                                node_block_list=fp32_nodes(model))
+        fp32_io = [v.name for v in (*model.graph.input, *model.graph.output) if v.name not in half_io]
+        half = float16.convert_float_to_float16(model, keep_io_types=fp32_io, op_block_list=KEEP_FP32_OPS,
+                                                node_block_list=fp32_nodes(model) + list(keep_fp32))
     _skip_half_round_trips(half)
     if precision == "bf16":
         _relabel_bf16(half, originals)

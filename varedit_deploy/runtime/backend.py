@@ -29,6 +29,10 @@ class GraphRunner(ABC):
     def run(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
         """Run once, reading `inputs` and writing every array of `outputs` in place."""
 
+    def dtype(self, tensor: str) -> str | None:
+        """The element type the graph takes or gives `tensor` in, where the runner knows it."""
+        return None
+
     def close(self) -> None:
         """Release what the runner holds beyond Python objects (device memory, contexts, CUDA graphs)."""
 
@@ -71,7 +75,11 @@ class Backend(ABC):
 
     def tensor_dtype(self, graph: str, tensor: str) -> str:
         """The element type `graph` takes or gives for `tensor`, which the buffer bound to it must have:
-        the artifact's record of its graph files; `compute_dtype` where the manifest records no I/O."""
+        what the loaded graph says (an ONNX Runtime session, an engine), else the artifact's record of
+        its graph files, else `compute_dtype` (the torch fast path's in-memory graphs)."""
+        found = self.graph(graph).dtype(tensor)
+        if found is not None:
+            return found
         entry = self.manifest.graphs.get(graph, {})
         for spec in (*entry.get("inputs", ()), *entry.get("outputs", ())):
             if spec["name"] == tensor:

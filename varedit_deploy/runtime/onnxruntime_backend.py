@@ -23,11 +23,20 @@ def _ort():
     return require("onnxruntime", "ort")
 
 
+# ONNX Runtime's type strings -> the element type names buffers are allocated by.
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
+              "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(bool)": "bool"}
+
+
 class OrtGraph(GraphRunner):
     def __init__(self, name: str, session):
         self.name, self.session = name, session
         self.input_names = {i.name for i in session.get_inputs()}
         self.output_names = {o.name for o in session.get_outputs()}
+        self.types = {v.name: _ORT_TYPES.get(v.type, v.type) for v in (*session.get_inputs(), *session.get_outputs())}
+
+    def dtype(self, tensor: str) -> str | None:
+        return self.types.get(tensor)
 
     def run(self, inputs: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> None:
         if set(inputs) != self.input_names or set(outputs) != self.output_names:

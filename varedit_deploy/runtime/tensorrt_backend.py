@@ -152,6 +152,9 @@ class TrtGraph(GraphRunner):
                 self.graphs[key] = self.stream.capture(lambda: self._enqueue(ctx))
         self.stream.synchronize()
 
+    def dtype(self, tensor: str) -> str:
+        return dtype_name(self.engine.get_tensor_dtype(tensor))
+
     def memory_report(self) -> dict[str, Any]:
         """Device memory of this engine's activations: the shared block against one static block per profile."""
         return {"profiles": len(self.profile_bytes), "profile_bytes": list(self.profile_bytes),
@@ -175,9 +178,9 @@ class TensorRTBackend(Backend):
     def __init__(self, manifest: Manifest, flavour: str = "tensorrt", precision: str | None = None,
                  engine_dir: str | Path | None = None, cuda_graphs: bool = True):
         super().__init__(manifest)
-        precision = engine_precision(manifest, precision)  # None: what `build` makes of this artifact by default
         self.trt = import_tensorrt(flavour)
         target = current_compute_capability()
+        precision = engine_precision(manifest, precision, target)  # None: what `build` makes of it by default
         folder = Path(engine_dir) if engine_dir else manifest.folder / "engines" / engine_dir_name(
             flavour, self.trt.__version__, target, precision)
         rebuild = build_command(manifest.folder, flavour, target if flavour == "tensorrt-rtx" else "current", precision)
@@ -233,8 +236,7 @@ class TensorRTBackend(Backend):
 
     def tensor_dtype(self, graph: str, tensor: str) -> str:
         """What the engine takes or gives `tensor` in (the engine manifest must say the same)."""
-        runner = self.graph(graph)
-        got = dtype_name(runner.engine.get_tensor_dtype(tensor))
+        got = super().tensor_dtype(graph, tensor)
         recorded = self.records[graph].get("io", {}).get(tensor, got)
         if recorded != got:
             raise EngineError(f"engine {graph}: {tensor} is {got}, its engine manifest says {recorded}; rebuild "
