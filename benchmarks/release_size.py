@@ -91,8 +91,8 @@ def weights_bytes(manifest) -> dict[str, int]:
     """The model's weights at the export precision (what the artifact should hold, once)."""
     from varedit_deploy.memory_plan import BYTES
 
-    b = BYTES[manifest.data["precision"]]
-    return {part: info["parameters"] * b for part, info in manifest.data["weights"].items()}
+    b = BYTES[manifest.precision]
+    return {part: info["parameters"] * b for part, info in manifest.weights.items()}
 
 
 def main() -> None:
@@ -105,7 +105,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from varedit_deploy.artifact import read_manifest
-    from varedit_deploy.memory_plan import artifact_table
+    from varedit_deploy.config import from_name
+    from varedit_deploy.memory_plan import artifact_data, artifact_table, plan
 
     art = args.work / f"release-size-{args.model}-{args.precision}"
     log = print
@@ -116,7 +117,7 @@ def main() -> None:
     export_s = time.perf_counter() - t0
     manifest = read_manifest(art, verify="size")
     graphs = {name: sum(f["bytes"] for f in g["files"]) for name, g in manifest.graphs.items()}
-    on_disk = sum(graphs.values()) + sum(f["bytes"] for f in manifest.data["tokenizer"]["files"])
+    on_disk = sum(graphs.values()) + sum(f["bytes"] for f in manifest.companion_files())
     weights = weights_bytes(manifest)
 
     timings = {}
@@ -124,8 +125,13 @@ def main() -> None:
         t = time.perf_counter()
         read_manifest(art, verify=mode)
         timings[mode] = time.perf_counter() - t
-    plan = artifact_table(manifest, [])
-    log(plan)
+    data = artifact_data(manifest, [])
+    table = artifact_table(data)
+    log(table)
+    # `plan --artifacts` (the artifact's own weights and cache types) against `plan --model`, T5 aside (a
+    # random-weight export carries a tiny T5): the estimate must hold within 5 %
+    estimate = plan(from_name(args.model), args.precision, 1.0, 77).t5_on_cpu
+    measured = data["runs"][0]["total_t5_on_cpu_gib"]
     loaded = mapped = None
     if args.precision != "bf16":  # ONNX Runtime's CPU provider has no bf16 kernels
         log("loading the pipeline (ONNX Runtime)")
@@ -141,7 +147,8 @@ def main() -> None:
         "artifact_bytes": on_disk, "graph_bytes": graphs, "weights_bytes": weights,
         "artifact_over_weights": on_disk / sum(weights.values()),
         "verify_seconds": {"quick": round(timings["quick"], 3), "full": round(timings["full"], 1)},
-        "plan": plan,
+        "plan": table, "plan_estimate_t5_on_cpu_gib": estimate, "plan_artifact_t5_on_cpu_gib": measured,
+        "plan_artifact_over_estimate": measured / estimate,
         "validation": {n: g.get("validation", "compared") for n, g in manifest.graphs.items()},
     }
     if loaded is not None:
@@ -195,6 +202,8 @@ def markdown(r: dict) -> str:
     if "edit_seconds" in r:
         lines.append(f"| one edit (ONNX Runtime) / peak RSS | {r['edit_seconds']:.0f} s / "
                      f"{r['edit_peak_rss_gb']:.2f} GB |")
+    lines.append(f"| `plan --artifacts` vs `plan --model` peak, T5 on the CPU | {r['plan_artifact_t5_on_cpu_gib']:.2f} GiB vs "
+                 f"{r['plan_estimate_t5_on_cpu_gib']:.2f} GiB ({r['plan_artifact_over_estimate']:.3f}x) |")
     lines += ["", "| graph | bytes on disk |", "|---|---:|"]
     lines += [f"| {n} | {b / 1e6:,.1f} MB |" for n, b in sorted(r["graph_bytes"].items(), key=lambda kv: -kv[1])]
     lines += ["", "Weights by part: " + ", ".join(f"{k} {v / gb:.3f} GB" for k, v in r["weights_bytes"].items()),

@@ -14,6 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from conftest import fixture_dir
 from varedit_deploy.artifact import read_manifest
 from varedit_deploy.builder.engines import BuildOptions, build_engines
 from varedit_deploy.engine_set import check_engines
@@ -261,6 +262,12 @@ def test_tensorrt_rtx_builds_every_graph_for_two_targets(golden, tmp_path_factor
         assert step["layers"]["ATTENTION_INPUT"] == 2 * depth
         assert data["engines"]["sample"]["network"]["attention_chains"] == 0  # its softmax is no attention
         assert len(data["engines"]["step"]["profiles"]) == manifest.config.schedule.num_scales + 1  # + source pass
+        # A 16-bit build of fp32 graphs takes and gives the caches, SAR references and text K/V in 16 bits.
+        io, cache = data["engines"]["step"]["io"], "float32" if precision == "fp32" else "float16"
+        assert io["past_k_0"] == io["new_v_1"] == io["sar_k"] == io["text_v"] == cache
+        assert io["x"] == io["logits"] == io["modulation"] == "float32"
+        assert set(data["engines"]["sar_pool"]["io"].values()) == {cache}
+        assert data["engines"]["text_cond"]["io"]["text_k"] == cache
         assert check_engines(folder, manifest, data["tensorrt_version"], target) == []
         assert "step" in printed and "profile(s)" in printed and "MatMul-Softmax-MatMul" in printed
     assert main(["plan", "--artifacts", str(art)]) == 0  # what the engines hold, beside the estimate
@@ -319,8 +326,8 @@ def test_build_refuses_targets_tensorrt_rtx_cannot_build(tiny_artifact, capsys):
     assert main(["build", "--artifacts", str(tiny_artifact), "--target", "sm87"]) == 1
     out, err = capsys.readouterr()
     assert "Jetson Orin is sm87" in err
-    assert out.startswith("build: flavour tensorrt-rtx (default), target sm87, precision fp16 for fp32 graphs, "
-                          "else the artifact's (default)\n")
+    assert out.startswith("build: flavour tensorrt-rtx (default), target sm87, precision bf16 for fp32 graphs where "
+                          "the target has it (else fp16), or the artifact's (default)\n")
     with pytest.raises(VareditError, match="unknown precision"):
         build_engines(tiny_artifact, BuildOptions(precision="int2"))
     with pytest.raises(VareditError, match=r"int4 \(weight-only\) engines are built from a quantised artifact"):
@@ -370,3 +377,29 @@ def test_a_tensorrt_older_than_the_graphs_operators_is_refused_before_building(t
         _check_parser_ops(SimpleNamespace(__version__="10.3.0"), "tensorrt", manifest, list(manifest.graphs))
     _check_parser_ops(SimpleNamespace(__version__="10.14.1"), "tensorrt", manifest, list(manifest.graphs))
     _check_parser_ops(SimpleNamespace(__version__="1.7.1"), "tensorrt-rtx", manifest, list(manifest.graphs))
+
+
+def test_weight_stripped_engines_build_where_tensorrt_rtx_can_or_fail_in_one_line(tmp_path, capsys):
+    """`build --strip-weights` needs the artifact's own precision (the runtime refits from its graph files).
+    TensorRT-RTX 1.7.1 compiles refittable engines with the CUDA driver: with one, the stripped engines are
+    smaller than the full ones; without one (CI), one clear line and nothing left behind."""
+    from varedit_deploy.runtime.gpu import gpu_available
+
+    fp32, fp16 = tmp_path / "fp32", tmp_path / "fp16"
+    for art, precision in ((fp32, "fp32"), (fp16, "fp16")):
+        assert main(["export", "--fixture", str(fixture_dir("tiny-2b")), "--precision", precision,
+                     "--out", str(art)]) == 0
+    capsys.readouterr()
+    assert main(["build", "--artifacts", str(fp32), "--precision", "fp16", "--strip-weights"]) == 1
+    assert "holds fp32 graphs, not the fp16 ones the engines would be built from" in capsys.readouterr().err
+    rc = main(["build", "--artifacts", str(fp16), "--flavour", "tensorrt-rtx", "--target", "sm89", "--strip-weights"])
+    err = capsys.readouterr().err
+    if gpu_available():  # a CUDA driver: the stripped engines build, and hold less than full ones
+        assert rc == 0 and main(["build", "--artifacts", str(fp16), "--target", "sm86"]) == 0
+        stripped, full = (json.loads(next((fp16 / "engines").glob(f"*-{t}-fp16")).joinpath("engines.json").read_text())
+                          for t in ("sm89", "sm86"))
+        assert stripped["weights_stripped"] and stripped["engines"]["step"]["bytes"] < full["engines"]["step"]["bytes"]
+    else:
+        assert rc == 1 and len(err.splitlines()) == 1
+        assert "compiles refittable (weight-stripped) engines with the CUDA driver, and this machine has none" in err
+        assert not (fp16 / "engines").exists() or not any((fp16 / "engines").iterdir())

@@ -211,7 +211,12 @@ def build_engines(
                 config.add_optimization_profile(p)
             plan = builder.build_serialized_network(network, config)
             if plan is None:
-                raise VareditError(f"TensorRT failed to build {name} for {target} {opts.precision}")
+                hint = ""
+                if opts.strip_weights and not gpu_available():  # measured with TensorRT-RTX 1.7.1 (RESULTS.md)
+                    hint = ("; TensorRT-RTX compiles refittable (weight-stripped) engines with the CUDA driver, and "
+                            "this machine has none: build them where a driver is installed, or here without "
+                            "--strip-weights")
+                raise VareditError(f"TensorRT failed to build {name} for {target} {opts.precision}{hint}")
             path = tmp / f"{name}.engine"
             path.write_bytes(memoryview(plan))
             if opts.flavour == "tensorrt":
