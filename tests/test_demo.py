@@ -2,13 +2,15 @@
 
 import json
 import os
+import shlex
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from varedit_deploy.cli import main
+from varedit_deploy.cli import build_parser, main
 from varedit_deploy.demo import check_demo_folder
 from varedit_deploy.imaging import SAMPLE_PHOTO
 from varedit_deploy.errors import OutputError
@@ -22,7 +24,11 @@ def test_demo_builds_exports_and_edits_a_real_photo(tmp_path, capsys):
     assert "ONNX Runtime vs the eager PyTorch reference: same model, same photo, same noise" in printed
     assert "median of 2 edits each after one warm-up" in printed and "range" in printed
     assert "max pixel difference: " in printed and "the sampled bits are what must match" in printed
-    assert f"{out / 'summary.json'}" in printed.splitlines()[-1]  # listed among the files written
+    assert f"{out / 'summary.json'}" in printed.splitlines()[-2]  # listed among the files written
+    command = printed.splitlines()[-1].split(": ", 1)[1].split("  (")[0]  # how to try it in a browser
+    assert command.startswith("varedit-deploy serve ")
+    served = build_parser().parse_args(shlex.split(command)[1:])
+    assert Path(served.artifacts) == out / "artifacts" and served.ui is None  # None: the page is on by default
 
     edited = Image.open(out / "edited.png")
     assert edited.size == Image.open(SAMPLE_PHOTO).size

@@ -287,3 +287,6 @@ def test_events_are_valid_json_lines(server, photo):
     for block, kind in zip(blocks, ["image_edit.partial_image", "image_edit.completed"]):
         event, data = block.split("\n")
         assert event == f"event: {kind}" and json.loads(data.removeprefix("data: "))["type"] == kind
+    completed = json.loads(blocks[-1].split("\n")[1].removeprefix("data: "))
+    timing = dict(p.strip().split(";dur=") for p in completed["server_timing"].split(","))  # the header, sent late
+    assert set(timing) == {"queue", "worker", "edit"} and float(timing["worker"]) >= float(timing["edit"]) > 0

@@ -552,6 +552,8 @@ def _add_serve(sub) -> None:
                    help="size of each of the T5 and VAE-encoder caches (default 64; 0 turns them off)")
     p.add_argument("--cors-origin", dest="cors_origins", action="append",
                    help="allow browser calls from this origin (repeatable; default: no CORS)")
+    p.add_argument("--no-ui", dest="ui", action="store_const", const=False,
+                   help="no playground page at GET / (default: serve it)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="how much the server logs")
     p.set_defaults(func=_cmd_serve)

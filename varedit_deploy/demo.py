@@ -134,7 +134,16 @@ def run_demo(out: Path, model_name: str = "tiny-2b", image: Path | None = None,
              f"max pixel difference: {pixel_diff} of 255 ({PIXEL_NOTE})")
     written = ", ".join(str(out / name) for name in ("edited.png", "side_by_side.png", "timings.md", "summary.json"))
     progress(f"wrote {written} ({summary['wall_seconds']:.0f} s in all)")
+    progress(f"try edits in a browser: {serve_command(out / 'artifacts')}  (needs the [serve] extra; "
+             "then open http://127.0.0.1:8000/)")
     return summary
+
+
+def serve_command(artifacts: Path) -> str:
+    """The command that serves `artifacts` with the playground page at GET /."""
+    import shlex
+
+    return f"varedit-deploy serve --artifacts {shlex.quote(str(artifacts))}"
 
 
 def _stats(runs: list[dict[str, float]]) -> dict[str, dict[str, float]]:

@@ -1,7 +1,8 @@
 """The Starlette app: routes, authentication, limits, streaming and the mapping of failures to statuses.
 
 Routes: POST /v1/images/edits, GET /v1/models (both behind the optional bearer key), GET /health
-(the process is alive), /ready (warmed and not draining), /metrics (Prometheus).
+(the process is alive), /ready (warmed and not draining), /metrics (Prometheus), and unless turned
+off the playground page at GET / (`page.py`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from starlette.routing import Route
 
 from ..errors import InputError, VareditError
 from ..runtime.preview import preview_scales
+from .page import page_routes
 from .protocol import ApiError, EditForm, images_response, parse_edit_form, sse, stream_event, usage
 from .scheduler import DeadlineExceeded, EditCancelled, Job, NotAccepting, QueueFull
 from .state import ServerState
@@ -123,7 +125,8 @@ def create_app(state: ServerState) -> Starlette:
             return Response(status_code=499)
         encoded = await asyncio.gather(*(asyncio.to_thread(_b64, r.image, form, size) for r in results))
         state.metrics.request.labels("false").observe(time.monotonic() - arrived)
-        return JSONResponse(images_response(form, list(encoded), size, use), headers=_server_timing(jobs, results))
+        return JSONResponse(images_response(form, list(encoded), size, use),
+                            headers={"Server-Timing": _server_timing(jobs, results)})
 
     async def api_error(request: Request, exc: Exception) -> Response:
         if isinstance(exc, HTTPException):
@@ -142,9 +145,10 @@ def create_app(state: ServerState) -> Starlette:
     if state.options.cors_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(state.options.cors_origins),
                                      allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"]))
+    routes = [Route("/health", health), Route("/ready", ready), Route("/metrics", metrics),
+              Route("/v1/models", models), Route("/v1/images/edits", edits, methods=["POST"])]
     app = Starlette(
-        routes=[Route("/health", health), Route("/ready", ready), Route("/metrics", metrics),
-                Route("/v1/models", models), Route("/v1/images/edits", edits, methods=["POST"])],
+        routes=routes + (page_routes() if state.options.ui else []),
         middleware=middleware,
         exception_handlers={ApiError: api_error, HTTPException: api_error, Exception: server_error},
     )
@@ -222,13 +226,13 @@ def _b64(picture: Image.Image, form: EditForm, size: tuple[int, int]) -> str:
     return base64.b64encode(encode_image(picture, form.output_format, form.output_compression, size)).decode()
 
 
-def _server_timing(jobs: list[Job], results: list) -> dict[str, str]:
-    """Server-Timing (W3C), so a client can see what HTTP added: time queued, time in a worker (its
-    batch included), and this request's own pipeline time."""
+def _server_timing(jobs: list[Job], results: list) -> str:
+    """A Server-Timing value (W3C), so a client can see what HTTP added: time queued, time in a worker
+    (its batch included), and this request's own pipeline time."""
     queued = (max(j.started for j in jobs) - min(j.enqueued for j in jobs)) * 1e3
     worker = (max(j.finished for j in jobs) - max(j.started for j in jobs)) * 1e3
     own = sum(r.timings_ms["total"] for r in results)
-    return {"Server-Timing": f"queue;dur={queued:.1f}, worker;dur={worker:.1f}, edit;dur={own:.1f}"}
+    return f"queue;dur={queued:.1f}, worker;dur={worker:.1f}, edit;dur={own:.1f}"
 
 
 def _job_error(error: BaseException) -> ApiError | None:
@@ -296,7 +300,8 @@ async def _stream(state: ServerState, form: EditForm, job: Job, events: asyncio.
                     yield sse("error", api.body())
                 return
             result = payload.result()
-            yield stream_event(form, await asyncio.to_thread(_b64, result.image, form, size), size, use=use)
+            yield stream_event(form, await asyncio.to_thread(_b64, result.image, form, size), size, use=use,
+                               server_timing=_server_timing([job], [result]))
             state.metrics.request.labels("true").observe(time.monotonic() - arrived)
             return
     finally:

@@ -26,3 +26,4 @@ class ServeOptions:
     text_cache_bytes: int = 64 * 2**20  # T5 features by instruction
     image_cache_bytes: int = 64 * 2**20  # VAE-encoder prefixes by photo content
     cors_origins: tuple[str, ...] = field(default_factory=tuple)  # none: no CORS headers at all
+    ui: bool = True  # the playground page at GET / (serve/page.py)

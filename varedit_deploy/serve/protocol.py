@@ -175,14 +175,18 @@ def images_response(form: EditForm, images_b64: list[str], size: tuple[int, int]
 
 
 def stream_event(form: EditForm, b64: str, size: tuple[int, int], partial_index: int | None = None,
-                 use: dict[str, Any] | None = None) -> bytes:
-    """One Server-Sent Event: image_edit.partial_image (with its index) or image_edit.completed."""
+                 use: dict[str, Any] | None = None, server_timing: str | None = None) -> bytes:
+    """One Server-Sent Event: image_edit.partial_image (with its index) or image_edit.completed. The
+    completed one also carries `server_timing`, the Server-Timing value a stream cannot send as a
+    header (its headers leave before the edit runs)."""
     kind = "image_edit.completed" if partial_index is None else "image_edit.partial_image"
     data: dict[str, Any] = {"type": kind, "b64_json": b64, "created_at": int(time.time()),
                             "size": f"{size[0]}x{size[1]}", "quality": form.quality, "background": form.background,
                             "output_format": form.output_format}
     if partial_index is None:
         data["usage"] = use
+        if server_timing is not None:
+            data["server_timing"] = server_timing
     else:
         data["partial_image_index"] = partial_index
     return sse(kind, data)

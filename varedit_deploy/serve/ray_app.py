@@ -6,6 +6,8 @@ number on ongoing requests per replica, which is this server's queue depth plus 
 With `gpus_per_replica=1` Ray gives each replica its own GPU (as device 0). Needs `[cluster]`.
 
     serve run varedit_deploy.serve.ray_app:app_builder artifacts=ART replicas=2
+
+The playground page comes with the app (GET / on Ray's proxy); `ui=false` turns it off.
 """
 
 from __future__ import annotations
@@ -76,6 +78,10 @@ def _cast(kind: str, value: str):
         return int(value)
     if kind == "float":
         return float(value)
+    if kind == "bool":
+        if value.lower() not in ("true", "false"):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value.lower() == "true"
     if kind.startswith("tuple"):
         return tuple(v for v in value.split(",") if v)
     return value
