@@ -6,6 +6,10 @@ runs once eagerly, is then captured as a CUDA graph and replayed: the small scal
 launch-bound. Everything decidable without a GPU (profiles, shapes, offsets, compatibility)
 is plain data elsewhere; this module only talks to TensorRT and CUDA.
 
+Like every backend it waits for the device once per edit: runs, uploads (through page-locked
+staging memory) and timing marks (CUDA events) are queued on one stream, and `read_all` is the
+one synchronisation.
+
 Nothing fails silently: every status TensorRT returns is checked and a refusal names the
 graph, profile and tensor. Each engine holds one activation block, the size of its largest
 profile, shared by all its execution contexts (they run one at a time on one stream), instead
@@ -33,12 +37,15 @@ from ..errors import ArtifactError, EngineError
 from ..plugins.trt_plugin import register_plugin
 from .backend import Backend, GraphRunner
 from .binding_plan import select_profile
-from .gpu import CudaGraph, DeviceArray, Stream, current_compute_capability
+from .gpu import CudaGraph, DeviceArray, Event, Stream, current_compute_capability
 
 CallKey = tuple  # (profile, ((tensor, address, shape), ...)): what a captured graph has baked in
 # Captured calls (a context and a CUDA graph each) kept per engine, least recently used dropped first:
 # every instruction length makes new calls (an edit of 8B-1024 is 14 step calls), and a server sees many.
 MAX_CAPTURED_CALLS = 256
+# TensorRT's DataType names -> the numpy dtype name of a buffer that holds such a tensor.
+TENSOR_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "UINT8": "uint8",
+                 "INT32": "int32", "INT64": "int64", "BOOL": "bool"}
 
 
 def _v2(obj, name: str):
@@ -107,6 +114,12 @@ class TrtGraph(GraphRunner):
             return
         ctx.bound = None  # half-bound until every call below succeeds
         where = self._where(ctx.profile)
+        for name, arr in (*inputs.items(), *outputs.items()):  # a buffer of another type would be misread
+            engine_type = self.engine.get_tensor_dtype(name).name
+            if TENSOR_DTYPES.get(engine_type) != arr.dtype.name:
+                expected = TENSOR_DTYPES.get(engine_type, "a type no buffer here holds")
+                raise EngineError(f"{where}: tensor {name!r} is {engine_type} ({expected}) in the engine, "
+                                  f"the buffer bound to it is {arr.dtype.name}")
         for name, arr in inputs.items():
             if not ctx.handle.set_input_shape(name, arr.shape):
                 accepts = self.profiles[ctx.profile]["shapes"].get(name) if self.profiles else None
@@ -151,7 +164,6 @@ class TrtGraph(GraphRunner):
             self._enqueue(ctx)  # the first call runs eagerly (lazy initialisation), then is captured
             if self.use_cuda_graphs and self._capturable(ctx):
                 self.graphs[key] = self.stream.capture(lambda: self._enqueue(ctx))
-        self.stream.synchronize()
 
     def memory_report(self) -> dict[str, Any]:
         """Device memory of this engine's activations: the shared block against one static block per profile."""
@@ -218,12 +230,16 @@ class TensorRTBackend(Backend):
         return buffer
 
     def write(self, dst: DeviceArray, src: np.ndarray) -> None:
-        self.stream.copy_to_device(dst, src)
+        self.stream.copy_to_device(dst, src)  # queued from staging memory: no wait
 
     def read_all(self, buffers) -> list[np.ndarray]:
-        out = [self.stream.copy_to_host(b) for b in buffers]
-        self.stream.synchronize()
-        return out
+        return self.stream.read_back(list(buffers))  # the one synchronisation
+
+    def mark(self) -> Event:
+        return self.stream.record()
+
+    def seconds(self, start: Event, end: Event) -> float:
+        return end.seconds_since(start)
 
     def memory_report(self) -> dict[str, dict[str, Any]]:
         """Per loaded engine: activation bytes shared by its contexts (see TrtGraph.memory_report)."""
