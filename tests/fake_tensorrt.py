@@ -242,6 +242,60 @@ class FakeCudart:
         return self._release("graph_exec", graph_exec)
 
 
+class FakeDriver:
+    """The subset of `cuda.bindings.driver` the plugin's launcher calls (cuda_launch.py); counts module
+    loads per CUDA context and launches. `context` is the context current on the calling thread."""
+
+    CUresult = types.SimpleNamespace(CUDA_SUCCESS=0)
+    CUdevice_attribute = types.SimpleNamespace(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR=75,
+                                               CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR=76,
+                                               CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT=16)
+    CUfunction_attribute = types.SimpleNamespace(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES=8)
+
+    def __init__(self, compute_capability: tuple[int, int] = (8, 9), sm_count: int = 132):
+        self.attributes = {75: compute_capability[0], 76: compute_capability[1], 16: sm_count}
+        self.context = 0x7000
+        self.modules: dict[int, tuple[int, bytes]] = {}  # module -> (its context, the cubin)
+        self.launches: list[tuple] = []
+
+    def loads(self, context: int | None = None) -> int:
+        return sum(1 for c, _ in self.modules.values() if context is None or c == context)
+
+    def cuGetErrorName(self, err):
+        return (0, b"CUDA_ERROR_FAKE")
+
+    def cuCtxGetCurrent(self):
+        return (0, self.context)
+
+    def cuCtxGetDevice(self):
+        return (0, 0)
+
+    def cuDeviceGetAttribute(self, attribute, device):
+        return (0, self.attributes[attribute])
+
+    def cuModuleLoadData(self, image: bytes):
+        module = 0x100 + len(self.modules)
+        self.modules[module] = (self.context, bytes(image))
+        return (0, module)
+
+    def cuModuleGetFunction(self, module: int, name: bytes):
+        context, _ = self.modules[module]
+        assert context == self.context, "a function looked up outside its module's context"
+        return (0, (module, name))
+
+    def cuFuncSetAttribute(self, function, attribute, value):
+        return (0,)
+
+    def CUstream(self, stream: int) -> int:
+        return stream
+
+    def cuLaunchKernel(self, function, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+        module, _ = function
+        assert self.modules[module][0] == self.context, "a kernel launched from another context's module"
+        self.launches.append((function, (gx, gy, gz), stream))
+        return (0,)
+
+
 # TensorRT's DataType members the backend meets, as objects with a `name`.
 DataType = types.SimpleNamespace(**{n: types.SimpleNamespace(name=n) for n in (
     "FLOAT", "HALF", "BF16", "INT8", "UINT8", "INT32", "INT64", "BOOL", "FP8")})
