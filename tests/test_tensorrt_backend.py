@@ -220,8 +220,9 @@ def test_close_releases_graphs_contexts_and_the_block(cudart):
     for call in calls:
         graph.run(*call)
     block = graph.workspace.ptr
-    assert cudart.made["graph"] == cudart.made["graph_exec"] == 3
+    assert cudart.made["graph"] == cudart.made["graph_exec"] == 3 and cudart.pending[graph.stream.handle]
     graph.close()
+    assert not cudart.pending[graph.stream.handle]  # queued runs finished before their contexts went
     gc.collect()
     assert cudart.released["graph"] == cudart.released["graph_exec"] == 3
     assert not cudart.live["graph"] and not cudart.live["graph_exec"] and block not in cudart.live["memory"]

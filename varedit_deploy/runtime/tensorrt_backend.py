@@ -101,7 +101,9 @@ class TrtGraph(GraphRunner):
         return self.contexts[key]
 
     def _evict(self) -> None:
-        """Drop the least recently used calls past MAX_CAPTURED_CALLS: a call's graph, then its context."""
+        """Drop the least recently used calls past MAX_CAPTURED_CALLS: a call's graph, then its context.
+        Nothing waits first: the call dropped last ran MAX_CAPTURED_CALLS calls ago, more than an edit
+        makes of one engine, so an edit's `read_all` has since waited for it."""
         while len(self.contexts) > MAX_CAPTURED_CALLS:
             key, _ = self.contexts.popitem(last=False)
             graph = self.graphs.pop(key, None)
@@ -173,7 +175,9 @@ class TrtGraph(GraphRunner):
                 "cuda_graphs": len(self.graphs)}
 
     def close(self) -> None:
-        """Release captured graphs, then contexts, then the activation block (in that order)."""
+        """Release captured graphs, then contexts, then the activation block (in that order), once the
+        stream's queued work, which may still use them, has finished."""
+        self.stream.synchronize()
         for graph in self.graphs.values():
             graph.destroy()
         self.graphs.clear()
