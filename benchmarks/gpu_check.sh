@@ -34,7 +34,7 @@ done
 # The plan: the one definition of what runs, in which order, for how long, and what it leaves under $OUT.
 RUNS=10  # timed edits of each path
 if [ "$MODE" = quick ]; then
-    STEPS=("bench-2b-512 300" "env 30")
+    STEPS=("bench-2b-512 270" "env 30")
     FILES=(summary.md gpu_fast_path.json gpu_fast_path.md benchmark.log env.txt)
 else
     STEPS=("bench-2b-512 270" "gpu-tests 150" "batch-steps-2b-512 90" "env 30")
