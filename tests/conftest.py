@@ -10,15 +10,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from varedit_deploy.errors import VareditError
+from varedit_deploy.runtime.gpu import expect_gpu_from_env, gpu_probes, gpu_verdict
+
 ROOT = Path(__file__).resolve().parents[1]
 
+# Is there a GPU? Three probes that must agree (cuda-python, torch, nvidia-smi): a probe that fails
+# where another sees a GPU would silently turn every GPU test into a skip and switch the interpreter
+# on, so disagreement, or no GPU under VAREDIT_EXPECT_GPU=1 (benchmarks/gpu_check.sh), ends the run
+# with an error naming every probe (pytest_configure) instead of a green log.
+GPU_PROBES = gpu_probes()
+try:
+    HAS_GPU, GPU_PROBLEM = gpu_verdict(GPU_PROBES, expect_gpu_from_env()), None
+except VareditError as e:
+    HAS_GPU, GPU_PROBLEM = False, str(e)
 # Triton kernels run in its interpreter on CPU tensors where there is no GPU. Triton reads this
 # when a kernel is decorated, so it must be set before any varedit_deploy.plugins import.
-if "TRITON_INTERPRET" not in os.environ:
-    from varedit_deploy.runtime.gpu import gpu_available
-
-    if not gpu_available():
-        os.environ["TRITON_INTERPRET"] = "1"
+if "TRITON_INTERPRET" not in os.environ and not HAS_GPU and GPU_PROBLEM is None:
+    os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 FIXTURES = Path(os.environ.get("VAREDIT_FIXTURES", ROOT.parent / "shared" / "fixtures"))
 FIXTURE_NAMES = ("tiny-2b", "tiny-8b")  # 256 px: cheap enough for every fixture-shaped test
@@ -99,19 +108,21 @@ def tiny_artifact(tmp_path_factory) -> Path:
     return out
 
 
+def pytest_configure(config):
+    if GPU_PROBLEM is not None:
+        raise pytest.UsageError(GPU_PROBLEM)
+
+
 def pytest_collection_modifyitems(config, items):
     """GPU tests run where a CUDA GPU (and, for `trt`, TensorRT) is present; skipped elsewhere, never faked."""
-    from varedit_deploy.runtime.gpu import gpu_available
-
-    has_gpu = gpu_available()
     try:
         import tensorrt  # noqa: F401
 
-        has_trt = has_gpu
+        has_trt = HAS_GPU
     except ImportError:
         has_trt = False
     for item in items:
-        if "gpu" in item.keywords and not has_gpu:
+        if "gpu" in item.keywords and not HAS_GPU:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
         if "trt" in item.keywords and not has_trt:
             item.add_marker(pytest.mark.skip(reason="needs TensorRT and a CUDA GPU"))

@@ -1,29 +1,41 @@
 """A fake TensorRT (runtime, engine, execution context) and a fake cuda-python runtime that fail on
-demand, so CPU tests can drive the TensorRT backend: what it binds, enqueues, captures, replays
-and releases.
+demand, so CPU tests can drive the TensorRT backend: what it binds, enqueues, captures, replays,
+transfers, waits for and releases.
 
 They model only what the backend calls, with the conventions of the real bindings (checked
 against tensorrt_rtx 1.7.1 and cuda-bindings 13): TensorRT's setters and `execute_async_v3`
-return a bool; cuda-python returns `(error, *values)` and error 0 is success. Work "runs" by
-being appended to `FakeCudart.executed`, or to the capture in progress on its stream.
+return a bool; cuda-python returns `(error, *values)` and error 0 is success. Work is queued on
+its stream (`FakeCudart.executed`, in order) or on the capture in progress, and takes effect when
+the stream is synchronised, as on a GPU: a copy reads its source then, not when it was queued, so
+host memory reused before the wait shows up as wrong data. CUDA's synchronisation rules are kept
+("API synchronization behavior"): a transfer between the device and pageable host memory may wait
+for the stream, so it counts as a synchronisation and runs at once; one from or to page-locked
+memory (cudaMallocHost) is queued. cudaFree and cudaFreeHost are counted as waits too.
 """
 
 from __future__ import annotations
 
+import bisect
+import ctypes
 import types
 import weakref
 from collections import Counter, defaultdict
 from collections.abc import Callable
 
 STREAM_CAPTURE_INVALIDATED = 901  # cudaErrorStreamCaptureInvalidated
+NOT_READY = 600  # cudaErrorNotReady
+INSUFFICIENT_DRIVER = 35  # cudaErrorInsufficientDriver: bindings newer than the driver
+ERROR_NAMES = {STREAM_CAPTURE_INVALIDATED: b"cudaErrorStreamCaptureInvalidated", NOT_READY: b"cudaErrorNotReady",
+               INSUFFICIENT_DRIVER: b"cudaErrorInsufficientDriver"}
 
 
 class FakeCudart:
-    """The subset of `cuda.bindings.runtime` in use; counts what is made and released.
+    """The subset of `cuda.bindings.runtime` in use; counts what is made, released and waited for.
 
     Each fake hands out handles from a range of its own, so an array left over from an earlier
     test, freed by the garbage collector while a later test's fake is installed, cannot release
-    one of that fake's handles (it fails inside `__del__`, which swallows it, instead).
+    one of that fake's handles (it fails inside `__del__`, which swallows it, instead). Device
+    memory holds bytes (`device_bytes`), so what was uploaded can be read back.
     """
 
     instances = 0
@@ -39,26 +51,34 @@ class FakeCudart:
         cudaDevAttrComputeCapabilityMajor = 75
         cudaDevAttrComputeCapabilityMinor = 76
 
-    def __init__(self, compute_capability: tuple[int, int] = (8, 9)):
+    def __init__(self, compute_capability: tuple[int, int] = (8, 9), device_count_error: int = 0):
         self.compute_capability = compute_capability
+        self.device_count_error = device_count_error  # e.g. 35, cudaErrorInsufficientDriver: a failed probe
         self.made: Counter[str] = Counter()
         self.released: Counter[str] = Counter()
         self.live: dict[str, set[int]] = defaultdict(set)
         self.bytes: dict[int, int] = {}
+        self.device_bytes: dict[int, bytearray] = {}  # allocation -> its contents
+        self._bases: list[int] = []  # sorted allocation addresses
+        self.pinned: dict[int, ctypes.Array] = {}  # page-locked host blocks, by address
         self.capturing: dict[int, list] = {}
         self.graph_work: dict[int, list] = {}
         self.exec_work: dict[int, list] = {}
-        self.executed: list[tuple] = []  # work the "GPU" ran, in order
+        self.executed: list[tuple] = []  # work queued on streams, in order
+        self.pending: dict[int, list] = defaultdict(list)  # queued per stream, not yet done
+        self.completed_events: dict[int, int] = {}  # event -> the order in which it completed
+        self.synchronizations = 0  # host waits: stream syncs, pageable transfers, frees
         self.launches = 0
         self.invalidate_capture = False
         FakeCudart.instances += 1
         self._next = FakeCudart.instances << 32
 
-    def _make(self, kind: str) -> int:
-        self._next += 0x1000  # 256-byte aligned, like cudaMalloc
+    def _make(self, kind: str, size: int = 0x1000) -> int:
+        handle = self._next
+        self._next += -(-max(size, 0x1000) // 0x1000) * 0x1000  # 256-byte aligned and apart, like cudaMalloc
         self.made[kind] += 1
-        self.live[kind].add(self._next)
-        return self._next
+        self.live[kind].add(handle)
+        return handle
 
     def _release(self, kind: str, handle: int) -> tuple[int]:
         assert handle in self.live[kind], f"{kind} {handle:#x} released twice or never made"
@@ -66,40 +86,124 @@ class FakeCudart:
         self.released[kind] += 1
         return (0,)
 
+    # ---------------------------------------------------------------- the "GPU"
     def enqueue(self, stream: int, work: tuple) -> None:
-        (self.capturing[stream] if stream in self.capturing else self.executed).append(work)
+        if stream in self.capturing:
+            self.capturing[stream].append(work)
+        else:
+            self.executed.append(work)
+            self.pending[stream].append(work)
 
+    def _wait(self, stream: int | None = None) -> None:
+        """The host waits: queued work (of `stream`, or of every stream) takes effect, in order."""
+        self.synchronizations += 1
+        for s in [stream] if stream is not None else list(self.pending):
+            work, self.pending[s] = self.pending[s], []
+            for item in work:
+                self._do(item)
+
+    def _do(self, work: tuple) -> None:
+        if work[0] == "copy":
+            _, dst, src, nbytes, kind = work
+            self._copy(dst, src, nbytes, kind)
+        elif work[0] == "event":
+            self.completed_events[work[1]] = len(self.completed_events)
+
+    def _device(self, ptr: int, nbytes: int) -> tuple[bytearray, int]:
+        i = bisect.bisect_right(self._bases, ptr) - 1
+        assert i >= 0, f"{ptr:#x} is not device memory"
+        base = self._bases[i]
+        memory = self.device_bytes[base]
+        assert ptr + nbytes <= base + len(memory) and base in self.live["memory"], \
+            f"{nbytes} bytes at {ptr:#x} overrun or outlive their allocation"
+        return memory, ptr - base
+
+    def _copy(self, dst: int, src: int, nbytes: int, kind: int) -> None:
+        if kind == self.cudaMemcpyKind.cudaMemcpyHostToDevice:
+            memory, offset = self._device(dst, nbytes)
+            memory[offset:offset + nbytes] = ctypes.string_at(src, nbytes)
+        else:
+            memory, offset = self._device(src, nbytes)
+            ctypes.memmove(dst, bytes(memory[offset:offset + nbytes]), nbytes)
+
+    def is_pinned(self, ptr: int, nbytes: int) -> bool:
+        return any(base <= ptr and ptr + nbytes <= base + len(block) for base, block in self.pinned.items())
+
+    # ------------------------------------------------------------- the runtime
     def cudaGetDeviceCount(self):
-        return (0, 1)
+        return (self.device_count_error, None) if self.device_count_error else (0, 1)
 
     def cudaDeviceGetAttribute(self, attr, device):
         major, minor = self.compute_capability
         return (0, major if attr == self.cudaDeviceAttr.cudaDevAttrComputeCapabilityMajor else minor)
 
     def cudaGetErrorName(self, err):
-        return (0, b"cudaErrorStreamCaptureInvalidated" if int(err) == STREAM_CAPTURE_INVALIDATED else b"cudaErrorFake")
+        return (0, ERROR_NAMES.get(int(err), b"cudaErrorFake"))
 
     def cudaMalloc(self, nbytes: int):
-        ptr = self._make("memory")
+        ptr = self._make("memory", nbytes)
         self.bytes[ptr] = nbytes
+        self.device_bytes[ptr] = bytearray(nbytes)
+        bisect.insort(self._bases, ptr)
         return (0, ptr)
 
     def cudaFree(self, ptr: int):
+        self._wait()  # cudaFree waits for the device
         return self._release("memory", ptr)
+
+    def cudaMallocHost(self, nbytes: int):
+        block = ctypes.create_string_buffer(nbytes)
+        self.pinned[ctypes.addressof(block)] = block
+        self.made["pinned"] += 1
+        return (0, ctypes.addressof(block))
+
+    def cudaFreeHost(self, ptr: int):
+        assert ptr in self.pinned, f"host memory {ptr:#x} freed twice or never made by cudaMallocHost"
+        self._wait()  # it may wait for the device: and nothing queued may still use it
+        del self.pinned[ptr]
+        self.released["pinned"] += 1
+        return (0,)
 
     def cudaStreamCreate(self):
         return (0, self._make("stream"))
 
     def cudaStreamDestroy(self, stream: int):
+        assert not self.pending[stream], "stream destroyed with work still queued"
         return self._release("stream", stream)
 
     def cudaStreamSynchronize(self, stream: int):
         assert stream not in self.capturing, "synchronize during a capture invalidates it"
+        self._wait(stream)
         return (0,)
 
     def cudaMemcpyAsync(self, dst, src, nbytes, kind, stream):
-        self.enqueue(stream, ("copy", dst, src, nbytes))
+        host = src if kind == self.cudaMemcpyKind.cudaMemcpyHostToDevice else dst
+        work = ("copy", dst, src, nbytes, kind)
+        if self.is_pinned(host, nbytes):
+            self.enqueue(stream, work)
+        else:  # pageable memory: CUDA may wait for the stream, then copies before returning
+            assert stream not in self.capturing, "a pageable transfer cannot be captured"
+            self._wait(stream)
+            self.executed.append(work)
+            self._do(work)
         return (0,)
+
+    def cudaEventCreate(self):
+        return (0, self._make("event"))
+
+    def cudaEventRecord(self, event: int, stream: int):
+        assert event in self.live["event"], "record of a destroyed event"
+        self.completed_events.pop(event, None)
+        self.enqueue(stream, ("event", event))
+        return (0,)
+
+    def cudaEventElapsedTime(self, start: int, end: int):
+        if start not in self.completed_events or end not in self.completed_events:
+            return (NOT_READY, None)  # recorded but not complete: nothing waited for it yet
+        return (0, float(self.completed_events[end] - self.completed_events[start]))
+
+    def cudaEventDestroy(self, event: int):
+        return self._release("event", event)
 
     def cudaStreamBeginCapture(self, stream: int, mode):
         assert stream not in self.capturing, "capture begun twice"
@@ -136,6 +240,67 @@ class FakeCudart:
     def cudaGraphExecDestroy(self, graph_exec: int):
         self.exec_work.pop(graph_exec)
         return self._release("graph_exec", graph_exec)
+
+
+class FakeDriver:
+    """The subset of `cuda.bindings.driver` the plugin's launcher calls (cuda_launch.py); counts module
+    loads per CUDA context and launches. `context` is the context current on the calling thread."""
+
+    CUresult = types.SimpleNamespace(CUDA_SUCCESS=0)
+    CUdevice_attribute = types.SimpleNamespace(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR=75,
+                                               CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR=76,
+                                               CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT=16)
+    CUfunction_attribute = types.SimpleNamespace(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES=8)
+
+    def __init__(self, compute_capability: tuple[int, int] = (8, 9), sm_count: int = 132):
+        self.attributes = {75: compute_capability[0], 76: compute_capability[1], 16: sm_count}
+        self.context = 0x7000
+        self.modules: dict[int, tuple[int, bytes]] = {}  # module -> (its context, the cubin)
+        self.launches: list[tuple] = []
+
+    def loads(self, context: int | None = None) -> int:
+        return sum(1 for c, _ in self.modules.values() if context is None or c == context)
+
+    def cuGetErrorName(self, err):
+        return (0, b"CUDA_ERROR_FAKE")
+
+    def cuCtxGetCurrent(self):
+        return (0, self.context)
+
+    def cuCtxGetDevice(self):
+        return (0, 0)
+
+    def cuDeviceGetAttribute(self, attribute, device):
+        return (0, self.attributes[attribute])
+
+    def cuModuleLoadData(self, image: bytes):
+        module = 0x100 + len(self.modules)
+        self.modules[module] = (self.context, bytes(image))
+        return (0, module)
+
+    def cuModuleGetFunction(self, module: int, name: bytes):
+        context, _ = self.modules[module]
+        assert context == self.context, "a function looked up outside its module's context"
+        return (0, (module, name))
+
+    def cuFuncSetAttribute(self, function, attribute, value):
+        return (0,)
+
+    def CUstream(self, stream: int) -> int:
+        return stream
+
+    def cuLaunchKernel(self, function, gx, gy, gz, bx, by, bz, shared, stream, params, extra):
+        module, _ = function
+        assert self.modules[module][0] == self.context, "a kernel launched from another context's module"
+        self.launches.append((function, (gx, gy, gz), stream))
+        return (0,)
+
+
+# TensorRT's DataType members the backend meets, as objects with a `name`.
+DataType = types.SimpleNamespace(**{n: types.SimpleNamespace(name=n) for n in (
+    "FLOAT", "HALF", "BF16", "INT8", "UINT8", "INT32", "INT64", "BOOL", "FP8")})
+ONNX_TO_TRT = {"float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16", "int64": "INT64", "int32": "INT32",
+               "int8": "INT8", "bool": "BOOL"}
 
 
 # refuse[method](argument, call number) -> False to accept, True to refuse (the call returns
@@ -209,8 +374,8 @@ class FakeEngine:
     def get_weight_streaming_automatic_budget(self) -> int:
         return 4096
 
-    def get_tensor_dtype(self, name: str):
-        return types.SimpleNamespace(name=self.dtypes.get(name, "FLOAT"))
+    def get_tensor_dtype(self, name: str) -> types.SimpleNamespace:
+        return getattr(DataType, self.dtypes.get(name, "FLOAT"))
 
     def get_device_memory_size_for_profile_v2(self, profile: int) -> int:
         return self.profile_bytes[profile]
@@ -335,8 +500,8 @@ def fake_tensorrt_module(cudart: FakeCudart, engines: dict[bytes, FakeEngine], v
             return self.errors[index]
 
     return types.SimpleNamespace(
-        __name__="tensorrt_rtx", __version__=version, Logger=Logger, Runtime=Runtime, Refitter=Refitter,
-        OnnxParserRefitter=OnnxParserRefitter,
+        __name__="tensorrt_rtx", __version__=version, Logger=Logger, Runtime=Runtime, DataType=DataType,
+        Refitter=Refitter, OnnxParserRefitter=OnnxParserRefitter,
         ExecutionContextAllocationStrategy=types.SimpleNamespace(STATIC="STATIC", ON_PROFILE_CHANGE="ON_PROFILE_CHANGE",
                                                                  USER_MANAGED="USER_MANAGED"),
     )

@@ -9,14 +9,14 @@ on GPUs with CUDA graphs in test_gpu.py).
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from conftest import fixture_dir
+from conftest import HAS_GPU, fixture_dir
 from varedit_deploy.config import from_name
 from varedit_deploy.model.codes import NextScaleInput
 from varedit_deploy.model.loaded import VAREditModel
 from varedit_deploy.fixtures import FixtureData
 from varedit_deploy.parity import LOGIT_TOL, compare, run_fast_path
-from varedit_deploy.runtime.gpu import gpu_available
 from varedit_deploy.sampling import SamplerInputs, TorchCPUNoise, draw_edit
 
 @pytest.mark.parametrize("name", ["tiny-2b", "8b-1024"])
@@ -33,6 +33,72 @@ def test_every_parameter_and_buffer_is_built_on_the_requested_device(name):
     assert {"VAREditTransformer.rope_cos", "VAREditTransformer.sar_pool_0", "NextScaleInput.up"} <= names
     elsewhere = [n for n, t in tensors if t.device.type != "meta"]
     assert not elsewhere, elsewhere
+
+
+def test_sar_pooling_is_fp32_and_rounds_once_under_bf16_autocast():
+    """The official code pools the SAR references in fp32 and rounds once (`F.interpolate(mode='area')` on
+    bf16 K/V). The reference's source pass runs under bf16 autocast (the official run, the GPU benchmark),
+    which must not round the two pooling products to bf16: the fast path pools outside autocast, and
+    the difference would be charged to it. One implementation (`sar_pool`), the same bits either way."""
+    model = VAREditModel.random(from_name("tiny-2b"), seed=2)
+    tr, sched, t = model.transformer, model.config.schedule, model.config.transformer
+    g = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(sched.source_tokens, 2, t.heads, t.head_dim, generator=g).to(torch.bfloat16) for _ in "kv")
+    plain_k, plain_v = tr.sar_pool(k, v)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto_k, auto_v = tr.sar_pool(k, v)
+    assert torch.equal(plain_k, auto_k) and torch.equal(plain_v, auto_v)
+    # ... and that is adaptive average pooling (fp64 here) rounded once to bf16: within half a bf16 unit.
+    side, first = sched.source_side, 0
+    grid = k.double().permute(1, 2, 3, 0).reshape(2 * t.heads, t.head_dim, side, side)
+    for n, s_side in zip(sched.tokens, sched.sides):
+        expected = F.adaptive_avg_pool2d(grid, s_side).reshape(2, t.heads, t.head_dim, n).permute(3, 0, 1, 2)
+        error = (auto_k[first:first + n].double() - expected).abs()
+        assert (error <= 2.0**-8 * (1 + 2.0**-16) * expected.abs() + 1e-30).all(), s_side
+        first += n
+
+
+def test_every_captured_graph_of_the_fast_path_shares_one_memory_pool(tiny_text_dir, photos, monkeypatch):
+    """One pool per captured graph (~31 for 2B) overstates the peak and wastes memory at 8B: the backend
+    makes one pool handle and passes it to every capture. Checked on the CPU with torch's graph API
+    recorded instead of run (the captured bodies still run, eagerly)."""
+    import contextlib
+
+    from varedit_deploy.imaging import as_rgb, preprocess
+    from varedit_deploy.runtime.pipeline import EditPipeline
+    from varedit_deploy.sampling import NumpyNoise
+
+    handles, captures = [], []
+
+    class RecordedGraph:
+        def replay(self):  # the body already ran under `graph`
+            pass
+
+        def reset(self):
+            pass
+
+    def graph_pool_handle():
+        handles.append(object())
+        return handles[-1]
+
+    @contextlib.contextmanager
+    def graph(cuda_graph, pool=None, **_):
+        captures.append(pool)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", graph_pool_handle)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", RecordedGraph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    model = VAREditModel.random(from_name("tiny-2b"), seed=1)
+    model.attach_text_encoder(tiny_text_dir, "fp32")
+    pipe = EditPipeline.from_model(model, device="cpu", dtype=torch.float32, cuda_graphs=True)
+    features = pipe.encode_text("make it red")
+    prefix = pipe.encode_image(preprocess(as_rgb(photos["coffee"]), model.config.image_size))
+    loop = pipe.loop.run(features, prefix, SamplerInputs.from_params(model.config.sampling), NumpyNoise(1), scales=2)
+    pipe.loop.collect(loop, record=True)
+    # The source pass's step, then two scales of step, sample and next input: seven captures, one pool.
+    assert len(handles) == 1 and len(captures) == 7 and all(pool is handles[0] for pool in captures)
+    pipe.close()
 
 
 def official_margins(fixture: FixtureData) -> list[np.ndarray]:
@@ -68,7 +134,7 @@ def test_fast_path_reproduces_the_official_fixtures(name):
     parity tolerance at every scale, and every sampled bit equal to the official one unless its
     official margin is below the logit tolerance (1024 px has a few near-ties; fixtures README)."""
     fixture = FixtureData.load(fixture_dir(name))
-    scales = None if gpu_available() else SCALES_ON_CPU.get(name)
+    scales = None if HAS_GPU else SCALES_ON_CPU.get(name)
     run = run_fast_path(fixture, scales)
     assert len(run.bits) == (scales or fixture.config.schedule.num_scales)
     errors, unexplained = [], []
@@ -85,7 +151,7 @@ def test_fast_path_reproduces_the_official_fixtures(name):
         assert all(t.ok for t in report.tensors), report.table()
 
 
-@pytest.mark.skipif(gpu_available(), reason="fp32 in the interpreter; GPU hosts run bf16: tests/test_gpu.py")
+@pytest.mark.skipif(HAS_GPU, reason="fp32 in the interpreter; GPU hosts run bf16: tests/test_gpu.py")
 def test_fast_path_edit_equals_the_eager_reference(tiny_model, photos):
     """A whole edit through the torch backend in fp32 (T5 on the real tokens, the VAE, fused kernels,
     the shared scale loop) samples the reference's bits and decodes its image."""
@@ -103,7 +169,7 @@ def test_fast_path_edit_equals_the_eager_reference(tiny_model, photos):
 
 
 @pytest.mark.parametrize("device", [
-    pytest.param("cpu", marks=pytest.mark.skipif(gpu_available(), reason="interpreter only where there is no GPU")),
+    pytest.param("cpu", marks=pytest.mark.skipif(HAS_GPU, reason="interpreter only where there is no GPU")),
     pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_bf16_autocast_branch_agrees_with_the_fp32_reference(tiny_text_dir, photos, device):
     """The branch GPUs run (bf16 blocks under autocast, bf16 caches and text K/V; on the CPU with CPU

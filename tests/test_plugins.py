@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import HAS_GPU
 from varedit_deploy.config import SamplingConfig, from_name
 from varedit_deploy.model.attention import head_temperature, self_attention
 from varedit_deploy.model.codes import NextScaleInput
@@ -20,11 +21,10 @@ from varedit_deploy.model.transformer import to_cache, to_heads
 from varedit_deploy.plugins.attention import flat_attention, prep_qkv, scale_attention
 from varedit_deploy.plugins.plan import BLOCK_N, AttentionPlan, plan_attention
 from varedit_deploy.plugins.sampler import accumulate_codes, next_tokens, sample_bits
-from varedit_deploy.runtime.gpu import gpu_available
 from varedit_deploy.sampling import SamplerInputs
 
 ROOT = Path(__file__).resolve().parents[1]
-DEVICE = "cuda" if gpu_available() else "cpu"
+DEVICE = "cuda" if HAS_GPU else "cpu"
 EPS32 = torch.finfo(torch.float32).eps
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fake_tensorrt import FakeCudart, FakeEngine, FakeEngine10, fake_tensorrt_module
+from fake_tensorrt import ONNX_TO_TRT, FakeCudart, FakeEngine, FakeEngine10, fake_tensorrt_module
 from varedit_deploy.artifact import MANIFEST, file_record, read_manifest, sha256_file
 from varedit_deploy.engine_set import ENGINE_SCHEMA, engine_dir_name
 from varedit_deploy.builder.profiles import graph_profiles
@@ -220,12 +220,67 @@ def test_close_releases_graphs_contexts_and_the_block(cudart):
     for call in calls:
         graph.run(*call)
     block = graph.workspace.ptr
-    assert cudart.made["graph"] == cudart.made["graph_exec"] == 3
+    assert cudart.made["graph"] == cudart.made["graph_exec"] == 3 and cudart.pending[graph.stream.handle]
     graph.close()
+    assert not cudart.pending[graph.stream.handle]  # queued runs finished before their contexts went
     gc.collect()
     assert cudart.released["graph"] == cudart.released["graph_exec"] == 3
     assert not cudart.live["graph"] and not cudart.live["graph_exec"] and block not in cudart.live["memory"]
     assert engine.alive_contexts() == [] and graph.engine is None
+
+
+def test_a_buffer_of_another_type_than_the_engine_s_tensor_is_refused_in_one_line(cudart):
+    engine = step_engine(cudart, dtypes={"text_k": "HALF"})
+    graph = TrtGraph("step", engine, TRT, PROFILES, Stream(), use_cuda_graphs=True)
+    with pytest.raises(EngineError, match=r"^graph step, profile 1 \(scale_1\): tensor 'text_k' is HALF \(float16\) "
+                                          r"in the engine, the buffer bound to it is float32$") as e:
+        graph.run(*buffers(1))
+    assert "\n" not in str(e.value) and runs(cudart) == [] and engine.calls["set_input_shape"] == 0
+    engine.dtypes = {"logits": "FP8"}  # an output too, and a type no buffer here holds
+    with pytest.raises(EngineError, match=r"tensor 'logits' is FP8 \(a type no buffer here holds\) in the engine"):
+        graph.run(*buffers(1))
+    engine.dtypes = {}
+    graph.run(*buffers(1))
+    assert len(runs(cudart)) == 1
+
+
+def test_runs_and_replays_queue_work_without_waiting(cudart):
+    graph = TrtGraph("step", step_engine(cudart), TRT, PROFILES, Stream(), use_cuda_graphs=True)
+    inputs, outputs = buffers(1)
+    for _ in range(3):  # eager, capture, then replays
+        graph.run(inputs, outputs)
+    assert cudart.synchronizations == 0 and cudart.launches == 2
+    assert len(cudart.pending[graph.stream.handle]) == 3  # queued, not yet waited for
+
+
+def test_uploads_are_staged_in_page_locked_memory_kept_until_the_wait(cudart):
+    """An upload's source may be dropped or reused at once: it is copied into page-locked staging memory,
+    queued, and that memory is not handed out again before the stream has been synchronised."""
+    stream = Stream()
+    a, b = DeviceArray.empty((3, 5), np.float32), DeviceArray.empty((700,), np.int64)
+    host = np.arange(15, dtype=np.float32).reshape(3, 5)
+    stream.copy_to_device(a, host)
+    host[:] = -1  # reused at once
+    stream.copy_to_device(b, np.arange(700))  # a temporary, gone at once
+    stream.copy_to_device(a[1:2], np.full((1, 5), 7.0, np.float32))  # a later write of the same rows wins
+    assert cudart.synchronizations == 0 and len(cudart.pending[stream.handle]) == 3
+    got_a, got_b = stream.read_back([a, b])
+    assert cudart.synchronizations == 1
+    expected = np.arange(15, dtype=np.float32).reshape(3, 5)
+    expected[1] = 7.0
+    assert np.array_equal(got_a, expected) and np.array_equal(got_b, np.arange(700))
+    staged = cudart.made["pinned"]
+    for _ in range(3):  # the staging memory is reused after each wait, not grown
+        stream.copy_to_device(b, np.arange(700))
+        stream.read_back([b])
+    assert cudart.made["pinned"] == staged and cudart.synchronizations == 4
+    # The fake keeps CUDA's rule: a transfer from pageable memory may wait for the stream.
+    stream.copy_to_device(a, host)
+    cudart.cudaMemcpyAsync(b.ptr, np.arange(700).ctypes.data, b.nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice,
+                           stream.handle)
+    assert cudart.synchronizations == 5 and not cudart.pending[stream.handle]
+    stream.destroy()
+    assert not cudart.pinned and cudart.released["pinned"] == staged
 
 
 def write_fake_engine_set(artifact: Path, folder: Path, precision: str = "fp32", tf32: bool = False,
@@ -251,15 +306,27 @@ def write_fake_engine_set(artifact: Path, folder: Path, precision: str = "fp32",
     return folder
 
 
+def output_shape(declared: list, inputs: list[dict]):
+    """An output's shape for the input shapes set on a context: symbolic axes ('tokens', 'text_len')
+    take the size of the input axis of the same name, as TensorRT resolves them."""
+    def shape(bound: dict[str, tuple]) -> tuple:
+        sizes = {axis: bound[t["name"]][i] for t in inputs if t["name"] in bound
+                 for i, axis in enumerate(t["shape"]) if isinstance(axis, str)}
+        return tuple(sizes[d] if isinstance(d, str) else d for d in declared)
+
+    return shape
+
+
 @pytest.fixture
 def fake_rtx(cudart, tiny_artifact, monkeypatch):
     """tensorrt_rtx replaced by the fake, with one engine per graph of the tiny artifact."""
     manifest = read_manifest(tiny_artifact)
     engines = {}
     for name, g in manifest.graphs.items():
-        shapes = {o["name"]: tuple(o["shape"]) for o in g["outputs"]}
+        dtypes = {t["name"]: ONNX_TO_TRT[t["dtype"]] for t in (*g["inputs"], *g["outputs"])}
         engines[name.encode()] = FakeEngine(cudart, name, [1000 * (i + 1) for i in range(max(
-            len(graph_profiles(manifest, name)), 1))], {k: (lambda _s, v=v: v) for k, v in shapes.items()})
+            len(graph_profiles(manifest, name)), 1))], {o["name"]: output_shape(o["shape"], g["inputs"])
+                                                        for o in g["outputs"]}, dtypes=dtypes)
     monkeypatch.setitem(sys.modules, "tensorrt_rtx", fake_tensorrt_module(cudart, engines))
     return engines
 
@@ -281,10 +348,50 @@ def test_backend_close_releases_everything_it_made(fake_rtx, cudart, tiny_artifa
         assert report["step"]["one_per_profile_bytes"] == 8 * 8000 and report["next_input_6"]["cuda_graphs"] == 1
     gc.collect()
     assert all(not cudart.live[kind] for kind in ("memory", "stream", "graph", "graph_exec")), dict(cudart.live)
+    assert cudart.made["pinned"] == cudart.released["pinned"] >= 1 and not cudart.pinned  # the upload's staging
     assert cudart.made["stream"] == 1 and cudart.made["memory"] == len(manifest.graphs) + 3
     assert all(engine.alive_contexts() == [] for engine in fake_rtx.values())
     backend.close()  # a second close is harmless
     assert cudart.released["stream"] == 1
+
+
+def test_an_edit_waits_for_the_device_once_and_reads_back_what_it_wrote(fake_rtx, cudart, tiny_artifact, tmp_path):
+    """The backend's contract: one host synchronisation per edit, in `read_all`. A scale loop (first edit:
+    eager runs and captures; second: replays) queues its uploads from staging memory and its timing marks
+    as events; what it uploaded from temporaries comes back intact; the marks are read after the wait."""
+    from varedit_deploy.runtime.loop import ScaleLoop
+    from varedit_deploy.sampling import NumpyNoise, SamplerInputs, draw_edit
+
+    folder = write_fake_engine_set(tiny_artifact, tmp_path / engine_dir_name("tensorrt-rtx", "1.7.1.116", "sm89", "fp32"))
+    manifest = read_manifest(tiny_artifact)
+    t, sched = manifest.config.transformer, manifest.config.schedule
+    rng = np.random.default_rng(0)
+    with TensorRTBackend(manifest, flavour="tensorrt-rtx", precision="fp32", engine_dir=folder) as backend:
+        loop = ScaleLoop(manifest, backend)
+        sampler = SamplerInputs.from_params(manifest.config.sampling)
+        for edit in range(2):
+            features = rng.standard_normal((1, 7, t.text_channels)).astype(np.float32)
+            prefix = rng.standard_normal((1, sched.source_tokens, t.d_tok)).astype(np.float32)
+            sent = (features.copy(), prefix.copy())
+            waits, launches = cudart.synchronizations, cudart.launches
+            out = loop.run(features, prefix, sampler, NumpyNoise(edit))
+            features[:], prefix[:] = np.nan, np.nan  # the caller's arrays are free once run returns
+            assert cudart.synchronizations == waits  # nothing waited while queuing the whole edit
+            with pytest.raises(VareditError, match="cudaErrorNotReady"):
+                backend.seconds(*out.marks[0][1:])  # a mark is readable only after the wait
+            got_features, got_prefix, got_noise = loop.collect(out, [loop.text_buffers(7)[0], loop.prefix,
+                                                                     loop._noise_all])
+            assert cudart.synchronizations == waits + 1, "an edit must wait for the device exactly once"
+            assert np.array_equal(got_features, sent[0]) and np.array_equal(got_prefix, sent[1])
+            assert np.array_equal(got_noise, draw_edit(NumpyNoise(edit), [n * t.d_tok for n in sched.tokens]))
+            assert {"step", "sample", "next_input", "source_pass", "scale_0"} <= set(out.timings_ms)
+            assert all(v >= 0 for v in out.timings_ms.values())
+            assert (cudart.launches > launches) == (edit == 1)  # the second edit replays captured graphs
+        staged = cudart.made["pinned"]
+    del out  # its marks hold the events
+    gc.collect()
+    assert not cudart.pinned and cudart.released["pinned"] == staged
+    assert not cudart.live["event"] and not cudart.live["memory"] and not cudart.live["stream"]
 
 
 def test_buffers_the_loop_drops_are_freed_before_close(fake_rtx, cudart, tiny_artifact, tmp_path):

@@ -164,3 +164,30 @@ def test_the_parser_library_link_is_this_installation_s(tmp_path, monkeypatch):
     assert parser_plugin_library_dir(trt) == folder
     monkeypatch.setenv("LD_LIBRARY_PATH", f"{folder}:{sdk}")  # the child build_engines starts
     assert parser_plugin_library_dir(trt) is None
+
+
+def test_plugin_clones_share_one_loaded_copy_of_the_cubins_per_cuda_context(monkeypatch):
+    """TensorRT clones the plugin for every execution context, and the backend makes one context per
+    captured call: each clone loading its own modules would load the same cubins hundreds of times.
+    They are loaded once per CUDA context and shared; another context loads its own."""
+    from types import SimpleNamespace
+
+    from fake_tensorrt import FakeDriver
+    from varedit_deploy.plugins import cuda_launch
+
+    fake = FakeDriver(compute_capability=(8, 9))
+    monkeypatch.setattr(cuda_launch, "driver", lambda: fake)
+    monkeypatch.setattr(cuda_launch, "_LOADED", {})
+    kernels = tuple(binary_to_json(m, _binary(arch, w)) for arch in (80, 89) for m, w, _ in (SMALL, LARGE))
+    plugin_cls, _ = plugin_classes(trt)
+    plugin = plugin_cls(PluginState(8, 1.0, kernels=kernels), trt.TensorRTPhase.RUNTIME)
+    q, kv = SimpleNamespace(dims=(1, 4, 8 * 32)), SimpleNamespace(dims=(1, 70, 8 * 32))
+    clones = [plugin.attach_to_context(None) for _ in range(6)]
+    for stream, clone in enumerate(clones):
+        clone.enqueue([q, kv, kv], [q], [0x1000, 0x2000, 0x3000], [0x4000], 0, stream)
+    assert fake.loads() == 2 and len(fake.launches) == 6  # the sm89 small- and large-tile cubins, once
+    assert {cubin for _, cubin in fake.modules.values()} == {_binary(89, w).cubin for _, w, _ in (SMALL, LARGE)}
+    fake.context = 0x8000  # another context (another device): its own modules
+    plugin.attach_to_context(None).enqueue([q, kv, kv], [q], [0x1000, 0x2000, 0x3000], [0x4000], 0, 9)
+    assert fake.loads(0x8000) == 2 and fake.loads() == 4 and len(fake.launches) == 7
+

@@ -292,17 +292,20 @@ class VAREditTransformer(nn.Module):
     def _pool_to_scales(self, x: torch.Tensor) -> torch.Tensor:
         """[2, H, L_src, c] -> [sum n_s, 2, H, c]: area-pooled to every scale, cache layout.
 
-        Pools in fp32 and rounds once to the input's dtype, as `F.interpolate(mode='area')` does on bf16 K/V."""
+        Pools in fp32 and rounds once to the input's dtype, as `F.interpolate(mode='area')` does on bf16 K/V,
+        with autocast off: a source pass under bf16 autocast (the official run) must not round the pooling
+        products to bf16."""
         b, h, _, c = x.shape
         side = self.schedule.source_side
         grid = x.float().reshape(b, h, side, side, c)
         pooled = []
-        for s in range(self.schedule.num_scales):
-            p = getattr(self, f"sar_pool_{s}")  # [side_s, side]
-            y = torch.matmul(p, grid.transpose(2, 4))  # pool columns -> [b, h, c, cols_s, rows]
-            y = torch.matmul(p, y.transpose(3, 4))  # pool rows -> [b, h, c, rows_s, cols_s]
-            y = y.permute(0, 1, 3, 4, 2).reshape(b, h, -1, c)  # [b, h, n_s, c], row-major
-            pooled.append(to_cache(y))
+        with fp32_region(x):
+            for s in range(self.schedule.num_scales):
+                p = getattr(self, f"sar_pool_{s}")  # [side_s, side]
+                y = torch.matmul(p, grid.transpose(2, 4))  # pool columns -> [b, h, c, cols_s, rows]
+                y = torch.matmul(p, y.transpose(3, 4))  # pool rows -> [b, h, c, rows_s, cols_s]
+                y = y.permute(0, 1, 3, 4, 2).reshape(b, h, -1, c)  # [b, h, n_s, c], row-major
+                pooled.append(to_cache(y))
         return torch.cat(pooled, dim=0).to(x.dtype)
 
     # ------------------------------------------------------------------ step

@@ -4,12 +4,15 @@ The TensorRT plugin's runtime half has neither Triton nor torch: it loads a cubi
 cuModuleLoadData and launches it with cuLaunchKernel on the stream TensorRT passes. What needs
 no device (which cubin suits an SM, the grid, the packed arguments) is plain data here, so CPU
 tests check it; every driver call's CUresult is checked and a failure names the call and error.
+A set of cubins is loaded once per CUDA context for the whole process (`shared_kernels`): TensorRT
+clones the plugin for every execution context, and the backend makes one per captured call.
 """
 
 from __future__ import annotations
 
 import base64
 import ctypes
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -141,8 +144,22 @@ class LoadedKernels:
         check(cu.cuLaunchKernel(self.functions[launch.block_m], *launch.grid, *launch.block,
                                 launch.binary.shared_bytes, cu.CUstream(stream), launch.params, 0), "cuLaunchKernel")
 
-    def unload(self) -> None:
-        cu = driver()
-        for module in self.modules:
-            check(cu.cuModuleUnload(module), "cuModuleUnload")
-        self.modules.clear()
+
+# (CUDA context, digest of the binaries) -> their modules, loaded once for the process: modules belong
+# to a context, and every plugin clone in that context launches the same functions.
+_LOADED: dict[tuple[int, bytes], LoadedKernels] = {}
+
+
+def shared_kernels(binaries: dict[int, KernelBinary]) -> LoadedKernels:
+    """`binaries` loaded into the current CUDA context, by the first caller in that context; every
+    later caller with the same cubins gets the same modules (kept until the process ends)."""
+    context = int(check(driver().cuCtxGetCurrent(), "cuCtxGetCurrent"))
+    digest = hashlib.sha256()
+    for block_m in sorted(binaries):
+        binary = binaries[block_m]
+        digest.update(f"{block_m}:{binary.entry}:{binary.shared_bytes}:{len(binary.cubin)}:".encode())
+        digest.update(binary.cubin)
+    key = (context, digest.digest())
+    if key not in _LOADED:
+        _LOADED[key] = LoadedKernels(binaries)
+    return _LOADED[key]

@@ -96,7 +96,9 @@ def plugin_classes(trt: ModuleType) -> tuple[type, type]:
             self.plugin_name, self.plugin_version, self.plugin_namespace = PLUGIN_NAME, PLUGIN_VERSION, PLUGIN_NAMESPACE
             self.num_outputs = 1
             self.state, self.phase = state, phase
-            self.binaries = self.loaded = None  # {block_m: KernelBinary} for this GPU, loaded at the first enqueue
+            # {block_m: KernelBinary} for this GPU, and their modules, shared by every clone in the CUDA
+            # context (cuda_launch.shared_kernels); both set at the first enqueue
+            self.binaries = self.loaded = None
             self.sm_count = 0
 
         def get_capability_interface(self, kind):
@@ -153,7 +155,7 @@ def plugin_classes(trt: ModuleType) -> tuple[type, type]:
                 binaries = dict(cuda_launch.binary_from_json(d) for d in self.state.kernels)
                 by_arch = {(b.arch, m): b for m, b in binaries.items()}
                 self.binaries = cuda_launch.select_binaries(by_arch, sm)
-                self.loaded = cuda_launch.LoadedKernels(self.binaries)
+                self.loaded = cuda_launch.shared_kernels(self.binaries)  # once per context, not per clone
             launch = cuda_launch.flat_attention_launch(
                 self.binaries, inputs[0], inputs[1], inputs[2], outputs[0], int(input_desc[0].dims[1]),
                 int(input_desc[1].dims[1]), self.state.heads, self.state.scale, self.sm_count)

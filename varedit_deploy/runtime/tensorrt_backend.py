@@ -6,6 +6,10 @@ runs once eagerly, is then captured as a CUDA graph and replayed: the small scal
 launch-bound. Everything decidable without a GPU (profiles, shapes, offsets, compatibility)
 is plain data elsewhere; this module only talks to TensorRT and CUDA.
 
+Like every backend it waits for the device once per edit: runs, uploads (through page-locked
+staging memory) and timing marks (CUDA events) are queued on one stream, and `read_all` is the
+one synchronisation.
+
 Nothing fails silently: every status TensorRT returns is checked and a refusal names the
 graph, profile and tensor. Each engine holds one activation block, the size of its largest
 profile, shared by all its execution contexts (they run one at a time on one stream), instead
@@ -31,7 +35,7 @@ from ..engine_set import ENGINE_MANIFEST, build_command, check_engines, engine_d
 from ..errors import ArtifactError, EngineError
 from ..plugins.trt_plugin import register_plugin
 from .backend import Backend, GraphRunner, host_dtype
-from .gpu import CudaGraph, DeviceArray, Stream, current_compute_capability
+from .gpu import CudaGraph, DeviceArray, Event, Stream, current_compute_capability
 from .tensorrt_import import dtype_name, import_tensorrt
 
 CallKey = tuple  # (profile, ((tensor, address, shape), ...)): what a captured graph has baked in
@@ -93,7 +97,9 @@ class TrtGraph(GraphRunner):
         return self.contexts[key]
 
     def _evict(self) -> None:
-        """Drop the least recently used calls past MAX_CAPTURED_CALLS: a call's graph, then its context."""
+        """Drop the least recently used calls past MAX_CAPTURED_CALLS: a call's graph, then its context.
+        Nothing waits first: the call dropped last ran MAX_CAPTURED_CALLS calls ago, more than an edit
+        makes of one engine, so an edit's `read_all` has since waited for it."""
         while len(self.contexts) > MAX_CAPTURED_CALLS:
             key, _ = self.contexts.popitem(last=False)
             graph = self.graphs.pop(key, None)
@@ -106,6 +112,10 @@ class TrtGraph(GraphRunner):
             return
         ctx.bound = None  # half-bound until every call below succeeds
         where = self._where(ctx.profile)
+        for name, arr in (*inputs.items(), *outputs.items()):  # a buffer of another type would be misread
+            if self.dtype(name) != arr.dtype.name:
+                raise EngineError(f"{where}: tensor {name!r} is {self.dtype(name)} in the engine, "
+                                  f"the buffer bound to it is {arr.dtype.name}")
         for name, arr in inputs.items():
             if not ctx.handle.set_input_shape(name, arr.shape):
                 accepts = self.profiles[ctx.profile]["shapes"].get(name) if self.profiles else None
@@ -150,7 +160,6 @@ class TrtGraph(GraphRunner):
             self._enqueue(ctx)  # the first call runs eagerly (lazy initialisation), then is captured
             if self.use_cuda_graphs and self._capturable(ctx):
                 self.graphs[key] = self.stream.capture(lambda: self._enqueue(ctx))
-        self.stream.synchronize()
 
     def dtype(self, tensor: str) -> str:
         return dtype_name(self.engine.get_tensor_dtype(tensor))
@@ -163,7 +172,9 @@ class TrtGraph(GraphRunner):
                 "cuda_graphs": len(self.graphs)}
 
     def close(self) -> None:
-        """Release captured graphs, then contexts, then the activation block (in that order)."""
+        """Release captured graphs, then contexts, then the activation block (in that order), once the
+        stream's queued work, which may still use them, has finished."""
+        self.stream.synchronize()
         for graph in self.graphs.values():
             graph.destroy()
         self.graphs.clear()
@@ -249,12 +260,16 @@ class TensorRTBackend(Backend):
         return buffer
 
     def write(self, dst: DeviceArray, src: np.ndarray) -> None:
-        self.stream.copy_to_device(dst, src)
+        self.stream.copy_to_device(dst, src)  # queued from staging memory: no wait
 
     def read_all(self, buffers) -> list[np.ndarray]:
-        out = [self.stream.copy_to_host(b) for b in buffers]
-        self.stream.synchronize()
-        return out
+        return self.stream.read_back(list(buffers))  # the one synchronisation
+
+    def mark(self) -> Event:
+        return self.stream.record()
+
+    def seconds(self, start: Event, end: Event) -> float:
+        return end.seconds_since(start)
 
     def memory_report(self) -> dict[str, dict[str, Any]]:
         """Per loaded engine: activation bytes shared by its contexts (see TrtGraph.memory_report)."""

@@ -10,8 +10,11 @@ blocks in bf16 under autocast, the text condition's AdaLN linears and the head i
 
 On a GPU nothing synchronises the host between graphs: uploads go through pinned staging
 memory, marks are CUDA events, and `read_all` waits once. Every (graph, shapes, addresses) call
-of a per-scale graph runs once eagerly and is then captured as a CUDA graph and replayed. On a
-CPU (Triton's interpreter) it runs eagerly: that is how CI checks it, in fp32 and in bf16.
+of a per-scale graph runs once eagerly and is then captured as a CUDA graph and replayed. All
+captures share one memory pool: a graph's temporaries are dead once it has run (its results are
+copied into the loop's buffers), and graphs replay one at a time on one stream, so one pool the
+size of the largest step serves them all (one pool per graph would hold ~31 for 2B). On a CPU
+(Triton's interpreter) it runs eagerly: that is how CI checks it, in fp32 and in bf16.
 """
 
 from __future__ import annotations
@@ -100,7 +103,7 @@ class Stages:
     def step(self, i, o) -> None:
         tr, io = self.model.transformer, self.io
         x = i[io.x]
-        n = x.shape[1]
+        rows, n = x.shape[:2]  # rows: the CFG pair (2), or 2B for a batch of B edits (gpu_batch_steps.py)
         # the source pass too: see VAREditTransformer.step
         cos, sin = tr.step_rope(i[io.past(1)[0]].shape[0], n)
         with self.autocast():
@@ -112,9 +115,9 @@ class Stages:
 
                 def attend(y, blk=blk, cache_k=cache_k, cache_v=cache_v, past=past, sar=sar, layer=layer):
                     bias = torch.cat([blk.sa.q_bias, torch.zeros_like(blk.sa.q_bias), blk.sa.v_bias])
-                    qkv = F.linear(y, blk.sa.mat_qkv.weight, bias).view(2, n, 3, blk.sa.heads, blk.sa.head_dim)
+                    qkv = F.linear(y, blk.sa.mat_qkv.weight, bias).view(rows, n, 3, blk.sa.heads, blk.sa.head_dim)
                     q = prep_qkv(qkv.contiguous(), self.temperature[layer], cos, sin, cache_k, cache_v, past)
-                    return scale_attention(q, sar, (cache_k, cache_v)).reshape(2, n, -1)
+                    return scale_attention(q, sar, (cache_k, cache_v)).reshape(rows, n, -1)
 
                 x = blk.mix(x, i[io.modulation][layer], i[io.text_k][layer], i[io.text_v][layer], attend)
         o[io.logits].copy_(tr.logits(x, i[io.head_modulation]))  # fp32 head, autocast off inside
@@ -135,10 +138,11 @@ class Stages:
 
 
 class TorchGraph(GraphRunner):
-    """One graph: eager, or captured once per (shapes, addresses) as a CUDA graph and replayed."""
+    """One graph: eager, or captured once per (shapes, addresses) as a CUDA graph into the backend's
+    shared memory pool `pool` and replayed."""
 
-    def __init__(self, name: str, fn, cuda_graphs: bool):
-        self.name, self.fn, self.cuda_graphs = name, fn, cuda_graphs
+    def __init__(self, name: str, fn, cuda_graphs: bool, pool=None):
+        self.name, self.fn, self.cuda_graphs, self.pool = name, fn, cuda_graphs, pool
         self.graphs: OrderedDict[tuple, torch.cuda.CUDAGraph] = OrderedDict()
 
     def run(self, inputs: Mapping[str, torch.Tensor], outputs: Mapping[str, torch.Tensor]) -> None:
@@ -151,7 +155,7 @@ class TorchGraph(GraphRunner):
             if graph is None:
                 self.fn(inputs, outputs)  # warm-up: Triton compiles, lazy init, allocator growth
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):  # synchronises: only on the first call with these buffers
+                with torch.cuda.graph(graph, pool=self.pool):  # synchronises: only on the first call with these buffers
                     self.fn(inputs, outputs)
                 self.graphs[key] = graph
                 if len(self.graphs) > MAX_GRAPHS:
@@ -186,6 +190,7 @@ class TorchBackend(Backend):
             model.text_encoder.model.to(self.device)
         self.stages = Stages(model, manifest.step_io, self.device, dtype)
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None  # one for every capture
 
     # --------------------------------------------------------------- buffers
     def empty(self, shape, dtype) -> torch.Tensor:
@@ -230,12 +235,13 @@ class TorchBackend(Backend):
         st = self.stages
         if name.startswith("next_input_"):
             scale = int(name.rsplit("_", 1)[1])
-            return TorchGraph(name, lambda i, o: st.next_input(scale, i, o), self.cuda_graphs)
+            return TorchGraph(name, lambda i, o: st.next_input(scale, i, o), self.cuda_graphs, self.graph_pool)
         eager = name in ("text_encoder", "text_cond", "vae_encoder", "vae_decoder", "source_embed", "sar_pool")
-        return TorchGraph(name, getattr(st, name), self.cuda_graphs and not eager)  # once-per-edit: no capture
+        return TorchGraph(name, getattr(st, name), self.cuda_graphs and not eager,  # once-per-edit: no capture
+                          self.graph_pool)
 
     def close(self) -> None:
-        """Release every captured graph (their memory pools go with them)."""
+        """Release every captured graph (the shared memory pool goes with the last of them)."""
         for runner in self._graphs.values():
             runner.close()
         super().close()
