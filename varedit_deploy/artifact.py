@@ -314,7 +314,7 @@ def check_contained(manifest: Manifest) -> None:
             inside(root, "engines", "the engines folder")
             for entry in sorted(engines.iterdir()) if engines.is_dir() else []:
                 if entry.is_symlink() or entry.is_dir():
-                    inside(root, f"engines/{entry.name}", f"engine folder engines/{entry.name}")
+                    inside(root, f"engines/{entry.name}", "an engine folder")
                     check_engine_paths(entry, f"engines/{entry.name}/{ENGINE_MANIFEST}")
     except UnsafeArtifactError as e:
         raise UnsafeArtifactError(f"artifact {root} refused: {e}; an artifact may name only files inside its own "

@@ -270,13 +270,14 @@ def external_data_problems(root: Path, graph_file: str, listed: list[str]) -> li
             continue
         info = dict(tensor.entries)
         try:
-            target = inside(root, info.get("location"), f"{where}'s external-data location", base=path.parent)
+            target = inside(root, info.get("location"), f"{graph_file}: the external-data location of tensor "
+                            f"{tensor.name!r}", base=path.parent)
         except UnsafeArtifactError as e:
             problems.append(str(e))
             continue
         name = own.get(os.path.realpath(target))
         if name is None:
-            problems.append(f"{where}'s external data is in {info['location']!r}, which is not one of the graph's "
+            problems.append(f"{where} keeps its data in {info['location']!r}, which is not one of the graph's "
                             f"files in the manifest ({', '.join(listed)})")
             continue
         numbers = {k: info[k] for k in ("offset", "length") if k in info}
