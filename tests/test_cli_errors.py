@@ -29,6 +29,11 @@ EDIT_ART_IO = EDIT_ART + ["--image", "{img}", "--out", "o.png"]
 def ws(tmp_path, monkeypatch, tiny_artifact) -> dict[str, str]:
     """A workspace of good and bad inputs; the current folder is the workspace."""
     monkeypatch.chdir(tmp_path)
+    return make_workspace(tmp_path, tiny_artifact)
+
+
+def make_workspace(tmp_path, tiny_artifact) -> dict[str, str]:
+    """The good and bad inputs of the cases in `tmp_path` (benchmarks/reliability_table.py uses it too)."""
     rng = np.random.default_rng(0)
     good = tmp_path / "good.png"
     Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(good)

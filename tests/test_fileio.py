@@ -77,6 +77,18 @@ def test_a_failed_block_leaves_the_old_folder_and_no_temporary(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["art"] and os.listdir(tmp_path / "art") == ["old"]
 
 
+def test_a_failed_write_removes_the_folders_it_made_and_only_those(tmp_path):
+    (tmp_path / "art" / "kept").mkdir(parents=True)
+    for write in (atomic_dir, atomic_path):
+        with pytest.raises(OSError):
+            with write(tmp_path / "art" / "engines" / "set" / "x") as tmp:
+                raise OSError(28, "No space left on device")
+        assert sorted(os.listdir(tmp_path / "art")) == ["kept"]  # no empty engines/set/ left behind
+    with atomic_path(tmp_path / "art" / "engines" / "x") as tmp:
+        tmp.write_text("x")
+    assert (tmp_path / "art" / "engines" / "x").read_text() == "x"
+
+
 def test_unlisted_files_are_what_a_replacement_would_lose(tmp_path):
     for name in ("manifest.json", "graphs/a.onnx", "graphs/b.onnx", "graphs/notes.txt", "mine/x", "engines/e/e.bin"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "varedit_deploy"
 LAYERS: list[tuple[str, tuple[str, ...], bool]] = [  # (layer, units, units of the layer may import each other)
     ("base", ("__init__", "errors", "timings", "fileio", "config", "precisions", "imaging", "sampling",
               "fixtures", "graph_io"), True),
-    ("contracts", ("artifact", "engine_set"), True),
+    ("contracts", ("containment", "artifact", "engine_set"), True),
     ("math", ("model",), False),
     ("kernels", ("plugins",), False),
     ("runtime", ("runtime",), False),

@@ -219,8 +219,9 @@ def test_backend_choice_and_unloadable_graphs_are_clear_errors(tiny_artifact, tm
         assert set(backend._graphs) == {"sample"}
     assert backend._graphs == {}  # leaving the context closes the sessions
 
-    def corrupt_and_record(d):  # a damaged graph whose manifest entry was rewritten to match it
-        (d / "graphs" / "sample.onnx").write_bytes(b"not an onnx model")
+    def corrupt_and_record(d):  # a damaged graph whose manifest entry was rewritten to match it: well-formed
+        # protobuf without a graph (bytes that are not protobuf at all are refused earlier: test_containment.py)
+        (d / "graphs" / "sample.onnx").write_bytes(b"\x08\x0a")
         data = json.loads((d / "manifest.json").read_text())
         data["graphs"]["sample"]["files"] = [file_record(d, d / "graphs" / "sample.onnx")]
         (d / "manifest.json").write_text(json.dumps(data))

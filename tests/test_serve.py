@@ -135,8 +135,9 @@ def _bomb_png(width: int, height: int) -> bytes:
             + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b""))
 
 
-def test_errors_have_openai_shape_and_status(server, photo):
-    cases = [
+def error_cases(photo: bytes) -> list[tuple[dict, int, str, str | None]]:
+    """Bad requests (fields of `_post`) and what each gets: status, error code, the parameter named."""
+    return [
         (dict(photo=photo, key=None, prompt="x"), 401, "invalid_api_key", None),
         (dict(photo=photo, key="wrong", prompt="x"), 401, "invalid_api_key", None),
         (dict(photo=photo, prompt="x", n="11"), 400, "invalid_value", "n"),
@@ -154,7 +155,10 @@ def test_errors_have_openai_shape_and_status(server, photo):
         (dict(photo=_bomb_png(50000, 50000), prompt="x"), 413, "image_too_large", "image"),
         (dict(photo=b"\xff\xd8\xff" + b"\0" * (21 * 2**20), prompt="x"), 413, "request_too_large", None),
     ]
-    for kwargs, status, code, param in cases:
+
+
+def test_errors_have_openai_shape_and_status(server, photo):
+    for kwargs, status, code, param in error_cases(photo):
         r = _post(server, **kwargs)
         assert r.status_code == status, (kwargs.get("prompt", "")[:20], r.text)
         error = r.json()["error"]

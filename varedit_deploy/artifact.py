@@ -23,7 +23,8 @@ from typing import Any
 
 
 from .config import ModelConfig
-from .errors import ArtifactError, InputError
+from .containment import ENGINE_MANIFEST, check_engine_paths, check_record, external_data_problems, inside
+from .errors import ArtifactError, InputError, UnsafeArtifactError
 from .fileio import write_text
 from .graph_io import StepIO
 
@@ -194,6 +195,17 @@ class Manifest:
         """Problems with the files on disk (missing, resized, altered); empty when intact (see `verify_files`)."""
         return verify_files(self.folder, self.all_files(), mode)
 
+    def external_data_problems(self) -> list[str]:
+        """External-data references inside the graph files that leave the artifact, name a file the graph's
+        record does not list, or point past a file's end (containment.py); empty when all are sound.
+        A missing graph file is skipped: the verification reports it."""
+        problems = []
+        for graph in self.graphs.values():
+            names = [f["path"] for f in graph["files"]]
+            if (self.folder / names[0]).is_file():
+                problems += external_data_problems(self.folder, names[0], names)
+        return problems
+
 
 def _stamp_entry(stat, sha256: str) -> dict[str, Any]:
     return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256}
@@ -263,6 +275,11 @@ def structure_problems(data: dict[str, Any], config: ModelConfig) -> list[str]:
     if not isinstance(graphs, dict):
         return ["it has no table of graphs"]
     problems = []
+    for section, lists in (("tokenizer", "files"), ("quantization", "files"), ("preview", None)):
+        value = data.get(section)
+        if value is not None and not (isinstance(value, dict) and (
+                isinstance(value.get(lists, []), list) if lists else isinstance(value.get("file"), dict))):
+            problems.append(f"its {section} section is not a valid record")
     missing = [name for name in required_graphs(config) if name not in graphs]
     if missing:
         problems.append(f"graphs missing: {', '.join(missing)}")
@@ -282,9 +299,44 @@ def structure_problems(data: dict[str, Any], config: ModelConfig) -> list[str]:
     return problems
 
 
-def read_manifest(folder: str | Path, verify: str = "quick") -> Manifest:
+def check_contained(manifest: Manifest) -> None:
+    """Refuse an artifact whose manifest names a file outside its folder (an absolute or `..` path, a
+    symbolic link that leaves it) or declares an impossible size, and one whose engine folders or
+    engine manifests lead elsewhere: UnsafeArtifactError naming the entry, whichever command reads
+    it. Nothing is opened but the manifests (see containment.py)."""
+    root = manifest.folder
+    data = manifest.data
+    try:
+        for name, graph in manifest.graphs.items():
+            for i, record in enumerate(graph["files"]):
+                check_record(root, record, f"graphs.{name}.files[{i}]")
+        for i, record in enumerate(manifest.tokenizer_files):
+            check_record(root, record, f"tokenizer.files[{i}]")
+        main = data.get("tokenizer", {}).get("main")
+        if main is not None and main not in {f["path"] for f in manifest.tokenizer_files}:
+            raise UnsafeArtifactError(f"tokenizer.main is {main!r}, which is not one of the tokenizer files it lists "
+                                      "(and so is not verified)")
+        if manifest.preview is not None:
+            check_record(root, manifest.preview["file"], "preview.file")
+        for i, record in enumerate((manifest.quantization or {}).get("files", [])):
+            check_record(root, record, f"quantization.files[{i}]")
+        engines = root / "engines"
+        if engines.is_symlink() or engines.is_dir():
+            inside(root, "engines", "the engines folder")
+            for entry in sorted(engines.iterdir()) if engines.is_dir() else []:
+                if entry.is_symlink() or entry.is_dir():
+                    inside(root, f"engines/{entry.name}", "an engine folder")
+                    check_engine_paths(entry, f"engines/{entry.name}/{ENGINE_MANIFEST}")
+    except UnsafeArtifactError as e:
+        raise UnsafeArtifactError(f"artifact {root} refused: {e}; an artifact may name only files inside its own "
+                                  "folder, so nothing in it was opened") from None
+
+
+def read_manifest(folder: str | Path, verify: str = "quick", scan_graphs: bool = True) -> Manifest:
     """Load and check an artifact's manifest (`verify`: see `Manifest.verify`); raise
-    ArtifactError naming every problem."""
+    ArtifactError naming every problem. Every file it names must lie inside `folder`
+    (`check_contained`), and, with `scan_graphs`, every external-data reference inside its
+    graphs too (`Manifest.external_data_problems`: read before any loader opens them)."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not folder.is_dir():
@@ -292,6 +344,10 @@ def read_manifest(folder: str | Path, verify: str = "quick") -> Manifest:
     if not path.is_file():
         raise ArtifactError(f"artifact {folder} has no {MANIFEST}; it is not an exported artifact "
                             "(create one with `varedit-deploy export`)")
+    try:
+        inside(folder, MANIFEST, MANIFEST)
+    except UnsafeArtifactError as e:
+        raise UnsafeArtifactError(f"artifact {folder} refused: {e}") from None
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -310,10 +366,23 @@ def read_manifest(folder: str | Path, verify: str = "quick") -> Manifest:
     if problems:
         raise ArtifactError(f"artifact {folder}: {MANIFEST} is incomplete: {'; '.join(problems)}; "
                             f"{rebuild_hint(data, folder)}")
+    check_contained(manifest)
     problems = manifest.verify(verify)
     if problems:
         raise ArtifactError(f"artifact {folder} is damaged: {'; '.join(problems)}; {rebuild_hint(data, folder)}")
+    if scan_graphs:
+        refuse_external_data(manifest)
     return manifest
+
+
+def refuse_external_data(manifest: Manifest) -> None:
+    """Raise UnsafeArtifactError, in one line, if a graph's external data is not sound (see
+    `Manifest.external_data_problems`)."""
+    problems = manifest.external_data_problems()
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise UnsafeArtifactError(f"artifact {manifest.folder} refused: {problems[0]}{more}; a graph may read only "
+                                  "its own files of the artifact, so none was opened")
 
 
 def write_manifest(folder: Path, data: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import signal
 import sys
 import tempfile
@@ -591,6 +592,16 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated()
 
 
+def _os_error(e: OSError) -> str:
+    """One line for a refusal of the file system; a full disk says what to do (every write is atomic, so
+    what the command had written so far is gone again)."""
+    text = f"{e.filename}: " if e.filename else ""
+    text += str(e.strerror or e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        text += "; free some space and run it again (the partial output was removed)"
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     in_main_thread = threading.current_thread() is threading.main_thread()
@@ -606,7 +617,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # the file system's own refusals (disk full, permissions) that no check foresaw
-        print(f"error: {e.filename or ''}{': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        print(f"error: {_os_error(e)}", file=sys.stderr)
         return 1
     except MemoryError:
         print("error: out of memory; try a smaller model or free memory", file=sys.stderr)

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from .artifact import MANIFEST, STAMP, Manifest, sha256_file, verify_files
-from .errors import ArtifactError, VareditError
+from .containment import ENGINE_MANIFEST, check_record, inside
+from .errors import ArtifactError, UnsafeArtifactError, VareditError
 from .graph_io import plugin_record
 from .precisions import ENGINE_PRECISIONS, QUANTIZED_MODES, default_16bit, describe_precision
 
 ENGINE_SCHEMA = 2  # 2: per-graph math mode and parsed network; TF32 off
-ENGINE_MANIFEST = "engines.json"
 
 
 def engine_dir_name(flavour: str, version: str, target: str, precision: str) -> str:
@@ -76,6 +76,14 @@ def read_engine_manifest(engine_dir: Path) -> dict[str, Any]:
                 raise ValueError(f"the record of engine {name!r} lacks its path, size or sha256")
     except (OSError, ValueError) as e:
         raise ArtifactError(f"{path} is not a valid engine manifest ({e}); rebuild the engines") from None
+    try:  # every file it names lies inside the engine folder (containment.py)
+        for name, rec in data["engines"].items():
+            check_record(Path(engine_dir), rec, f"engines.{name}")
+        if data.get("timing_cache") is not None:
+            inside(Path(engine_dir), data["timing_cache"], "timing_cache")
+    except UnsafeArtifactError as e:
+        raise UnsafeArtifactError(f"{path} refused: {e}; an engine set may name only files inside its own folder, "
+                                  "so none was opened") from None
     return data
 
 

@@ -29,6 +29,11 @@ class ArtifactError(VareditError):
     """An exported artifact folder is missing files, altered, or of an unknown schema."""
 
 
+class UnsafeArtifactError(ArtifactError):
+    """An artifact or engine manifest (or a graph in it) names a file outside its folder, or declares an
+    impossible size: refused before anything is opened, whatever its hashes say."""
+
+
 class EngineError(VareditError):
     """A TensorRT engine refused a call (profile, shape, address, enqueue) or its execution context."""
 

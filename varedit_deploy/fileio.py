@@ -52,20 +52,35 @@ def check_writable(path: str | Path, what: str) -> None:
 
 
 @contextlib.contextmanager
+def _parents_of(path: Path) -> Iterator[None]:
+    """Create the missing folders above `path`; if the block fails, remove those still empty again
+    (a failed write leaves the tree as it found it, not an empty `engines/`)."""
+    missing = [folder for folder in path.parents if not folder.exists()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for folder in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds.
     A file replaced keeps its mode, as it would when overwritten in place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _create_beside(path, _new_file)
-    try:
-        yield tmp
-        if path.is_file():
-            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with _parents_of(path):
+        tmp = _create_beside(path, _new_file)
+        try:
+            yield tmp
+            if path.is_file():
+                os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
 
 
 @contextlib.contextmanager
@@ -76,27 +91,27 @@ def atomic_dir(path: str | Path, replace: bool = False) -> Iterator[Path]:
     with `replace=True`, which the caller passes after checking that it holds only what we wrote.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _create_beside(path, lambda p: p.mkdir(0o777))
-    try:
-        yield tmp
-        if path.is_dir() and replace and any(path.iterdir()):
-            old = _create_beside(path, lambda p: p.mkdir(0o700))
-            os.replace(path, old)  # a rename onto the empty placeholder
-            try:
-                os.replace(tmp, path)
-            except BaseException:
-                os.replace(old, path)
-                raise
-            shutil.rmtree(old)
-        else:
-            try:
-                os.replace(tmp, path)  # POSIX: onto a missing name or an empty folder only
-            except OSError as e:
-                raise OutputError(f"{path} exists and is not an empty folder; nothing was changed") from e
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+    with _parents_of(path):
+        tmp = _create_beside(path, lambda p: p.mkdir(0o777))
+        try:
+            yield tmp
+            if path.is_dir() and replace and any(path.iterdir()):
+                old = _create_beside(path, lambda p: p.mkdir(0o700))
+                os.replace(path, old)  # a rename onto the empty placeholder
+                try:
+                    os.replace(tmp, path)
+                except BaseException:
+                    os.replace(old, path)
+                    raise
+                shutil.rmtree(old)
+            else:
+                try:
+                    os.replace(tmp, path)  # POSIX: onto a missing name or an empty folder only
+                except OSError as e:
+                    raise OutputError(f"{path} exists and is not an empty folder; nothing was changed") from e
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
 
 
 def write_text(path: str | Path, text: str) -> None:

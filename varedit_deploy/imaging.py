@@ -3,6 +3,8 @@
 Pre: paste top-left on a white square of side max(w, h), LANCZOS to the model size, [-1, 1].
 Post: (x + 1) / 2 * 255 truncated to uint8, LANCZOS back to the square side, crop to (w, h).
 Lanczos has no ONNX form, so this always runs on the host, for every backend.
+A photo is taken the way it is displayed: its EXIF orientation (how phones store portraits) is
+applied on load, as viewers, browsers, diffusers' `load_image` and OpenAI's API do.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError, OutputError
 from .fileio import atomic_path, check_writable
@@ -88,8 +90,24 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8), "L")
 
 
+EXIF_ORIENTATION = 0x0112  # 1: as stored; 2-8: mirrored and/or turned (a phone portrait is 6)
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The photo as displayed: its EXIF orientation applied and the tag dropped (`ImageOps.exif_transpose`).
+    An unreadable EXIF block counts as no orientation, as in viewers."""
+    try:
+        orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - Pillow raises many kinds for a malformed EXIF block; it is only metadata
+        return img
+    if orientation not in range(2, 9):
+        return img
+    return ImageOps.exif_transpose(img)
+
+
 def _to_rgb(img: Image.Image, name: str) -> Image.Image:
     check_size(img.size, name)
+    img = upright(img)
     if img.mode.startswith("I;16") or img.mode in ("I", "F"):
         img = _to_8bit(img)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .artifact import MANIFEST, Manifest, read_manifest, sha256_file
+from .artifact import MANIFEST, Manifest, read_manifest, refuse_external_data, sha256_file
 from .engine_set import describe_engine_set, engine_sets, read_engine_manifest, verify_engine_set
-from .errors import ArtifactError
+from .errors import ArtifactError, UnsafeArtifactError
 
 
 def inspect_artifact(folder: str | Path) -> tuple[list[str], bool]:
     """Readable lines describing the artifact in `folder`, and whether everything is intact."""
-    manifest = read_manifest(folder, verify="none")
+    # Every file the manifests name is checked to lie inside the artifact before anything is read; the
+    # graphs' external-data references once their files are known intact (a damaged file is listed instead).
+    manifest = read_manifest(folder, verify="none", scan_graphs=False)
     cfg, sched = manifest.config, manifest.schedule
     lines = [
         f"artifact {manifest.folder}",
@@ -40,6 +42,8 @@ def inspect_artifact(folder: str | Path) -> tuple[list[str], bool]:
     tok = ", ".join(f["path"] for f in manifest.tokenizer_files)
     lines.append(f"  tokenizer: {tok or 'none (fixture export: starts at text_cond)'}")
     problems = [f"damaged: {p}" for p in manifest.verify("full")]
+    if not problems:
+        refuse_external_data(manifest)
     checked = len(manifest.all_files())
     sets = engine_sets(manifest.folder)
     for engine_dir in sets:
@@ -68,6 +72,8 @@ def _engine_set(engine_dir: Path, manifest: Manifest) -> tuple[str, list[str], i
     where = engine_dir.relative_to(manifest.folder).as_posix()
     try:
         data = read_engine_manifest(engine_dir)
+    except UnsafeArtifactError:
+        raise  # refused, not listed: a set that names files elsewhere is no one's to describe
     except ArtifactError as e:
         return f"  {where}: unreadable", [str(e)], 0
     records = data["engines"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..artifact import MANIFEST, STAMP, Manifest, read_manifest, sha256_file
 from ..engine_set import ENGINE_MANIFEST, engine_set_files, engine_sets, read_engine_manifest, verify_engine_set
-from ..errors import ArtifactError, OutputError
+from ..errors import ArtifactError, OutputError, UnsafeArtifactError
 from ..fileio import check_writable, unlisted_files
 
 
@@ -42,7 +42,7 @@ def check_export_target(out: str | Path, overwrite: bool) -> Manifest | None:
         raise OutputError(f"--out {out} already holds an artifact; add --overwrite to replace it "
                           "(built engines whose graphs do not change are kept)")
     try:
-        previous = read_manifest(out, verify="none")
+        previous = read_manifest(out, verify="none", scan_graphs=False)  # nothing in it is opened, only listed
     except ArtifactError as e:
         raise OutputError(f"{e}; an export replaces only an artifact whose files it can list") from None
     foreign = unlisted_files(out, _artifact_files(previous))
@@ -57,6 +57,8 @@ def _artifact_files(manifest: Manifest) -> list[str]:
     for folder in engine_sets(manifest.folder):
         try:
             listed = engine_set_files(read_engine_manifest(folder))
+        except UnsafeArtifactError as e:
+            raise OutputError(f"{e}; an export replaces only an artifact whose files it can list") from None
         except ArtifactError:
             continue  # an engine folder we cannot read is not known to be ours
         prefix = folder.relative_to(manifest.folder).as_posix()

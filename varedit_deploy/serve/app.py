@@ -201,6 +201,11 @@ async def _read_request(state: ServerState, request: Request) -> tuple[EditForm,
         # (Starlette answers its parser's errors as HTTPException 400 before they reach us as MultiPartException)
         reason = getattr(e, "detail", None) or str(e) or type(e).__name__
         raise ApiError(400, f"malformed multipart body ({reason})", code="invalid_multipart") from None
+    except OSError as e:  # a large upload spools to a temporary file (Starlette: over 1 MiB) and the disk is full
+        log.warning("no room for an upload's temporary file: %s", e)
+        raise ApiError(507, f"the server has no room to receive the image ({e.strerror or e}); retry later or on "
+                            "another replica", "server_error", code="insufficient_storage",
+                       headers={"Retry-After": "10"}) from None
     try:
         fields: dict[str, list[Any]] = {}
         for name, value in multipart.multi_items():

@@ -41,14 +41,27 @@ class VareditReplica:
         self.state.close()  # queued edits finish before the replica goes
 
 
+# How fast autoscaling reacts (Ray's defaults: 30 s, 600 s and 30 s): how long load must last before a
+# replica is added or removed, and the window ongoing requests are averaged over. (How often they are
+# reported is Ray's environment: RAY_SERVE_{HANDLE,REPLICA}_AUTOSCALING_METRIC_PUSH_INTERVAL_S, 10 s.)
+AUTOSCALING_TIMES = ("upscale_delay_s", "downscale_delay_s", "look_back_period_s")
+
+
 def deployment(options: ServeOptions, replicas: int = 2, gpus_per_replica: float = 0.0,
-               max_replicas: int | None = None, target_ongoing_requests: float | None = None):
-    """A bound Ray Serve application: fixed `replicas`, or autoscaling up to `max_replicas`."""
+               max_replicas: int | None = None, target_ongoing_requests: float | None = None,
+               times: dict[str, float] | None = None):
+    """A bound Ray Serve application: fixed `replicas`, or autoscaling from `replicas` between 1 and
+    `max_replicas`; `times` (AUTOSCALING_TIMES) sets how fast it reacts (Ray's defaults suit production;
+    the tests shorten them to see a replica come and go within seconds)."""
+    unknown = sorted(set(times or {}) - set(AUTOSCALING_TIMES))
+    if unknown or (times and max_replicas is None):
+        raise ValueError(f"unknown autoscaling times {unknown}; use {', '.join(AUTOSCALING_TIMES)}" if unknown
+                         else f"{', '.join(times or {})} apply to autoscaling: give max_replicas too")
     scaling: dict[str, Any] = {"num_replicas": replicas}
     if max_replicas is not None:
         scaling = {"autoscaling_config": {
             "min_replicas": 1, "initial_replicas": replicas, "max_replicas": max_replicas,
-            "target_ongoing_requests": target_ongoing_requests or options.max_batch + 1}}
+            "target_ongoing_requests": target_ongoing_requests or options.max_batch + 1, **(times or {})}}
     return serve.deployment(
         VareditReplica, name="varedit",
         ray_actor_options={"num_cpus": 1, "num_gpus": gpus_per_replica},
@@ -59,17 +72,19 @@ def deployment(options: ServeOptions, replicas: int = 2, gpus_per_replica: float
 
 def app_builder(args: dict[str, str]):
     """`serve run varedit_deploy.serve.ray_app:app_builder artifacts=ART replicas=2 [gpus_per_replica=1]
-    [max_replicas=8] [backend=tensorrt] [max_batch=4] ...` (any ServeOptions field as key=value)."""
+    [max_replicas=8 [upscale_delay_s=30 ...]] [backend=tensorrt] [max_batch=4] ...`
+    (any ServeOptions field as key=value)."""
     args = dict(args)
     replicas = int(args.pop("replicas", 2))
     gpus = float(args.pop("gpus_per_replica", 0))
     max_replicas = int(args.pop("max_replicas")) if "max_replicas" in args else None
+    times = {key: float(args.pop(key)) for key in AUTOSCALING_TIMES if key in args}
     fields = {f.name: f.type for f in dataclasses.fields(ServeOptions)}
     unknown = sorted(set(args) - set(fields))
     if unknown:
         raise ValueError(f"unknown arguments {unknown}; use ServeOptions fields: {sorted(fields)}")
     options = ServeOptions(**{k: _cast(str(fields[k]), v) for k, v in args.items()})
-    return deployment(options, replicas, gpus, max_replicas)
+    return deployment(options, replicas, gpus, max_replicas, times=times)
 
 
 def _cast(kind: str, value: str):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import warnings
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from ..errors import InputError
 from ..imaging import as_rgb
@@ -48,7 +48,8 @@ def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
         raise ApiError(413, f"'image' has more pixels than this server takes ({max_pixels})", param="image",
                        code="image_too_large") from None
     except (OSError, ValueError, SyntaxError) as e:
-        raise ApiError(400, f"'image' is a {fmt} file that cannot be decoded ({e})", param="image",
+        reason = "Pillow cannot identify it" if isinstance(e, UnidentifiedImageError) else str(e)
+        raise ApiError(400, f"'image' is a {fmt} file that cannot be decoded ({reason})", param="image",
                        code="invalid_image") from None
     try:
         return as_rgb(img)
