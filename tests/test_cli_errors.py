@@ -133,7 +133,8 @@ CASES = [
     ("export-out-is-a-link", ["export", "--random-weights", "--model", "tiny-2b", "--out", "{ws}/link-to-empty"],
      FAILURE, "is a symbolic link; give the folder it points to"),
     ("export-fixture-missing", ["export", "--fixture", "{ws}/nope", "--out", "{ws}/art"], FAILURE, "no such folder"),
-    ("export-not-a-fixture", ["export", "--fixture", "{ws}/notes", "--out", "{ws}/art"], FAILURE, "no such file"),
+    ("export-not-a-fixture", ["export", "--fixture", "{ws}/notes", "--out", "{ws}/art"], FAILURE,
+     "lacks transformer.safetensors, vae.safetensors"),
     ("export-fixture-and-model", ["export", "--fixture", "{fixture}", "--model", "tiny-2b", "--out", "{ws}/art"], USAGE,
      "does not apply to --fixture"),
     ("export-two-sources", ["export", "--fixture", "{fixture}", "--random-weights", "--out", "{ws}/art"], USAGE,
@@ -163,6 +164,7 @@ CASES = [
     # --- inspect
     ("inspect-missing", ["inspect", "{ws}/nope"], FAILURE, "no such folder"),
     ("inspect-not-an-artifact", ["inspect", "{ws}/notes"], FAILURE, "not an exported artifact"),
+    ("ranges-not-an-artifact", ["ranges", "--artifacts", "{ws}/notes"], FAILURE, "not an exported artifact"),
     ("inspect-bad-json", ["inspect", "{ws}/fake-art"], FAILURE, "not valid JSON"),
     ("inspect-nothing", ["inspect"], USAGE, "required: artifacts"),
     # --- plan
@@ -261,7 +263,7 @@ def test_version_and_help():
     assert out.returncode == 0 and out.stdout.strip() == f"varedit-deploy {__version__}"
     out = subprocess.run([sys.executable, "-m", "varedit_deploy.cli", "build", "--help"], capture_output=True,
                          text=True)
-    assert out.returncode == 0 and "(default: tensorrt-rtx)" in out.stdout and "(default: fp16 for an fp32" in out.stdout
+    assert out.returncode == 0 and "(default: tensorrt-rtx)" in out.stdout and "(default: for an fp32 artifact bf16" in out.stdout
 
 
 def test_sigterm_mid_export_leaves_nothing_half_written(tmp_path):

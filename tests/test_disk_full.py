@@ -32,6 +32,8 @@ from test_serve import running
 
 QUICK_QUANTIZE = ["--mode", "int8", "--no-search", "--calibration-edits", "1", "--held-out", "1",
                   "--samples-per-scale", "1"]
+# The release-size path (calibration/streamed.py), forced on the tiny model: statistics, then graph by graph.
+STREAMED_QUANTIZE = ["--mode", "int8", "--stream", "--kv-cache", "int8", "--calibration-edits", "1", "--held-out", "1"]
 
 
 @contextlib.contextmanager
@@ -101,16 +103,18 @@ def test_build_onto_a_full_disk(tiny_artifact, tmp_path, capsys, monkeypatch, fu
         assert snapshot(str(disk)) == before and used_bytes(disk) == in_use
 
 
-@pytest.mark.parametrize("full", ["artifact", "temporary files"])
-def test_quantize_onto_a_full_disk(tiny_artifact, tmp_path, capsys, monkeypatch, full):
-    """The quantised artifact does not fit (written last), or ModelOpt's and quantize's own temporary
-    files do not (the first write)."""
+@pytest.mark.parametrize("full, how", [("artifact", QUICK_QUANTIZE), ("temporary files", QUICK_QUANTIZE),
+                                       ("artifact", STREAMED_QUANTIZE), ("temporary files", STREAMED_QUANTIZE)],
+                         ids=["artifact", "temporary-files", "streamed-artifact", "streamed-temporary-files"])
+def test_quantize_onto_a_full_disk(tiny_artifact, tmp_path, capsys, monkeypatch, full, how):
+    """The quantised artifact does not fit (written last; streamed: graph by graph), or the temporary
+    files do not (ModelOpt's and quantize's own; streamed: the instrumented graphs of the statistics)."""
     with small_disk(tmp_path / "disk", 4 * 2**20) as disk:
         if full == "temporary files":
             monkeypatch.setenv("TMPDIR", str(disk))
             monkeypatch.setattr(tempfile, "tempdir", str(disk))
         in_use = used_bytes(disk)
-        assert main(["quantize", "--artifacts", str(tiny_artifact), "--out", str(disk / "q"), *QUICK_QUANTIZE]) == 1
+        assert main(["quantize", "--artifacts", str(tiny_artifact), "--out", str(disk / "q"), *how]) == 1
         assert "No space left on device" in _one_error_line(capsys)  # (ModelOpt's failures are named as such)
         assert list(disk.iterdir()) == [] and used_bytes(disk) == in_use
 
@@ -164,10 +168,11 @@ def test_sigterm_mid_build_leaves_the_artifact_as_it_was(tiny_artifact, tmp_path
     assert snapshot(str(art)) == before  # no engine set, no temporary folder, not even engines/
 
 
-def test_sigterm_mid_quantize_leaves_nothing(tiny_artifact, tmp_path, _own_temp_folder):
+@pytest.mark.parametrize("how", [QUICK_QUANTIZE, STREAMED_QUANTIZE], ids=["modelopt", "streamed"])
+def test_sigterm_mid_quantize_leaves_nothing(tiny_artifact, tmp_path, _own_temp_folder, how):
     out = tmp_path / "q"
     proc = subprocess.Popen([sys.executable, "-m", "varedit_deploy.cli", "quantize", "--artifacts",
-                             str(tiny_artifact), "--out", str(out), *QUICK_QUANTIZE],
+                             str(tiny_artifact), "--out", str(out), *how],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     err = _terminate_when(proc, lambda: any(tmp_path.glob(".q.*.tmp")) and any(_own_temp_folder.iterdir()))
     assert proc.returncode == 143 and "terminated" in err and "Traceback" not in err, err

@@ -103,20 +103,20 @@ def test_plan_cli_errors(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("precision", ["fp16", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
 def test_plan_counts_the_cache_the_tensorrt_runtime_allocates(precision):
-    """16-bit and quantised engines keep fp32 inputs and outputs, so the TensorRT backend holds fp32
-    caches: the plan must not count them at 16 bits (it said a model fitted a board it did not)."""
+    """The loop allocates the caches in the type the engines declare for them: fp32 engines fp32, 16-bit
+    and quantised engines 16-bit (export/precision.py's cache I/O), an 8-bit-cache artifact int8. The
+    plan counts exactly that (it once counted 16 bits where the runtime held fp32)."""
     from varedit_deploy.runtime.loop import loop_layout
-    from varedit_deploy.runtime.tensorrt_backend import TensorRTBackend
 
     config = from_name("8b-512")
     t, sched = config.transformer, config.schedule
-    layout = loop_layout(t, sched.tokens, sched.starts, sched.source_tokens, sched.latent_side,
-                         TensorRTBackend.compute_dtype)
-    allocated = sum(s.nbytes for s in layout.values() if s.kind == "kv_cache")
-    assert plan(config, precision, 1.0, 77).kv_cache * GIB == pytest.approx(allocated)
-    eight_bit = loop_layout(t, sched.tokens, sched.starts, sched.source_tokens, sched.latent_side,
-                            TensorRTBackend.compute_dtype, "int8")
-    assert plan(config, precision, 1.0, 77, kv_bytes=1).kv_cache * GIB == pytest.approx(
-        sum(s.nbytes for s in eight_bit.values() if s.kind == "kv_cache"))
+
+    def allocated(dtype):
+        layout = loop_layout(t, sched.tokens, sched.starts, sched.source_tokens, sched.latent_side, dtype)
+        return sum(s.nbytes for s in layout.values() if s.kind == "kv_cache")
+
+    assert plan(config, precision, 1.0, 77).kv_cache * GIB == pytest.approx(
+        allocated("float32" if precision == "fp32" else "bfloat16"))
+    assert plan(config, precision, 1.0, 77, kv_bytes=1).kv_cache * GIB == pytest.approx(allocated("int8"))

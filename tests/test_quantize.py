@@ -10,7 +10,7 @@ from PIL import Image
 
 from varedit_deploy.artifact import read_manifest
 from varedit_deploy.builder.capabilities import check_supported, supported
-from varedit_deploy.memory_plan import plan, plan_table, transformer_bytes
+from varedit_deploy.memory_plan import plan, plan_data, plan_table, transformer_bytes
 from varedit_deploy.export.precision import to_half
 from varedit_deploy.calibration import kv_cache
 from varedit_deploy.graph_io import StepIO
@@ -104,7 +104,8 @@ def test_layer_groups_are_found_in_the_exported_graphs(tiny_artifact):
     m = read_manifest(tiny_artifact)
     models = {g: onnx.load(str(m.graph_path(g)), load_external_data=False) for g in m.graphs}
     groups = find_groups(models)
-    assert [g.name for g in groups] == [f"blocks.{b}.{k}" for b in range(3) for k in ("qkv", "proj", "ca", "fc1", "fc2")]
+    assert [g.name for g in groups] == [f"blocks.{b}.{k}" for b in range(3)
+                                        for k in ("qkv", "proj", "ca", "ca_kv", "fc1", "fc2")]
     by_name = {g.name: g for g in groups}
     assert by_name["blocks.1.fc2"].nodes == {"step": ("/blocks.1/ffn/fc2/MatMul",)}  # the source pass runs step
     assert by_name["blocks.0.ca"].nodes["step"] == ("/blocks.0/ca/mat_q/MatMul", "/blocks.0/ca/proj/MatMul")
@@ -114,7 +115,10 @@ def test_layer_groups_are_found_in_the_exported_graphs(tiny_artifact):
     assert "/head/MatMul" in step_matmuls - grouped  # (attention products are Attention nodes, in no group)
     assert {n.name for n in models["step"].graph.node if n.op_type == "Attention"} == {
         f"/blocks.{b}/{part}Attention" for b in range(3) for part in ("", "ca/")}
-    assert not any("text_cond" in g.nodes for g in groups)
+    # The text's K/V projections run once per edit, in text_cond: a group of their own, found by the
+    # parameter each node reads (the graph's node names, /MatMul_1, say nothing).
+    assert {g.name: set(g.nodes) for g in groups if "text_cond" in g.nodes} == {
+        f"blocks.{b}.ca_kv": {"text_cond"} for b in range(3)}
 
 
 def test_dynamo_name_scopes_and_group_patterns():
@@ -196,13 +200,13 @@ def test_each_flavour_builds_what_its_targets_support():
 
 
 def test_the_plan_marks_what_the_device_cannot_run_and_counts_quantised_weights():
-    orin = plan_table(from_name("8b-512"), "orin-agx-64", None, 1.0, 77)
+    orin = plan_table(plan_data(from_name("8b-512"), "orin-agx-64", None, 1.0, 77))
     assert "no: no fp8 on sm87" in orin.splitlines()[6] and "no fp8" not in orin.splitlines()[5]
     config = from_name("8b-1024")
     fp16, int8, int4 = (transformer_bytes(config, p) for p in ("fp16", "int8", "int4"))
     assert int4 < 0.4 * fp16 and 0.5 * fp16 < int8 < 0.62 * fp16
     p16, p8 = plan(config, "int4", 1.0, 77), plan(config, "int4", 1.0, 77, kv_bytes=1)
-    assert p8.kv_cache == pytest.approx(p16.kv_cache / 4) and p8.total < p16.total  # fp32 caches at run time
+    assert p8.kv_cache == pytest.approx(p16.kv_cache / 2) and p8.total < p16.total  # 16-bit caches at run time
 
 
 def test_half_graphs_are_valid_onnx(tiny_artifact):

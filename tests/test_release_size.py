@@ -16,7 +16,8 @@ import torch
 
 from varedit_deploy.artifact import read_manifest
 from varedit_deploy.memory_plan import transformer_params
-from varedit_deploy.export.precision import to_half
+from varedit_deploy.export.precision import lower
+from varedit_deploy.graph_io import StepIO
 from varedit_deploy.cli import main
 from varedit_deploy.config import from_name
 from varedit_deploy.errors import ArtifactError
@@ -94,7 +95,7 @@ def test_a_streamed_graph_is_an_ordinary_export(fixture, name, tmp_path):
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_streamed_half_graphs_equal_the_converted_fp32_graph(tmp_path, precision):
     """Converted tensor by tensor as written: the same initializers and nodes as lowering the whole
-    fp32 graph in memory (the fp32-placement rules of build/precision.py unchanged)."""
+    fp32 graph in memory (export/precision.py's `lower`: fp32 placement and 16-bit cache I/O)."""
     model = VAREditModel.random(from_name("tiny-8b"))
     src = ExportSource.from_model(model)
     names = ("text_cond", "step") + (("vae_encoder",) if precision == "bf16" else ())  # + Conv/InstanceNorm
@@ -104,7 +105,7 @@ def test_streamed_half_graphs_equal_the_converted_fp32_graph(tmp_path, precision
         (tmp_path / "a").mkdir(exist_ok=True), (tmp_path / "b").mkdir(exist_ok=True)
         export_graph(spec, tmp_path / "a", src, external_data_bytes=10_000, validate_bytes=None)
         export_graph(spec, tmp_path / "b", src, precision, external_data_bytes=10_000, validate_bytes=None)
-        whole = to_half(onnx.load(str(tmp_path / "a" / f"{spec.name}.onnx")), precision)
+        whole = lower(onnx.load(str(tmp_path / "a" / f"{spec.name}.onnx")), spec.name, precision, StepIO())
         streamed = onnx.load(str(tmp_path / "b" / f"{spec.name}.onnx"))
         a = {t.name: (t.data_type, onnx.numpy_helper.to_array(t).tobytes()) for t in whole.graph.initializer}
         b = {t.name: (t.data_type, onnx.numpy_helper.to_array(t).tobytes()) for t in streamed.graph.initializer}
@@ -241,9 +242,9 @@ def test_lowering_at_build_time_streams_external_weights(external_artifact, tmp_
     from varedit_deploy.export.external_data import lower_graph
 
     path = read_manifest(external_artifact).graph_path("step")
-    lower_graph(path, "fp16", tmp_path / "step.onnx")
+    lower_graph(path, "step", "fp16", StepIO(), tmp_path / "step.onnx")
     streamed = onnx.load(str(tmp_path / "step.onnx"))
-    whole = to_half(onnx.load(str(path)), "fp16")
+    whole = lower(onnx.load(str(path)), "step", "fp16", StepIO())
     assert (tmp_path / "step.onnx.data").is_file()
     assert ({t.name: onnx.numpy_helper.to_array(t).tobytes() for t in streamed.graph.initializer}
             == {t.name: onnx.numpy_helper.to_array(t).tobytes() for t in whole.graph.initializer})

@@ -352,11 +352,16 @@ def test_plan_reports_what_the_loop_allocates(tiny_artifact):
     manifest = read_manifest(tiny_artifact)
 
     class Recording(OnnxRuntimeBackend):
+        """Stands in for a bf16 engine set: its graphs take the caches and the text K/V in bf16."""
+
         compute_dtype = "bfloat16"
 
         def __init__(self):
             super().__init__(manifest)
             self.allocated = []
+
+        def tensor_dtype(self, graph, tensor):
+            return "bfloat16"
 
         def empty(self, shape, dtype):
             self.allocated.append((tuple(shape), dtype))
@@ -366,7 +371,7 @@ def test_plan_reports_what_the_loop_allocates(tiny_artifact):
     loop = ScaleLoop(manifest, backend)
     loop.text_buffers(9)
     cache = [(s, d) for s, d in backend.allocated if d == "bfloat16" and len(s) == 4]
-    kv, rest = loop_buffer_bytes(manifest.config, "bfloat16", 9)
+    kv, rest = loop_buffer_bytes(manifest.config, "bfloat16", "bfloat16", 9)
     assert kv == sum(np.prod(s) * 2 for s, _ in cache) and len(cache) == 2 * manifest.config.transformer.depth + 2
     assert kv + rest == sum(int(np.prod(s)) * ITEMSIZE[d] for s, d in backend.allocated)
     sched, t = manifest.config.schedule, manifest.config.transformer

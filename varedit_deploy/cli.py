@@ -296,11 +296,11 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from .calibration.quantize import QuantizeOptions, quantize_artifacts
 
     names = ("mode", "method", "high_precision", "min_bit_agreement", "calibration", "calibration_edits", "held_out",
-             "fixture", "kv_cache", "samples_per_scale")
+             "fixture", "kv_cache", "samples_per_scale", "calibration_scales", "report_scales")
     given = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     if args.exclude is not None:
         given["exclude"] = tuple(args.exclude)
-    opts = QuantizeOptions(**given, search=not args.no_search)
+    opts = QuantizeOptions(**given, search=not args.no_search, stream=True if args.stream else None)
     quantize_artifacts(args.artifacts, args.out, opts,
                        command="varedit-deploy " + " ".join(shlex.quote(a) for a in args.argv))
     return 0
@@ -458,16 +458,17 @@ def _add_build(sub) -> None:
 
 
 def _add_quantize(sub) -> None:
-    p = sub.add_parser("quantize", help="quantise an fp32 artifact (INT8, FP8, INT4 weight-only) from calibrated "
-                                        "Q/DQ, with a sensitivity search and an accuracy report")
-    p.add_argument("--artifacts", required=True, type=Path, help="fp32 artifact folder (see `export`)")
+    p = sub.add_parser("quantize", help="quantise an artifact (INT8, FP8, INT4 weight-only) from calibrated Q/DQ, with "
+                                        "an accuracy report; release sizes and 16-bit sources are streamed")
+    p.add_argument("--artifacts", required=True, type=Path,
+                   help="artifact folder (see `export`): fp32, or at release size fp32, fp16 or bf16")
     p.add_argument("--out", required=True, type=Path, help="quantised artifact folder to write (replaced atomically)")
     p.add_argument("--mode", required=True, choices=["int8", "fp8", "int4"],
                    help="int8: W8A8; fp8: E4M3 weights and activations; int4: block-wise weight-only")
     p.add_argument("--method", help="calibration: int8 entropy (default) or max; fp8 max; int4 awq_clip (default), "
                                     "awq_lite or rtn_dq")
-    p.add_argument("--high-precision", choices=["fp16", "fp32"],
-                   help="what is not quantised is stored in (default fp16)")
+    p.add_argument("--high-precision", choices=["fp16", "fp32", "bf16"],
+                   help="what is not quantised is stored in (default fp16 from fp32 artifacts, else the artifact's own)")
     p.add_argument("--exclude", nargs="*", metavar="PATTERN",
                    help="layer groups to keep in high precision, as regular expressions over names like "
                         "blocks.3.fc2 (default: the recipe's; with no pattern: none)")
@@ -477,12 +478,22 @@ def _add_quantize(sub) -> None:
     p.add_argument("--calibration", type=Path,
                    help="folder of photos with instructions.txt, or a CSV image,instruction[,split] "
                         "(default: photos from scikit-image and the bundled sample x 32 instructions)")
-    p.add_argument("--calibration-edits", type=_value(int, _at_least_one), help="use only the first N calibration edits")
-    p.add_argument("--held-out", type=_value(int, _at_least_one), help="use only the first N held-out edits")
+    p.add_argument("--calibration-edits", type=_value(int, _at_least_one),
+                   help="use only the first N calibration edits (streamed: 4 by default)")
+    p.add_argument("--held-out", type=_value(int, _at_least_one),
+                   help="use only the first N held-out edits (streamed: 2 by default)")
     p.add_argument("--samples-per-scale", type=_value(int, _at_least_one), help="recorded inputs per graph and input shape (default 8)")
     p.add_argument("--fixture", type=Path, help="for artifacts exported from a golden fixture (no text encoder): "
                                                 "its text features stand in for every instruction")
     p.add_argument("--kv-cache", choices=["int8"], help="an 8-bit KV cache with per-channel scales")
+    p.add_argument("--stream", action="store_true",
+                   help="quantise graph by graph, one weight in memory at a time (rtn_dq/max, no search): the default "
+                        "for graphs over 2 GiB and 16-bit artifacts")
+    p.add_argument("--calibration-scales", type=_value(int, _at_least_one),
+                   help="streamed: calibrate on the first N scales of each edit (default all; whole release edits take "
+                        "minutes each on a CPU)")
+    p.add_argument("--report-scales", type=_value(int, _not_negative),
+                   help="streamed: compare the first N scales with the source (default all; 0: no comparison)")
     p.set_defaults(func=_cmd_quantize)
 
 

@@ -68,6 +68,10 @@ class StepIO:
         return io
 
 
+# Node metadata an export writes on every node that reads a weight: the model parameter it comes from
+# (`blocks.3.ffn.fc2.weight`), which quantisation groups layers by (calibration/groups.py).
+PARAMETER_KEY = "varedit.parameter"
+
 # The TensorRT plugin that `export --attention plugin` writes for each self-attention
 # (plugins/trt_plugin.py implements it). Raise the version on any change to its fields, their
 # meaning or the kernels' interface: engines and artifacts record it and are refused on a mismatch.

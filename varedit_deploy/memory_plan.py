@@ -130,10 +130,10 @@ def buffer_dtypes(precision: str, kv_bytes: int | None = None) -> tuple[str, str
 
 
 def block_matmuls(config: ModelConfig) -> list[tuple[int, int]]:
-    """(K, N) of the weight products a step runs per block: qkv, proj, cross-attention q and out, fc1, fc2
-    (the layer groups calibration quantises; the cross-attention K/V projection runs in text_cond)."""
+    """(K, N) of the weight products of one block that calibration quantises (calibration/groups.py): qkv,
+    proj, cross-attention q and out, fc1, fc2 (the step), and the text's K/V projection (`text_cond`)."""
     c, h = config.transformer.dim, config.transformer.mlp_hidden
-    return [(c, 3 * c), (c, c), (c, c), (c, c), (c, h), (h, c)]
+    return [(c, 3 * c), (c, c), (c, c), (c, c), (c, h), (h, c), (c, 2 * c)]
 
 
 def quantized_matmul_bytes(k: int, n: int, mode: str, high_bytes: int = 2) -> int:

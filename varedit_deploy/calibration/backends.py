@@ -8,7 +8,7 @@ shape (for `step` and `sample` each scale has its own shapes, so every scale is 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,19 +108,23 @@ class RecordingBackend(DelegatingBackend):
 
 class SwappedBackend(DelegatingBackend):
     """The inner ONNX Runtime backend, except that the graphs in `swaps` run other ONNX files
-    (a quantised variant of `step`, say) in sessions of the same options."""
+    (a quantised variant of `step`, say) in sessions of the same options, each wrapped by `wrap`
+    where given (what records its statistics, say). `artifact_weights`: the swapped files read their
+    external weights from the artifact's graph folder (copies that change the graph, not its weights)."""
 
-    def __init__(self, inner: OnnxRuntimeBackend, swaps: Mapping[str, Path]):
+    def __init__(self, inner: OnnxRuntimeBackend, swaps: Mapping[str, Path],
+                 wrap: Callable[[str, GraphRunner], GraphRunner] | None = None, artifact_weights: bool = False):
         super().__init__(inner)
-        self.swaps = dict(swaps)
+        self.swaps, self.wrap, self.artifact_weights = dict(swaps), wrap, artifact_weights
         self._own: list[GraphRunner] = []
 
     def _load(self, name: str) -> GraphRunner:
         if name not in self.swaps:
             return self.inner.graph(name)
-        runner = self.inner.session_for(name, self.swaps[name])
+        folder = self.inner.manifest.graph_path(name).parent if self.artifact_weights else None
+        runner = self.inner.session_for(name, self.swaps[name], folder)
         self._own.append(runner)
-        return runner
+        return self.wrap(name, runner) if self.wrap is not None else runner
 
     def close(self) -> None:
         """Release the swapped sessions only; the inner backend is shared and stays loaded."""

@@ -64,23 +64,25 @@ def text_source(manifest: Manifest, fixture: Path | None) -> TextSource:
 
 
 def run_edit(pipe: EditPipeline, text: TextSource, pair: EditPair, seed: int, teacher: EditRun | None = None,
-             reuse_inputs: bool = False, decode: bool = True) -> EditRun:
+             reuse_inputs: bool = False, decode: bool = True, scales: int | None = None) -> EditRun:
     """One edit with numpy noise of `seed`; `teacher` feeds its bits back (and, with `reuse_inputs`,
-    its text features and source prefix) instead of this pipeline's own."""
+    its text features and source prefix) instead of this pipeline's own. `scales`: only the first
+    scales (no image), where whole edits cost too much."""
+    decode = decode and scales is None
     photo = pair.load()
     if reuse_inputs and teacher is not None:
         inputs = {"text_features": teacher.features, "source_prefix": teacher.prefix}
     else:
         inputs = {**text.conditioning(pair.instruction), "photo": photo}
     run = pipe.generate(**inputs, noise=NumpyNoise(seed), teacher_bits=teacher.bits if teacher is not None else None,
-                        decode=decode)
+                        scales=scales, decode=decode)
     image = np.asarray(postprocess(run.decoded, photo.size)) if decode else None
     return EditRun(pair, seed, run.bits, run.guided_logits, run.text_features, run.source_prefix, image)
 
 
-def reference_runs(pipe: EditPipeline, text: TextSource, pairs) -> list[EditRun]:
+def reference_runs(pipe: EditPipeline, text: TextSource, pairs, scales: int | None = None) -> list[EditRun]:
     """Free-running edits of the held-out pairs (seed = position): what the others are compared with."""
-    return [run_edit(pipe, text, pair, seed) for seed, pair in enumerate(pairs)]
+    return [run_edit(pipe, text, pair, seed, scales=scales) for seed, pair in enumerate(pairs)]
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -121,11 +123,12 @@ class Agreement:
         return [k / n for k, n in zip(self.kl_sum, self.bits)]
 
 
-def teacher_forced(pipe: EditPipeline, text: TextSource, refs: list[EditRun], reuse_inputs: bool) -> Agreement:
+def teacher_forced(pipe: EditPipeline, text: TextSource, refs: list[EditRun], reuse_inputs: bool,
+                   scales: int | None = None) -> Agreement:
     agreement = Agreement()
     for ref in refs:
         agreement.add(ref, run_edit(pipe, text, ref.pair, ref.seed, teacher=ref, reuse_inputs=reuse_inputs,
-                                    decode=False))
+                                    decode=False, scales=scales))
     return agreement
 
 

@@ -1,14 +1,17 @@
 """Layer groups of a transformer graph: the weight matrix products of one block and one kind.
 
-Groups are found in the graph we are given, not assumed: a node's module scope comes from the
-dynamo exporter's `pkg.torch.onnx.name_scopes` metadata, or from the TorchScript exporter's node
-name (`/blocks.1/ffn/fc2/MatMul` -> `blocks.1.ffn.fc2`), and a MatMul/Gemm counts only when its
-second input is a weight (an initializer or constant, possibly transposed or cast). Kinds:
-`qkv` (self-attention input projection), `proj` (its output), `ca` (cross-attention query and
-output), `fc1`, `fc2`. Everything else (embeddings, conditioning, the head, attention score
-products, SAR pooling) belongs to no group and always stays in high precision.
+Groups are found in the graph we are given, not assumed: a node's module comes from the parameter
+our exporter records on each node that reads one (`varedit.parameter` metadata,
+`blocks.1.ffn.fc2.weight` -> `blocks.1.ffn.fc2`), else from the dynamo exporter's
+`pkg.torch.onnx.name_scopes` metadata, else from the TorchScript exporter's node name
+(`/blocks.1/ffn/fc2/MatMul` -> `blocks.1.ffn.fc2`), and a MatMul/Gemm counts only when its second
+input is a weight (an initializer or constant, possibly transposed or cast). Kinds: `qkv`
+(self-attention input projection), `proj` (its output), `ca` (cross-attention query and output),
+`ca_kv` (the text's K/V projection of each block, run once per edit in `text_cond`: an eighth of
+the transformer's weights), `fc1`, `fc2`. Everything else (embeddings, conditioning, the head,
+attention score products, SAR pooling) belongs to no group and always stays in high precision.
 
-Importing this module needs nothing beyond the standard library (the memory plan uses it).
+Importing this module needs nothing beyond the standard library and graph_io (the memory plan uses it).
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ import ast
 import re
 from dataclasses import dataclass
 
-KINDS = ("qkv", "proj", "ca", "fc1", "fc2")
+from ..graph_io import PARAMETER_KEY
+
+KINDS = ("qkv", "proj", "ca", "ca_kv", "fc1", "fc2")
 _KIND_SCOPES = (  # (kind, module scope pattern); block index is group 1
     ("fc1", r"blocks\.(\d+)\.ffn\.fc1"),
     ("fc2", r"blocks\.(\d+)\.ffn\.fc2"),
+    ("ca_kv", r"blocks\.(\d+)\.ca\.mat_kv"),
     ("ca", r"blocks\.(\d+)\.ca(?:\..+)?"),
     ("proj", r"blocks\.(\d+)(?:\.sa)?\.proj"),
     ("qkv", r"blocks\.(\d+)(?:\.sa)?(?:\.mat_qkv)?"),
@@ -47,7 +53,10 @@ class LayerGroup:
 
 
 def node_scope(node) -> str:
-    """The dotted module path a node was traced in ('' at the top level)."""
+    """The dotted module path of the weight a node reads, or that it was traced in ('' at the top level)."""
+    for prop in node.metadata_props:
+        if prop.key == PARAMETER_KEY:
+            return prop.value.rpartition(".")[0]
     for prop in node.metadata_props:
         if prop.key == "pkg.torch.onnx.name_scopes":
             scopes = [s for s in ast.literal_eval(prop.value)[:-1] if s]  # the last entry names the op

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..export.opsets import raise_opset
 from ..graph_io import StepIO
 
 QMAX = 127.0
@@ -57,11 +58,16 @@ def calibrate_scales(samples: dict[str, list[dict[str, np.ndarray]]], views: Cac
     return {k: (np.maximum(v, 1e-8) / QMAX).astype(np.float32) for k, v in amax.items()}
 
 
-def rewrite(model, scales: dict[str, np.ndarray], views: CacheViews) -> list[str]:
-    """Make `model`'s cache inputs and outputs int8, in place; return the names changed."""
+def rewrite(model, scales: dict[str, np.ndarray], views: CacheViews, check: bool = True) -> list[str]:
+    """Make `model`'s cache inputs and outputs int8, in place; return the names changed. `check`: run the
+    ONNX checker after (not on graphs whose weights are stubs still to be written)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
+    views_io = [v for v in model.graph.input if views.cache_of(v.name, output=False) is not None] + [
+        v for v in model.graph.output if views.cache_of(v.name, output=True) is not None]
+    if any(v.type.tensor_type.elem_type != TensorProto.FLOAT for v in views_io):
+        raise_opset(model, 19, model.graph.name)  # 16-bit scales: DequantizeLinear/QuantizeLinear from opset 19
     graph = model.graph
     front, back, changed = [], [], []
     constants: dict[str, np.ndarray] = {}
@@ -102,5 +108,6 @@ def rewrite(model, scales: dict[str, np.ndarray], views: CacheViews) -> list[str
     graph.ClearField("node")
     graph.node.extend(nodes)
     graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in constants.items())
-    onnx.checker.check_model(model)
+    if check:
+        onnx.checker.check_model(model)
     return changed

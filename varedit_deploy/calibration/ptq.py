@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import VareditError, require
-from ..export.weightless import graph_opset
+from ..export.opsets import graph_opset, raise_opset
 
 MODES = ("int8", "fp8", "int4")
 METHODS = {"int8": ("entropy", "max"), "fp8": ("max",), "int4": ("awq_clip", "awq_lite", "rtn_dq")}
@@ -88,7 +88,7 @@ class _Reader:
         return len(self.samples)
 
 
-def raise_opset(model, opset: int, sample: Sample, name: str):
+def checked_opset(model, opset: int, sample: Sample, name: str):
     """`model` converted to `opset` (only if lower), checked to compute what it did before."""
     import onnx
     import onnxruntime as ort
@@ -96,11 +96,13 @@ def raise_opset(model, opset: int, sample: Sample, name: str):
     current = graph_opset(model)
     if current >= opset:
         return model
+    converted = onnx.ModelProto()
+    converted.CopyFrom(model)
+    raise_opset(converted, opset, name)
     try:
-        converted = onnx.version_converter.convert_version(model, opset)
         onnx.checker.check_model(converted)
     except Exception as e:
-        raise VareditError(f"graph {name}: ONNX cannot convert it from opset {current} to {opset} ({e})") from None
+        raise VareditError(f"graph {name}: its opset {current} -> {opset} conversion fails the checker ({e})") from None
     options = ort.SessionOptions()
     options.log_severity_level = 3
     runs = [ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, sample)
@@ -120,7 +122,7 @@ def quantize_graph(source, mode: str, method: str, samples: Sequence[Sample], no
     mq = modelopt()
     if not samples:
         raise VareditError(f"graph {name}: no calibration inputs were recorded (the calibration edits never ran it)")
-    model = raise_opset(source, MIN_OPSET[mode], samples[0], name)
+    model = checked_opset(source, MIN_OPSET[mode], samples[0], name)
     if mode == "int4" and method != "rtn_dq":
         # ModelOpt 0.47's AWQ concatenates every sample's activations along axis 0, so they must share
         # one shape: calibrate AWQ on the samples of the most tokens (the step's finest scale).

@@ -1,5 +1,8 @@
 """`varedit-deploy quantize`: an fp32 artifact -> a quantised artifact with its accuracy report.
 
+Artifacts whose graphs one protobuf cannot hold (release sizes), or whose weights are 16-bit, take
+the streamed path instead (streamed.py: bounded memory, no search). The in-memory path:
+
 1. Calibration: the calibration edits run on the fp32 graphs (ONNX Runtime) through a backend
    that records every graph call's inputs. 2. References: the held-out edits run on fp32.
 3. Quantisation: ModelOpt quantises every candidate layer group once (fp32 elsewhere); keeping
@@ -14,12 +17,10 @@ The output folder is written under a temporary name and renamed when complete.
 from __future__ import annotations
 
 import re
-import shutil
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +29,20 @@ import numpy as np
 from .. import __version__
 from ..artifact import MANIFEST, SCHEMA_VERSION, Manifest, file_record, read_manifest, sha256_file, write_manifest
 from ..errors import ArtifactError, InputError, OutputError
-from ..export.onnx_export import EXTERNAL_DATA_BYTES, tensorrt_support
 from ..export.precision import LOWERED_GRAPHS, graph_precision, lower
-from ..export.weightless import graph_opset
 from ..fileio import atomic_dir
 from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
 from ..runtime.pipeline import EditPipeline
 from . import kv_cache, report
 from .backends import Recording, RecordingBackend, SwappedBackend
 from .dataset import CalibrationSet, load_set
-from .evaluate import EditRun, image_scores, reference_runs, run_edit, teacher_forced, text_source
+from .evaluate import EditRun, TextSource, image_scores, reference_runs, run_edit, teacher_forced, text_source
+from .graph_files import copy_files, graph_entry, save_graph
 from .groups import LayerGroup, default_exclusions, excluded, find_groups
 from .ptq import check_mode, keep_quantized, modelopt, quantize_graph, stored_bytes, versions
 from .sensitivity import SearchResult, search
+from .streamed import (CALIBRATION_EDITS, FILES, HELD_OUT, METHOD, StreamedQuantization, check_streamed, finish,
+                       markdown, streamed_manifest, streaming_reason)
 
 KV_CACHE_MODES = ("int8",)
 
@@ -48,8 +50,8 @@ KV_CACHE_MODES = ("int8",)
 @dataclass(frozen=True)
 class QuantizeOptions:
     mode: str
-    method: str | None = None  # None: the mode's default (int8 entropy, fp8 max, int4 awq_clip)
-    high_precision: str = "fp16"
+    method: str | None = None  # None: the mode's default (int8 entropy, fp8 max, int4 awq_clip; streamed: rtn_dq, max)
+    high_precision: str | None = None  # None: fp16 from fp32 sources, else the source's own precision
     exclude: tuple[str, ...] | None = None  # group-name patterns kept in high precision; None: the recipe's
     min_bit_agreement: float = 0.99
     search: bool = True  # False: quantise every candidate group
@@ -59,18 +61,30 @@ class QuantizeOptions:
     fixture: Path | None = None  # text features for artifacts exported from a fixture (no text encoder)
     kv_cache: str | None = None  # "int8": an 8-bit KV cache
     samples_per_scale: int = 8  # recorded inputs per graph and input shape
+    stream: bool | None = None  # None: streamed where the artifact needs it (streamed.streaming_reason)
+    calibration_scales: int | None = None  # streamed: calibrate on the first N scales of each edit (None: all)
+    report_scales: int | None = None  # streamed: compare the first N scales (None: all; 0: no comparison)
 
 
 def quantize_artifacts(artifacts: str | Path, out: str | Path, opts: QuantizeOptions, command: str = "",
                        progress: Callable[[str], None] = print) -> dict[str, Any]:
     """Write the quantised artifact `out`; return its report. Everything is checked before work starts."""
-    method = check_mode(opts.mode, opts.method, opts.high_precision)
     out = Path(out)
     manifest = read_manifest(artifacts, verify="full")
+    reason = streaming_reason(manifest)
+    high = opts.high_precision or ("fp16" if manifest.precision == "fp32" else manifest.precision)
+    if opts.stream or (opts.stream is None and reason is not None):
+        return _quantize_streamed(manifest, out, opts, high, reason or "asked for (--stream)", command, progress)
+    method = check_mode(opts.mode, opts.method, high)
     _check(manifest, out, opts)
+    if manifest.precision != "fp32":
+        raise ArtifactError(f"artifact {manifest.folder} holds {manifest.precision} graphs; --mode "
+                            f"{opts.mode} with ModelOpt calibrates fp32 graphs: export with --precision fp32 and "
+                            "quantise that, or pass --stream")
     modelopt()  # a missing ModelOpt fails here, before any work
     calib = load_set(opts.calibration).limited(opts.calibration_edits, opts.held_out)
-    run = _Quantization(manifest, opts, method, calib, text_source(manifest, opts.fixture), command, progress)
+    run = _Quantization(manifest, replace(opts, high_precision=high), method, calib,
+                        text_source(manifest, opts.fixture), command, progress)
     try:
         with tempfile.TemporaryDirectory(prefix="varedit-quantize-") as work, atomic_dir(out) as tmp:
             run.work = Path(work)
@@ -89,30 +103,78 @@ def quantize_artifacts(artifacts: str | Path, out: str | Path, opts: QuantizeOpt
     return rep
 
 
+def _quantize_streamed(manifest: Manifest, out: Path, opts: QuantizeOptions, high: str, reason: str, command: str,
+                       progress: Callable[[str], None]) -> dict[str, Any]:
+    """The release-size path (streamed.py): no protobuf holds a whole graph, one weight in memory at a time."""
+    if opts.mode not in METHOD:
+        check_mode(opts.mode, None, "fp16")  # the unknown-mode error
+    check_streamed(manifest, opts.mode, opts.method, high, opts.kv_cache)
+    _check(manifest, out, opts)
+    calib = load_set(opts.calibration).limited(opts.calibration_edits or CALIBRATION_EDITS, opts.held_out or HELD_OUT)
+    text = text_source(manifest, opts.fixture)
+    groups, removed, candidates, patterns = choose_groups(manifest, opts.mode, opts.exclude)
+    t0 = time.perf_counter()
+    run = StreamedQuantization(manifest, opts.mode, high, candidates, opts.kv_cache, calib, text,
+                               opts.calibration_scales, opts.report_scales,
+                               lambda m: progress(m if m.startswith(" ") else f"{m} [{time.perf_counter() - t0:.0f} s]"))
+    graphs = sorted({g for c in candidates for g in c.nodes})
+    run.progress(f"{opts.mode} ({METHOD[opts.mode]}, streamed: {reason}) of {manifest.folder}: {len(candidates)} "
+                 f"layer groups in {', '.join(graphs)} ({len(removed)} excluded), {high} elsewhere"
+                 f"{', int8 KV cache' if opts.kv_cache else ''}")
+    with atomic_dir(out) as tmp:
+        amax, cache_scales = run.statistics()
+        run.progress(f"[2/3] writing the {opts.mode} artifact, one weight at a time")
+        result = streamed_manifest(run, tmp, run.write_graphs(tmp, amax, cache_scales), patterns, removed, command)
+        write_manifest(tmp, {k: v for k, v in result.data.items() if k != "schema_version"})  # the report reads it
+        rep = run.report(result, command)
+        finish(result, rep)
+    progress(markdown(rep))
+    progress(f"wrote {out} ({', '.join(FILES)}) in {time.perf_counter() - t0:.0f} s")
+    return rep
+
+
+def choose_groups(manifest: Manifest, mode: str, exclude: tuple[str, ...] | None):
+    """(every layer group, those excluded, the candidates, the exclusion patterns), from the graphs' structure."""
+    import onnx
+
+    structure = {n: onnx.load(str(manifest.graph_path(n)), load_external_data=False) for n in manifest.graphs}
+    groups = find_groups(structure)
+    patterns = list(exclude) if exclude is not None else default_exclusions(mode, manifest.config.transformer.depth)
+    removed = excluded(groups, patterns)
+    unmatched = [p for p in exclude or () if not excluded(groups, [p])]
+    if unmatched:  # a typo would exclude nothing and still be recorded as an exclusion
+        names = ", ".join(g.name for g in groups[:4])
+        raise InputError(f"--exclude {', '.join(map(repr, unmatched))} matches no layer group (names such as "
+                         f"{names}, ...; a pattern must match a whole name)")
+    candidates = [g for g in groups if g not in removed]
+    if not candidates:
+        raise InputError(f"nothing to quantise: all {len(groups)} layer groups of {manifest.folder} match "
+                         f"the exclusions {patterns}")
+    return groups, removed, candidates, patterns
+
+
 def _check(manifest: Manifest, out: Path, opts: QuantizeOptions) -> None:
     quant = manifest.quantization
     if quant is not None:
         raise ArtifactError(f"artifact {manifest.folder} is already quantised ({quant['mode']}, {quant['method']}); "
                             f"quantise its fp32 source instead ({quant['source_artifact']})")
-    if manifest.precision != "fp32":
-        raise ArtifactError(f"artifact {manifest.folder} holds {manifest.precision} graphs; --mode "
-                            f"{opts.mode} calibrates fp32 graphs: export with --precision fp32 and quantise that")
     if out.resolve() == manifest.folder.resolve():
         raise InputError(f"--out {out} is the artifact being quantised; write the quantised artifact elsewhere")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise OutputError(f"--out {out} exists and is not an empty folder; choose a new folder (nothing is replaced)")
-    for name, entry in manifest.graphs.items():
-        size = sum(f["bytes"] for f in entry["files"])
-        if size >= 2**31:  # each graph is loaded whole into one protobuf message, which holds less than 2 GiB
-            raise ArtifactError(f"graph {name} holds {size / 2**30:.1f} GiB; quantize loads each graph whole and "
-                                "ONNX protobufs hold under 2 GiB, so release-size artifacts cannot be quantised yet")
     if not 0.0 < opts.min_bit_agreement <= 1.0:
         raise InputError(f"--min-bit-agreement must be in (0, 1], got {opts.min_bit_agreement}")
     if opts.kv_cache is not None and opts.kv_cache not in KV_CACHE_MODES:
         raise InputError(f"--kv-cache {opts.kv_cache!r} is not available; choose {', '.join(KV_CACHE_MODES)} "
                          "(an fp8 cache needs fp8 buffers, which the numpy-based runtimes do not have)")
-    if opts.samples_per_scale < 1:
-        raise InputError(f"--samples-per-scale must be at least 1, got {opts.samples_per_scale}")
+    for name, value in (("--samples-per-scale", opts.samples_per_scale), ("--calibration-scales", opts.calibration_scales),
+                        ("--report-scales", opts.report_scales)):
+        if value is not None and value < (0 if name == "--report-scales" else 1):
+            raise InputError(f"{name} must be at least {0 if name == '--report-scales' else 1}, got {value}")
+    scales = manifest.config.schedule.num_scales
+    for name, value in (("--calibration-scales", opts.calibration_scales), ("--report-scales", opts.report_scales)):
+        if value is not None and value > scales:
+            raise InputError(f"{name} {value}: {manifest.config.name} has {scales} scales")
     for pattern in opts.exclude or ():
         try:
             re.compile(pattern)
@@ -129,24 +191,9 @@ class _Quantization:
 
     def __init__(self, manifest: Manifest, opts: QuantizeOptions, method: str, calib: CalibrationSet,
                  text: TextSource, command: str, progress: Callable[[str], None]):
-        import onnx
-
         self.manifest, self.opts, self.method, self.calib, self.text = manifest, opts, method, calib, text
         self.command, self._progress, self._t0 = command, progress, time.perf_counter()
-        structure = {n: onnx.load(str(manifest.graph_path(n)), load_external_data=False) for n in manifest.graphs}
-        self.groups = find_groups(structure)
-        depth = manifest.config.transformer.depth
-        self.patterns = list(opts.exclude) if opts.exclude is not None else default_exclusions(opts.mode, depth)
-        self.excluded = excluded(self.groups, self.patterns)
-        unmatched = [p for p in opts.exclude or () if not excluded(self.groups, [p])]
-        if unmatched:  # a typo would exclude nothing and still be recorded as an exclusion
-            names = ", ".join(g.name for g in self.groups[:4])
-            raise InputError(f"--exclude {', '.join(map(repr, unmatched))} matches no layer group (names such as "
-                             f"{names}, ...; a pattern must match a whole name)")
-        self.candidates = [g for g in self.groups if g not in self.excluded]
-        if not self.candidates:
-            raise InputError(f"nothing to quantise: all {len(self.groups)} layer groups of {manifest.folder} match "
-                             f"the exclusions {self.patterns}")
+        self.groups, self.excluded, self.candidates, self.patterns = choose_groups(manifest, opts.mode, opts.exclude)
         self.graphs = sorted({graph for g in self.candidates for graph in g.nodes})
         self.views = kv_cache.CacheViews.of(manifest.step_io, manifest.config.transformer.depth)
         self.ranges = manifest.ranges or {}  # an fp16 high precision keeps out-of-range nodes fp32
@@ -213,7 +260,7 @@ class _Quantization:
             swaps = {}
             for g in self.graphs:
                 swaps[g] = self.work / f"{g}.variant.onnx"
-                _save(self._variant(g, chosen), swaps[g])
+                save_graph(self._variant(g, chosen), swaps[g])
             return self._agreement(swaps)
 
         found = search(names, evaluate, self.opts.min_bit_agreement, self.progress)
@@ -229,7 +276,7 @@ class _Quantization:
         scales = kv_cache.calibrate_scales(self.recording.samples, self.views) if opts.kv_cache else {}
         graphs = {name: self._write_graph(name, entry, folder, chosen, scales)
                   for name, entry in self.manifest.graphs.items()}
-        _copy(self.manifest, self.manifest.companion_files(), folder)
+        copy_files(self.manifest, self.manifest.companion_files(), folder)
         data = {**self.manifest.data, "precision": opts.high_precision, "graphs": graphs}
         data["quantization"] = {
             "mode": opts.mode, "method": self.method, "high_precision": opts.high_precision,
@@ -262,11 +309,11 @@ class _Quantization:
         elif (opts.high_precision != "fp32" and name in LOWERED_GRAPHS) or cache_io:
             model = onnx.load(str(self.manifest.graph_path(name)))
         else:
-            return {**entry, "files": _copy(self.manifest, entry["files"], folder)}
+            return {**entry, "files": copy_files(self.manifest, entry["files"], folder)}
         model = lower(model, name, opts.high_precision, self.manifest.step_io, self.ranges.get(name))
         if cache_io:
             kv_cache.rewrite(model, scales, self.views)
-        return _entry(folder, _save(model, target), entry, model, lowered, quantized)
+        return graph_entry(folder, save_graph(model, target), entry, model, lowered, quantized)
 
     def _kv_cache_alone(self) -> float:
         """Agreement of the fp32 graphs with only the 8-bit KV cache (what the cache costs by itself)."""
@@ -279,7 +326,7 @@ class _Quantization:
                 model = onnx.load(str(self.manifest.graph_path(name)))
                 kv_cache.rewrite(model, scales, self.views)
                 swaps[name] = self.work / f"{name}.kv8.onnx"
-                _save(model, swaps[name])
+                save_graph(model, swaps[name])
         with_kv = self.manifest.replaced(kv_cache={"dtype": kv_cache.DTYPE})
         return self._agreement(swaps, with_kv)
 
@@ -291,7 +338,7 @@ class _Quantization:
         import onnx
 
         self.progress("[6/6] accuracy report: the artifact and an fp16 artifact against fp32 on the held-out edits")
-        fp16 = lowered_copy(self.manifest, self.work / "fp16", "fp16")
+        fp16 = loweredcopy_files(self.manifest, self.work / "fp16", "fp16")
         runs = {}
         for label, art in (("quantized", result), ("fp16", fp16)):
             with OnnxRuntimeBackend(art) as be:
@@ -337,46 +384,7 @@ class _Quantization:
         return rep
 
 
-def _save(model, path: Path) -> list[Path]:
-    """Write a graph, its weights beside it in `<name>.data` when large (as `export` does)."""
-    import onnx
-
-    if stored_bytes(model)["weights"] > EXTERNAL_DATA_BYTES:
-        data = path.with_name(path.name + ".data")
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data.name, size_threshold=1024)
-        return [path, data]
-    onnx.save_model(model, str(path))
-    return [path]
-
-
-def _entry(folder: Path, files: list[Path], old: dict[str, Any], model, precision: str,
-           quantized: dict[str, Any] | None) -> dict[str, Any]:
-    """The manifest entry of a rewritten graph: files, I/O types, opset and operators of what was written."""
-    import onnx
-
-    types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.input, *model.graph.output)}
-    io = {k: [{**spec, "dtype": np.dtype(onnx.helper.tensor_dtype_to_np_dtype(types[spec["name"]])).name}
-              for spec in old[k]] for k in ("inputs", "outputs")}
-    ops = Counter(n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx"))
-    entry = {**old, **io, "files": [file_record(folder, p) for p in files], "precision": precision,
-             "opset": graph_opset(model),
-             "ops": dict(sorted(ops.items())), **tensorrt_support(ops)}
-    entry.pop("max_abs_error_vs_torch", None)  # measured on the fp32 graph, not this one
-    if quantized is not None:
-        entry["quantized"] = quantized
-    return entry
-
-
-def _copy(manifest: Manifest, records: list[dict[str, Any]], folder: Path) -> list[dict[str, Any]]:
-    """Copy an artifact's files (manifest records) into `folder`; return their new records."""
-    for rec in records:
-        (folder / rec["path"]).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(manifest.folder / rec["path"], folder / rec["path"])
-    return [file_record(folder, folder / rec["path"]) for rec in records]
-
-
-def lowered_copy(manifest: Manifest, folder: Path, precision: str) -> Manifest:
+def loweredcopy_files(manifest: Manifest, folder: Path, precision: str) -> Manifest:
     """The artifact with its graphs lowered to `precision` as `export --precision` writes them
     (an in-memory manifest over `folder`): the report's fp16 comparison."""
     import onnx
@@ -385,12 +393,12 @@ def lowered_copy(manifest: Manifest, folder: Path, precision: str) -> Manifest:
     for name, entry in manifest.graphs.items():
         lowered = graph_precision(name, precision)
         if name not in LOWERED_GRAPHS:
-            graphs[name] = {**entry, "files": _copy(manifest, entry["files"], folder)}
+            graphs[name] = {**entry, "files": copy_files(manifest, entry["files"], folder)}
             continue
         target = folder / entry["files"][0]["path"]
         target.parent.mkdir(parents=True, exist_ok=True)
         model = lower(onnx.load(str(manifest.graph_path(name))), name, precision, manifest.step_io,
                       (manifest.ranges or {}).get(name))
-        graphs[name] = _entry(folder, _save(model, target), entry, model, lowered, None)
-    _copy(manifest, manifest.companion_files(), folder)
+        graphs[name] = graph_entry(folder, save_graph(model, target), entry, model, lowered, None)
+    copy_files(manifest, manifest.companion_files(), folder)
     return Manifest(folder, {**manifest.data, "precision": precision, "graphs": graphs})

@@ -115,7 +115,7 @@ def _add_preview(folder: Path, progress: Callable[[str], None]) -> None:
     if manifest.precision == "bf16":  # ONNX Runtime's CPU provider has no bf16 kernels
         progress("preview projection: skipped for bf16 graphs (a server fits one on its own backend at start)")
         return
-    with OnnxRuntimeBackend(manifest) as backend:
+    with OnnxRuntimeBackend(manifest, memory_arena=False) as backend:  # a few large runs: no arena to keep
         projection, report = fit_preview(backend, manifest.config)
     store_preview(manifest, projection, report)
     progress(f"preview projection: {report['kernel']}x{report['kernel']} neighbourhoods, {report['states']} states "

@@ -19,7 +19,9 @@ from ..graph_io import StepIO
 from .precision import cast_values, lower
 
 ALIGN, ALIGN_FROM = 64 * 2**10, 2**20
-_ITEMSIZE = {1: 4, 10: 2, 16: 2, 11: 8, 7: 8, 6: 4, 9: 1}  # float, fp16, bf16, double, int64, int32, bool
+# float, fp16, bf16, double, int64, int32, bool, int8, uint8, float8 e4m3fn
+_ITEMSIZE = {1: 4, 10: 2, 16: 2, 11: 8, 7: 8, 6: 4, 9: 1, 3: 1, 2: 1, 17: 1}
+_PACKED_4BIT = (21, 22)  # uint4, int4: two per byte, the first in the low nibble
 
 
 def stubs(model) -> list:
@@ -31,7 +33,16 @@ def stubs(model) -> list:
 
 
 def nbytes(t) -> int:
-    return int(np.prod(t.dims, dtype=np.int64)) * _ITEMSIZE[t.data_type]
+    count = int(np.prod(t.dims, dtype=np.int64))
+    return (count + 1) // 2 if t.data_type in _PACKED_4BIT else count * _ITEMSIZE[t.data_type]
+
+
+def pack_4bit(values: np.ndarray) -> np.ndarray:
+    """4-bit integers (in int8/uint8) packed as ONNX stores them: two per byte, the first in the low nibble."""
+    flat = np.ascontiguousarray(values).reshape(-1).astype(np.uint8) & 0x0F
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    return flat[0::2] | (flat[1::2] << 4)
 
 
 class _HashingFile:
@@ -54,7 +65,8 @@ class _HashingFile:
 
 def write_graph(model, path: Path, values: Callable[[str], np.ndarray], external: bool,
                 progress: Callable[[int, int, str], None] = lambda done, total, name: None) -> list[dict[str, Any]]:
-    """Fill every stub of `model` from `values(name)` (float32) and write `path` (+ `.data`).
+    """Fill every stub of `model` from `values(name)` (float32, or the integers of an integer type) and
+    write `path` (+ `.data`).
 
     Returns a record (file name, bytes, sha256) per file written."""
     import onnx
@@ -68,7 +80,7 @@ def write_graph(model, path: Path, values: Callable[[str], np.ndarray], external
             value = cast_values(values(t.name), t.data_type)
             if tuple(value.shape) != tuple(t.dims):
                 raise AssertionError(f"weight {t.name}: made {value.shape}, the graph wants {tuple(t.dims)}")
-            raw = memoryview(np.ascontiguousarray(value)).cast("B")
+            raw = memoryview(pack_4bit(value) if t.data_type in _PACKED_4BIT else np.ascontiguousarray(value)).cast("B")
             if data is None:
                 t.data_location = onnx.TensorProto.DEFAULT
                 t.raw_data = raw.tobytes()

@@ -17,14 +17,15 @@ import numpy as np
 import torch
 
 from ..errors import VareditError, require
-from ..graph_io import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_ONNX_DOMAIN, plugin_record
+from ..graph_io import PARAMETER_KEY, PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_ONNX_DOMAIN, plugin_record
 from ..runtime.onnxruntime_backend import disabled_optimizers
 from .external_data import nbytes, stubs, write_graph
 from .graphs import GraphSpec
 from ..graph_io import StepIO
 from .precision import graph_precision, lower, mixed_precision
 from .source import ExportSource
-from .weightless import graph_opset, parameters_replaced, trace
+from .opsets import graph_opset
+from .weightless import parameters_replaced, trace
 
 # Larger graphs keep their weights in `<graph>.onnx.data`, which ONNX Runtime memory-maps; inline
 # weights are parsed with the proto and copied again into the session (about 2x while loading).
@@ -75,6 +76,7 @@ def export_graph(spec: GraphSpec, folder: Path, source: ExportSource, precision:
     owners = source.owners()
     params = {name: owners[id(p)] for name, p in spec.module.named_parameters()}
     recipes = traced.recipes
+    _record_parameters(model, {t: params[r.params[0]][1] for t, r in recipes.items() if len(r.params) == 1})
 
     def values(initializer: str) -> np.ndarray:
         value = recipes[initializer].evaluate(lambda param: source.tensor(*params[param]))
@@ -123,6 +125,15 @@ def export_graph(spec: GraphSpec, folder: Path, source: ExportSource, precision:
     return entry
 
 
+def _record_parameters(model, weights: dict[str, str]) -> None:
+    """Note on every node that reads a weight the model parameter it comes from (`varedit.parameter`):
+    quantisation finds its layer groups by it (calibration/groups.py), whatever scope the node was traced in."""
+    for node in model.graph.node:
+        found = next((weights[i] for i in node.input if i in weights), None)
+        if found is not None:
+            node.metadata_props.add(key=PARAMETER_KEY, value=found)
+
+
 def _pin_static_output_dims(model, spec: GraphSpec, shapes: list[tuple[int, ...]]) -> None:
     """The tracer leaves some static output dims symbolic ('Addlogits_dim_0'); pin them to their sizes."""
     for out, shape in zip(model.graph.output, shapes):
@@ -154,7 +165,10 @@ def compare_with_module(spec: GraphSpec, path: Path, source: ExportSource, used:
     tensors = {name: torch.from_numpy(source.tensor(*owners[id(p)])) if name in used
                else torch.zeros((), dtype=p.dtype).expand(p.shape)  # read for its shape at most
                for name, p in spec.module.named_parameters()}
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"],
+    options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = False  # one run: its activations go back to the system, not to an arena
+    options.add_session_config_entry("session.disable_prepacking", "1")  # no second copy of the weights
+    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
                                 disabled_optimizers=disabled_optimizers(ops))
     types = {i.name: _ORT_TYPES.get(i.type, np.float32) for i in sess.get_inputs()}  # 16-bit cache inputs
     got = sess.run(None, {n: v.numpy().astype(types[n]) for n, v in zip(spec.inputs, spec.example)})

@@ -249,6 +249,12 @@ def cast_values(values: np.ndarray, data_type: int) -> np.ndarray:
         return convert_np_to_float16(np.asarray(values, np.float32))
     if data_type == onnx.TensorProto.BFLOAT16:
         return _bf16_bits(values)
+    if data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):  # integers in [-8, 7] / [0, 15]: packed later
+        return np.ascontiguousarray(values, np.int8 if data_type == onnx.TensorProto.INT4 else np.uint8)
+    if data_type == onnx.TensorProto.FLOAT8E4M3FN:  # rounded to nearest even (ml_dtypes), stored as its bytes
+        import ml_dtypes
+
+        return np.ascontiguousarray(np.asarray(values, np.float32).astype(ml_dtypes.float8_e4m3fn)).view(np.uint8)
     return np.ascontiguousarray(values, onnx.helper.tensor_dtype_to_np_dtype(data_type))
 
 

@@ -150,11 +150,6 @@ def declare_fused_opset(model) -> None:
             entry.version = FUSED_OPSET
 
 
-def graph_opset(model) -> int:
-    """The default-domain opset a ModelProto declares."""
-    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-
-
 def _drop_wrapper_scope(model, prefix: str = "/wrapped/") -> None:
     """Name nodes and values as an export of the module itself would (/blocks.0/ffn/fc2/MatMul):
     calibration's layer groups and the half-precision placement read module scopes from them."""

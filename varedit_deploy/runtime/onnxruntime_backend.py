@@ -60,20 +60,27 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, manifest: Manifest, providers: Sequence[str] | None = None, threads: int = 0,
-                 session_config: Mapping[str, str] | None = None):
+                 session_config: Mapping[str, str] | None = None, memory_arena: bool = True):
         """`session_config`: ONNX Runtime session config entries, e.g. {"session.disable_prepacking": "1"}
         (weights stay memory-mapped from the artifact instead of repacked into process memory:
-        faster to load, and no copy, but the small scales run slower: benchmarks/RESULTS.md)."""
+        faster to load, and no copy, but the small scales run slower: benchmarks/RESULTS.md).
+        `memory_arena=False`: every activation returned to the system after each run (a few runs of
+        large graphs, as export's checks: the arena keeps its largest size, and grows from run to run)."""
         super().__init__(manifest)
-        ort = _ort()
         self.providers = list(providers or ["CPUExecutionProvider"])
-        self.options = ort.SessionOptions()
-        self.options.intra_op_num_threads = threads
-        self.options.log_severity_level = 3
+        self.threads, self.memory_arena = threads, memory_arena
         # One session per graph: idle pools must not spin, or they steal the cores of the one running.
-        self.options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        for key, value in (session_config or {}).items():
-            self.options.add_session_config_entry(key, value)
+        self.session_config = {"session.intra_op.allow_spinning": "0", **(session_config or {})}
+
+    def _options(self, extra: Mapping[str, str] | None = None):
+        ort = _ort()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.enable_cpu_mem_arena = self.memory_arena
+        options.log_severity_level = 3
+        for key, value in {**self.session_config, **(extra or {})}.items():
+            options.add_session_config_entry(key, value)
+        return options
 
     def _load(self, name: str) -> GraphRunner:
         if "plugin" in self.manifest.graphs[name]:
@@ -82,12 +89,17 @@ class OnnxRuntimeBackend(Backend):
                                 "or export the artifact again without --attention plugin")
         return self.session_for(name, self.manifest.graph_path(name))
 
-    def session_for(self, name: str, path: Path) -> OrtGraph:
+    def session_for(self, name: str, path: Path, weights_folder: Path | None = None) -> OrtGraph:
         """A runner of graph `name` from the ONNX file `path`, with this backend's session options
-        (calibration runs quantised variants of a graph beside the artifact's own)."""
+        (calibration runs quantised variants of a graph beside the artifact's own). `weights_folder`:
+        where its external weights are, if not beside it (instrumented copies read the artifact's)."""
         ort = _ort()
+        model, extra = str(path), None
+        if weights_folder is not None:
+            model = path.read_bytes()
+            extra = {"session.model_external_initializers_file_folder_path": str(weights_folder)}
         try:
-            session = ort.InferenceSession(str(path), self.options, providers=self.providers,
+            session = ort.InferenceSession(model, self._options(extra), providers=self.providers,
                                            disabled_optimizers=disabled_optimizers(self.manifest.graphs[name]["ops"]))
         except Exception as e:
             raise ArtifactError(f"graph {path} cannot be loaded by ONNX Runtime ({e})") from None
