@@ -413,6 +413,7 @@ def _add_parity(sub) -> None:
 def _add_edit(sub) -> None:
     from .imaging import MAX_SIDE, MIN_SIDE, OUTPUT_FORMATS
     from .runtime.registry import ARTIFACT_BACKENDS
+    from .runtime.tokenizer import TOKENIZERS
 
     p = sub.add_parser("edit", help="edit a photo with an instruction")
     _model_source_args(p, ("--artifacts", "exported artifact folder (see `export`)"))
@@ -426,7 +427,7 @@ def _add_edit(sub) -> None:
                    help="artifact check before loading: quick (sizes, and each large file's sha256 once, then "
                         "trusted while unchanged), full (every sha256 now) or size")
     _provider_args(p)
-    p.add_argument("--tokenizer", default="auto", choices=["auto", "graph", "json"],
+    p.add_argument("--tokenizer", default="auto", choices=TOKENIZERS,
                    help="with --artifacts: the artifact's tokenizer graph (ONNX Runtime + onnxruntime-extensions), "
                         "its tokenizer.json (tokenizers), or auto: the graph where onnxruntime-extensions is installed")
     p.add_argument("--image", required=True, type=Path,

@@ -208,9 +208,10 @@ class OnnxRuntimeBackend(Backend):
                 raise _CudaGraphRefused() from None
             raise _LoadFailed(short_error(e)) from None
         wanted = {s.kind.ep_name for s in providers.for_graph(name)}
-        if not wanted & set(session.get_providers()):  # ORT falls back to its CPU provider with only a warning
+        # By name, ONNX Runtime retries on its CPU provider alone when a provider fails to start, with a warning only.
+        if not providers.plugin and not wanted & set(session.get_providers()):
             raise VareditError(f"graph {name}: ONNX Runtime ran it on {session.get_providers()}, not on "
-                               f"{sorted(wanted)} as asked")
+                               f"{sorted(wanted)} as asked (the provider failed to start; ONNX Runtime's log says why)")
         return session
 
     def _session_options(self):
