@@ -113,6 +113,19 @@ def pytest_configure(config):
         raise pytest.UsageError(GPU_PROBLEM)
 
 
+def openvino_available() -> bool:
+    """Whether ONNX Runtime can run on an OpenVINO CPU device here (never faked: the plugin lists no device
+    on non-Intel CPUs)."""
+    from varedit_deploy.errors import VareditError
+    from varedit_deploy.runtime.providers import parse_providers, resolve
+
+    try:
+        resolve(parse_providers(["openvino"]))
+    except VareditError:
+        return False
+    return True
+
+
 def pytest_collection_modifyitems(config, items):
     """GPU tests run where a CUDA GPU (and, for `trt`, TensorRT) is present; skipped elsewhere, never faked."""
     try:
@@ -121,7 +134,11 @@ def pytest_collection_modifyitems(config, items):
         has_trt = HAS_GPU
     except ImportError:
         has_trt = False
+    has_openvino = any("openvino" in item.keywords for item in items) and openvino_available()
     for item in items:
+        if "openvino" in item.keywords and not has_openvino:
+            item.add_marker(pytest.mark.skip(reason="needs OpenVINO with a CPU device (Intel hardware with "
+                                                    "onnxruntime-ep-openvino, or onnxruntime-openvino)"))
         if "gpu" in item.keywords and not HAS_GPU:
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
         if "trt" in item.keywords and not has_trt:

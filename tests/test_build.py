@@ -19,7 +19,7 @@ from varedit_deploy.artifact import read_manifest
 from varedit_deploy.builder.engines import BuildOptions, build_engines
 from varedit_deploy.engine_set import check_engines
 from varedit_deploy.export.precision import FP32_SCOPES, _bf16_bits, graph_precision, to_half
-from varedit_deploy.builder.profiles import graph_profiles
+from varedit_deploy.engine_set import graph_profiles
 from varedit_deploy.cli import main
 from varedit_deploy.config import from_name
 from varedit_deploy.errors import VareditError
@@ -365,17 +365,25 @@ def test_polygraphy_already_bound_to_tensorrt_is_refused_not_used():
 
 
 def test_a_tensorrt_older_than_the_graphs_operators_is_refused_before_building(tiny_artifact):
-    """JetPack 6's TensorRT 10.3 has no ONNX `Attention`: the build says so and names the way out."""
+    """JetPack 6's TensorRT 10.3 and JetPack 7.0/7.1's 10.13 have no ONNX `Attention`: the build says so,
+    names the release, and the way out."""
     from types import SimpleNamespace
 
+    from varedit_deploy.builder.capabilities import shipped_with
     from varedit_deploy.builder.engines import _check_parser_ops
 
     manifest = read_manifest(tiny_artifact)
     assert manifest.graphs["step"]["tensorrt_needs"] == {"Attention": "10.14"}
-    with pytest.raises(VareditError, match=r"TensorRT 10.3.0 cannot parse ONNX Attention \(added in TensorRT 10.14\), "
-                                           r"which graph step uses; export with --attention decomposed"):
-        _check_parser_ops(SimpleNamespace(__version__="10.3.0"), "tensorrt", manifest, list(manifest.graphs))
+    for version, release in (("10.3.0", "JetPack 6"), ("10.13.3.9", "JetPack 7.0 and 7.1")):
+        with pytest.raises(VareditError, match=rf"TensorRT {re.escape(version)} \({release}\) cannot parse ONNX Attention "
+                                               r"\(added in TensorRT 10.14\), which graph step uses; export with "
+                                               r"--attention decomposed .* \(JetPack 7.2 ships 10.16\)"):
+            _check_parser_ops(SimpleNamespace(__version__=version), "tensorrt", manifest, list(manifest.graphs))
     _check_parser_ops(SimpleNamespace(__version__="10.14.1"), "tensorrt", manifest, list(manifest.graphs))
+    _check_parser_ops(SimpleNamespace(__version__="10.16.0"), "tensorrt", manifest, list(manifest.graphs))
+    _check_parser_ops(SimpleNamespace(__version__="11.0.0"), "tensorrt", manifest, list(manifest.graphs))
+    assert shipped_with("10.16.1") == "JetPack 7.2" and shipped_with("10.8.0") is None
+    assert "IPluginV2" in shipped_with("11.1.0") and "strongly typed" in shipped_with("11.1.0")
     _check_parser_ops(SimpleNamespace(__version__="1.7.1"), "tensorrt-rtx", manifest, list(manifest.graphs))
 
 

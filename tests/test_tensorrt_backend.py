@@ -15,7 +15,7 @@ import pytest
 from fake_tensorrt import ONNX_TO_TRT, FakeCudart, FakeEngine, FakeEngine10, fake_tensorrt_module
 from varedit_deploy.artifact import MANIFEST, file_record, read_manifest, sha256_file
 from varedit_deploy.engine_set import ENGINE_SCHEMA, engine_dir_name
-from varedit_deploy.builder.profiles import graph_profiles
+from varedit_deploy.engine_set import graph_profiles
 from varedit_deploy.errors import ArtifactError, EngineError, VareditError
 from varedit_deploy.runtime import gpu
 from varedit_deploy.runtime.gpu import DeviceArray, Stream

@@ -162,6 +162,23 @@ class Manifest:
         return self.folder / main if main else None
 
     @property
+    def tokenizer_graph(self) -> dict[str, Any] | None:
+        """The tokenizer graph's record (its file, I/O, operators, the export's check against
+        tokenizer.json); None for artifacts without one (older exports, unknown tokenizer layouts)."""
+        return self.data.get("tokenizer", {}).get("graph")
+
+    @property
+    def tokenizer_graph_file(self) -> Path | None:
+        """`tokenizer/tokenizer.onnx`: one string in, the ids tokenizer.json gives out; None where absent."""
+        graph = self.tokenizer_graph
+        return self.folder / graph["files"][0]["path"] if graph else None
+
+    @property
+    def max_tokens(self) -> int:
+        """The longest instruction the text encoder takes, in tokens (the end token included)."""
+        return int(self.data.get("tokenizer", {}).get("max_tokens", 512))
+
+    @property
     def tokenizer_files(self) -> list[dict[str, Any]]:
         """The records of every tokenizer file shipped (the release's own files and `tokenizer.json`)."""
         return self.data.get("tokenizer", {}).get("files", [])

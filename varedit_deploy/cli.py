@@ -149,7 +149,8 @@ def _sampling_from(args: argparse.Namespace, base: SamplingConfig) -> SamplingCo
 def _cmd_parity(args: argparse.Namespace) -> int:
     from .parity import check_fixture
 
-    report = check_fixture(args.fixture, args.backend, args.artifacts)
+    _check_providers(args, args.backend)
+    report = check_fixture(args.fixture, args.backend, args.artifacts, providers=args.providers)
     print(report.table())
     if not report.ok:
         raise VareditError(f"{args.backend} does not reproduce {args.fixture}: see the rows marked NO above")
@@ -170,8 +171,12 @@ def _cmd_edit(args: argparse.Namespace) -> int:
         from .runtime.pipeline import EditPipeline
         from .runtime.registry import DEFAULT_ARTIFACT_BACKEND
 
-        pipe = EditPipeline.from_artifacts(args.artifacts, backend=args.backend or DEFAULT_ARTIFACT_BACKEND,
-                                            verify=args.verify)
+        backend = args.backend or DEFAULT_ARTIFACT_BACKEND
+        options = {"providers": args.providers} if args.providers else {}
+        pipe = EditPipeline.from_artifacts(args.artifacts, backend=backend, verify=args.verify,
+                                            tokenizer=args.tokenizer, **options)
+        words = pipe.tokenizer.source if pipe.tokenizer is not None else "none (the artifact has no text encoder)"
+        print(f"running on {pipe.backend.describe()}; tokenizer: {words}")
         result = pipe.edit(image, args.instruction, sampling=_sampling_from(args, pipe.config.sampling),
                            noise=args.noise or "numpy")
     else:
@@ -182,7 +187,16 @@ def _cmd_edit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_providers(args: argparse.Namespace, backend: str | None) -> None:
+    if args.providers and backend != "onnxruntime":
+        raise UsageError(f"--providers chooses ONNX Runtime's execution providers: it goes with --backend onnxruntime, "
+                         f"not {backend or 'the default backend'}")
+
+
 def _check_edit_options(args: argparse.Namespace) -> None:
+    _check_providers(args, args.backend or ("onnxruntime" if args.artifacts is not None else "torch"))
+    if args.tokenizer != "auto" and args.artifacts is None:
+        raise UsageError("--tokenizer chooses between an artifact's tokenizers: it goes with --artifacts")
     if args.artifacts is not None:
         given = [flag for flag, value in (("--model", args.model), ("--text-precision", args.text_precision))
                  if value is not None]
@@ -345,12 +359,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     # Runtime's thread pool oversubscribes the cores (measured: a preview 66 ms instead of 2 ms on a
     # busy 2-core machine). Set before numpy is first imported.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    from .runtime.registry import DEFAULT_ARTIFACT_BACKEND
     from .serve.options import ServeOptions
     from .serve.server import serve
 
+    _check_providers(args, args.backend or DEFAULT_ARTIFACT_BACKEND)
     given = {k: v for k, v in vars(args).items() if k in ServeOptions.__dataclass_fields__ and v is not None}
-    if "cors_origins" in given:
-        given["cors_origins"] = tuple(given["cors_origins"])
+    for key in ("cors_origins", "providers"):
+        if key in given:
+            given[key] = tuple(given[key])
     if args.max_upload_mib is not None:
         given["max_upload_bytes"] = int(args.max_upload_mib * 2**20)
     if args.cache_mib is not None:
@@ -360,6 +377,15 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------ parser
+def _provider_args(p: argparse.ArgumentParser) -> None:
+    from .runtime.providers import PROVIDERS, parse_provider
+
+    p.add_argument("--providers", nargs="+", metavar="PROVIDER", type=_value(str, parse_provider),
+                   help="with --backend onnxruntime: its execution providers in order, each NAME[:KEY=VALUE,...]; "
+                        f"names {', '.join(PROVIDERS)}; e.g. openvino:mode=exact (fp32) or openvino:mode=fast "
+                        "(bf16), tensorrt:cache_dir=DIR (README, 'Execution providers'; default: cpu)")
+
+
 def _model_source_args(p: argparse.ArgumentParser, third: tuple[str, str]) -> None:
     src = p.add_argument_group("model source (exactly one)").add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint-dir", type=Path, help="release folder with the official .pth files and flan-t5-xl/")
@@ -381,12 +407,14 @@ def _add_parity(sub) -> None:
                         f"graphs on {', '.join(ARTIFACT_BACKENDS)}")
     p.add_argument("--artifacts", type=Path, help="replay this export of the fixture (e.g. a quantised one) "
                                                   "instead of exporting it afresh")
+    _provider_args(p)
     p.set_defaults(func=_cmd_parity)
 
 
 def _add_edit(sub) -> None:
     from .imaging import MAX_SIDE, MIN_SIDE, OUTPUT_FORMATS
     from .runtime.registry import ARTIFACT_BACKENDS
+    from .runtime.tokenizer import TOKENIZERS
 
     p = sub.add_parser("edit", help="edit a photo with an instruction")
     _model_source_args(p, ("--artifacts", "exported artifact folder (see `export`)"))
@@ -399,6 +427,10 @@ def _add_edit(sub) -> None:
     p.add_argument("--verify", default="quick", choices=["size", "quick", "full"],
                    help="artifact check before loading: quick (sizes, and each large file's sha256 once, then "
                         "trusted while unchanged), full (every sha256 now) or size")
+    _provider_args(p)
+    p.add_argument("--tokenizer", default="auto", choices=TOKENIZERS,
+                   help="with --artifacts: the artifact's tokenizer graph (ONNX Runtime + onnxruntime-extensions), "
+                        "its tokenizer.json (tokenizers), or auto: the graph where onnxruntime-extensions is installed")
     p.add_argument("--image", required=True, type=Path,
                    help=f"photo to edit (png, jpg, webp, ...; {MIN_SIDE} to {MAX_SIDE} px on each side)")
     p.add_argument("--instruction", required=True, help="what to change, e.g. 'make the sky purple'")
@@ -409,7 +441,7 @@ def _add_edit(sub) -> None:
 
 
 def _add_export(sub) -> None:
-    from .export.attention_nodes import ATTENTION_FORMS
+    from .graph_io import ATTENTION_FORMS
     from .precisions import GRAPH_PRECISIONS
 
     p = sub.add_parser("export", help="export a model to a folder of ONNX graphs with a manifest")
@@ -546,6 +578,7 @@ def _add_serve(sub) -> None:
                                    "Defaults are in varedit_deploy/serve/options.py.")
     p.add_argument("--artifacts", required=True, help="exported artifact folder (see `export`)")
     p.add_argument("--backend", choices=list(ARTIFACT_BACKENDS), help=f"default {DEFAULT_ARTIFACT_BACKEND}")
+    _provider_args(p)
     p.add_argument("--host", help="interface to listen on (default 127.0.0.1: loopback only)")
     p.add_argument("--port", type=_value(int, _port), help="default 8000")
     p.add_argument("--api-key", dest="api_key",

@@ -75,6 +75,9 @@ PARAMETER_KEY = "varedit.parameter"
 # The TensorRT plugin that `export --attention plugin` writes for each self-attention
 # (plugins/trt_plugin.py implements it). Raise the version on any change to its fields, their
 # meaning or the kernels' interface: engines and artifacts record it and are refused on a mismatch.
+# How an export writes the step's attentions (export/attention_nodes.py): ONNX `Attention` nodes,
+# MatMul-Softmax-MatMul, or our TensorRT plugin; here, where the CLI reads it without torch.
+ATTENTION_FORMS = ("fused", "decomposed", "plugin")
 PLUGIN_NAME = "VareditScaleAttention"
 PLUGIN_VERSION = "1"
 PLUGIN_NAMESPACE = "varedit"

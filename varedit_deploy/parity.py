@@ -205,10 +205,12 @@ def run_reference(fixture: FixtureData) -> FixtureRun:
     )
 
 
-def run_exported(fixture: FixtureData, backend: str, artifacts: str | Path | None = None) -> FixtureRun:
+def run_exported(fixture: FixtureData, backend: str, artifacts: str | Path | None = None,
+                 providers: list | None = None) -> FixtureRun:
     """Export the fixture's model (or take `artifacts`, exported from it and perhaps quantised) and
     replay it on `backend` under teacher forcing (exported here: fp32 graphs, and TensorRT backends
-    first build fp32 engines for this GPU; given: its graphs and the engines built for it). The
+    first build fp32 engines for this GPU; given: its graphs and the engines built for it);
+    `providers`: ONNX Runtime's execution providers (runtime/providers.py). The
     export skips its per-graph comparison with torch: this replay against the official tensors is
     the stronger check, and at 1024 px the comparison doubles the export time."""
     import tempfile
@@ -238,6 +240,8 @@ def run_exported(fixture: FixtureData, backend: str, artifacts: str | Path | Non
             build_engines(folder, BuildOptions(flavour=backend, precision="fp32", target=target),
                           progress=lambda _: None)
             options = {"precision": "fp32"}
+        if providers:
+            options["providers"] = providers
         pipe = EditPipeline.from_artifacts(folder, backend=backend, **options)
         try:
             run = pipe.generate(text_features=fixture.text_features, pixels=fixture.pixels, sampling=cfg.sampling,
@@ -282,20 +286,24 @@ def run_fast_path(fixture: FixtureData, scales: int | None = None) -> FixtureRun
 BACKENDS = tuple(MODEL_BACKENDS) + tuple(ARTIFACT_BACKENDS)
 
 
-def check_fixture(folder: str | Path, backend: str = "torch", artifacts: str | Path | None = None) -> ParityReport:
-    """`artifacts`: replay that artifact (an export of this fixture, perhaps quantised) instead of exporting."""
+def check_fixture(folder: str | Path, backend: str = "torch", artifacts: str | Path | None = None,
+                  providers: list | None = None) -> ParityReport:
+    """`artifacts`: replay that artifact (an export of this fixture, perhaps quantised) instead of exporting;
+    `providers`: ONNX Runtime's execution providers, with backend onnxruntime."""
     if backend not in BACKENDS:
         raise ConfigError(f"unknown parity backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if artifacts is not None and backend in ("torch", "torch-fast"):
         raise ConfigError("--artifacts replays an exported artifact: choose --backend onnxruntime, tensorrt or tensorrt-rtx")
+    if providers and backend != "onnxruntime":
+        raise ConfigError(f"execution providers are ONNX Runtime's: they go with backend onnxruntime, not {backend}")
     fixture = FixtureData.load(folder)
     if backend == "torch":
         run = run_reference(fixture)
     elif backend == "torch-fast":
         run = run_fast_path(fixture)
     else:
-        run = run_exported(fixture, backend, artifacts)
-    label = backend
+        run = run_exported(fixture, backend, artifacts, providers)
+    label = backend + (f" ({', '.join(str(p) for p in providers)})" if providers else "")
     if artifacts is not None:
         from .artifact import read_manifest
 

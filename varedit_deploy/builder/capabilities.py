@@ -22,6 +22,24 @@ _SUPPORT = {
 }
 
 
+# TensorRT releases in the field, by what ships them (NVIDIA's JetPack release notes and TensorRT's
+# support matrix): `build` names them in its refusals; docs/jetson.md has the same table.
+TENSORRT_IN_THE_FIELD = {
+    (10, 3): "JetPack 6",
+    (10, 13): "JetPack 7.0 and 7.1",
+    (10, 16): "JetPack 7.2",
+}
+TENSORRT_11_NOTE = "strongly typed networks only, no IPluginV2 (our plugin is IPluginV3)"
+
+
+def shipped_with(version: str) -> str | None:
+    """Which release ships TensorRT `version` ('10.13.3.9' -> 'JetPack 7.0 and 7.1'); None for others."""
+    major_minor = tuple(int(p) for p in version.split(".")[:2])
+    if major_minor[0] >= 11:
+        return f"TensorRT {major_minor[0]}: {TENSORRT_11_NOTE}"
+    return TENSORRT_IN_THE_FIELD.get(major_minor)
+
+
 def sm_number(target: str) -> int:
     """'sm89' -> 89."""
     return int(target.removeprefix("sm"))

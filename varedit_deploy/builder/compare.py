@@ -19,7 +19,7 @@ from ..engine_set import check_engines, read_engine_manifest
 from ..errors import VareditError, missing_dependency
 from ..runtime.gpu import current_compute_capability
 from ..runtime.tensorrt_import import import_tensorrt
-from .profiles import graph_profiles
+from ..engine_set import graph_profiles
 
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int8": np.int8}  # int8: 8-bit KV caches
 

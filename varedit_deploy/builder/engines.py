@@ -33,9 +33,9 @@ from ..plugins.trt_plugin import register_plugin
 from ..precisions import default_16bit
 from ..runtime.gpu import current_compute_capability, gpu_available
 from ..runtime.tensorrt_import import import_tensorrt
-from .capabilities import check_supported, sm_number
+from .capabilities import check_supported, shipped_with, sm_number
 from .network_report import mark_attentions_decomposable, network_io_dtypes, network_record
-from .profiles import graph_profiles
+from ..engine_set import graph_profiles
 from .tensorrt_api import make_logger, parser_plugin_library_dir, strongly_typed_network
 
 RTX_TARGETS = ("sm75", "sm80", "sm86", "sm89", "sm120", "sm121")
@@ -155,9 +155,11 @@ def _check_parser_ops(trt, flavour: str, manifest: Manifest, names: list[str]) -
     for name in names:
         for op, since in manifest.graphs[name].get("tensorrt_needs", {}).items():
             if version(trt.__version__) < version(since):
-                raise VareditError(f"TensorRT {trt.__version__} cannot parse ONNX {op} (added in TensorRT {since}), "
-                                   f"which graph {name} uses; export with --attention decomposed (opset 17) for this "
-                                   f"TensorRT, or build with TensorRT >= {since}")
+                shipped = shipped_with(trt.__version__)
+                raise VareditError(f"TensorRT {trt.__version__}{f' ({shipped})' if shipped else ''} cannot parse ONNX "
+                                   f"{op} (added in TensorRT {since}), which graph {name} uses; export with --attention "
+                                   f"decomposed (opset 17) for this TensorRT, or build with TensorRT >= {since} "
+                                   "(JetPack 7.2 ships 10.16)")
 
 
 def build_engines(

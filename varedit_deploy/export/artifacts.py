@@ -36,6 +36,7 @@ from .destination import carry_engines, check_export_target
 from .graphs import graph_specs
 from .onnx_export import EXTERNAL_DATA_BYTES, VALIDATE_BYTES, export_graph
 from .source import ExportSource
+from .tokenizer_graph import write_tokenizer_graph
 
 TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 _BLOCK = re.compile(r"blocks?\.(\d+)\.")  # ours (blocks.i) and T5's (encoder.block.i)
@@ -86,7 +87,7 @@ def export_artifacts(
                 "tensorrt_unsupported_ops"] else ""
             progress(f"[{i:>2}/{len(specs)}] {spec.name:<14} {len(entry['ops']):>3} op types, {mb:>9.1f} MB, "
                      f"{check}, {time.perf_counter() - t0:.1f} s{flag}")
-        tokenizer = _copy_tokenizer(src.text_folder, tmp)
+        tokenizer = _copy_tokenizer(src.text_folder, tmp, progress)
         write_manifest(tmp, {
             "model": src.config.to_dict(),
             "precision": precision,
@@ -150,9 +151,10 @@ def _weights_summary(src: ExportSource, graphs: dict[str, dict[str, Any]]) -> di
     return summary
 
 
-def _copy_tokenizer(text_folder: Path | None, folder: Path) -> dict[str, Any]:
+def _copy_tokenizer(text_folder: Path | None, folder: Path, progress: Callable[[str], None]) -> dict[str, Any]:
     """Ship `tokenizer.json` (what the official T5TokenizerFast runs; the runtime reads it with the
-    `tokenizers` library alone) and the release's own tokenizer files."""
+    `tokenizers` library alone), the release's own tokenizer files, and the same tokenizer as an
+    ONNX graph (`tokenizer.onnx`: ONNX Runtime with onnxruntime-extensions, from any language)."""
     if text_folder is None:
         return {"files": []}
     dst = folder / "tokenizer"
@@ -165,6 +167,8 @@ def _copy_tokenizer(text_folder: Path | None, folder: Path) -> dict[str, Any]:
         from ..model.text import load_tokenizer
 
         load_tokenizer(text_folder).backend_tokenizer.save(str(dst / "tokenizer.json"))
+    graph, said = write_tokenizer_graph(folder, dst / "tokenizer.json")
+    progress(said)
     records = [file_record(folder, p) for p in sorted(dst.iterdir())]
     return {"files": sorted(records, key=lambda r: r["path"] != "tokenizer/tokenizer.json"),
-            "main": "tokenizer/tokenizer.json", "max_tokens": 512}
+            "main": "tokenizer/tokenizer.json", "max_tokens": 512, **({"graph": graph} if graph else {})}

@@ -22,10 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..graph_io import PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_ONNX_DOMAIN, PLUGIN_VERSION
+from ..graph_io import ATTENTION_FORMS, PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_ONNX_DOMAIN, PLUGIN_VERSION
 from ..model.attention import EAGER, Attention, round_bf16
 
-ATTENTION_FORMS = ("fused", "decomposed", "plugin")
 FUSED_OPSET = 23  # ONNX `Attention` (the exporter traces at 20, its newest, and declares 23)
 
 

@@ -53,6 +53,10 @@ class Backend(ABC):
         self.manifest = manifest
         self._graphs: dict[str, GraphRunner] = {}
 
+    def describe(self) -> str:
+        """What runs the graphs, in a few words, for logs and the CLI."""
+        return self.name
+
     def graph(self, name: str) -> GraphRunner:
         """The runner of graph `name`, loaded on first use."""
         if name not in self._graphs:

@@ -35,7 +35,7 @@ from .preview import PreviewProjection
 from .preview_fit import fit_preview, load_preview
 from .registry import DEFAULT_ARTIFACT_BACKEND, make_backend
 from .stage_cache import StageCache
-from .tokenizer import Tokenizer
+from .tokenizer import load_tokenizer
 
 
 @dataclass
@@ -84,8 +84,8 @@ class EditPipeline:
             backend.release("text_encoder")
         self.loop = ScaleLoop(manifest, backend)
         self._pixels = self._image = self._ids = None
-        token_file = manifest.tokenizer_file
-        self.tokenizer = tokenizer or (Tokenizer(token_file) if token_file is not None else None)
+        # The artifact's tokenizer graph where onnxruntime-extensions is installed, else its tokenizer.json.
+        self.tokenizer = tokenizer or load_tokenizer(manifest)
         self.text_cache, self.image_cache = StageCache(text_cache_bytes), StageCache(image_cache_bytes)
         # The latent-to-RGB map of `preview_image`: the artifact's, or None until `fit_preview`.
         self.preview: PreviewProjection | None = load_preview(manifest)
@@ -93,12 +93,17 @@ class EditPipeline:
     @classmethod
     def from_artifacts(cls, folder: str | Path, backend: str = DEFAULT_ARTIFACT_BACKEND, verify: str = "quick",
                        text_cache_bytes: int = 0, image_cache_bytes: int = 0, keep_text_encoder: bool = True,
-                       **backend_options) -> "EditPipeline":
+                       tokenizer: str = "auto", **backend_options) -> "EditPipeline":
         """`backend`: a name of runtime/registry.py's table; `verify`: "quick" (sizes; sha256 of small
-        files and of large ones once, then stamped), "full" (every sha256 now), "size" or "none"."""
+        files and of large ones once, then stamped), "full" (every sha256 now), "size" or "none";
+        `tokenizer`: "graph" (the artifact's tokenizer.onnx), "json" (tokenizer.json) or "auto" (the
+        graph where onnxruntime-extensions is installed); `backend_options` go to the backend, e.g.
+        `providers=["openvino:mode=exact"]` for ONNX Runtime (runtime/providers.py)."""
         manifest = read_manifest(folder, verify=verify)
-        return cls(manifest, make_backend(backend, manifest, **backend_options), text_cache_bytes=text_cache_bytes,
-                   image_cache_bytes=image_cache_bytes, keep_text_encoder=keep_text_encoder)
+        text_tokenizer = load_tokenizer(manifest, tokenizer)
+        return cls(manifest, make_backend(backend, manifest, **backend_options), text_tokenizer,
+                   text_cache_bytes=text_cache_bytes, image_cache_bytes=image_cache_bytes,
+                   keep_text_encoder=keep_text_encoder)
 
     @classmethod
     def from_model(cls, model, device: str = "cuda", dtype=None, cuda_graphs: bool | None = None) -> "EditPipeline":

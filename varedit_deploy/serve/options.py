@@ -11,6 +11,7 @@ from ..runtime.registry import DEFAULT_ARTIFACT_BACKEND
 class ServeOptions:
     artifacts: str
     backend: str = DEFAULT_ARTIFACT_BACKEND  # a name of runtime/registry.py
+    providers: tuple = ()  # ONNX Runtime's execution providers (runtime/providers.py); none: cpu
     host: str = "127.0.0.1"  # loopback unless asked: put a gateway with TLS in front for anything else
     port: int = 8000
     api_key: str | None = None  # bearer key for /v1/*; None: no authentication

@@ -56,15 +56,17 @@ class ServerState:
             t0 = time.perf_counter()
             if per_device:
                 use_device(device)
+            options = {"providers": worker_providers(o.providers, device)} if o.providers else {}
             pipe = EditPipeline.from_artifacts(o.artifacts, backend=o.backend, text_cache_bytes=o.text_cache_bytes,
-                                               image_cache_bytes=o.image_cache_bytes)
+                                               image_cache_bytes=o.image_cache_bytes, **options)
             self.pipelines.append(pipe)
             if pipe.preview is None:
                 report = pipe.fit_preview()
                 log.info("worker %d: the artifact has no preview projection; fitted one (fit PSNR %.1f dB)", device,
                          report["fit_psnr_db"])
             _warm(pipe)
-            log.info("worker %d: %s on %s loaded and warmed in %.1f s", device, self.model_id, o.backend,
+            log.info("worker %d: %s on %s, tokenizer %s, loaded and warmed in %.1f s", device, self.model_id,
+                     pipe.backend.describe(), pipe.tokenizer.source if pipe.tokenizer else "none",
                      time.perf_counter() - t0)
         self.tokenizer = self.pipelines[0].tokenizer
         self.metrics = Metrics(self.pipelines)
@@ -83,6 +85,16 @@ class ServerState:
             self.scheduler.close(cancel=cancel)
         for pipe in self.pipelines:
             pipe.close()
+
+
+def worker_providers(providers, device: int) -> list:
+    """ONNX Runtime providers for worker `device`: a CUDA provider without a device_id runs on GPU `device`."""
+    from dataclasses import replace
+
+    from ..runtime.providers import parse_providers
+
+    return [replace(s, options={**s.options, "device_id": str(device)})
+            if s.kind.on_cuda and "device_id" not in s.options else s for s in parse_providers(providers)]
 
 
 def use_device(index: int) -> None:
