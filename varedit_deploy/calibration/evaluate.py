@@ -80,9 +80,9 @@ def run_edit(pipe: EditPipeline, text: TextSource, pair: EditPair, seed: int, te
     return EditRun(pair, seed, run.bits, run.guided_logits, run.text_features, run.source_prefix, image)
 
 
-def reference_runs(pipe: EditPipeline, text: TextSource, pairs, scales: int | None = None) -> list[EditRun]:
+def reference_runs(pipe: EditPipeline, text: TextSource, pairs) -> list[EditRun]:
     """Free-running edits of the held-out pairs (seed = position): what the others are compared with."""
-    return [run_edit(pipe, text, pair, seed, scales=scales) for seed, pair in enumerate(pairs)]
+    return [run_edit(pipe, text, pair, seed) for seed, pair in enumerate(pairs)]
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -123,12 +123,11 @@ class Agreement:
         return [k / n for k, n in zip(self.kl_sum, self.bits)]
 
 
-def teacher_forced(pipe: EditPipeline, text: TextSource, refs: list[EditRun], reuse_inputs: bool,
-                   scales: int | None = None) -> Agreement:
+def teacher_forced(pipe: EditPipeline, text: TextSource, refs: list[EditRun], reuse_inputs: bool) -> Agreement:
     agreement = Agreement()
     for ref in refs:
         agreement.add(ref, run_edit(pipe, text, ref.pair, ref.seed, teacher=ref, reuse_inputs=reuse_inputs,
-                                    decode=False, scales=scales))
+                                    decode=False))
     return agreement
 
 

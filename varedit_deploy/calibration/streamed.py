@@ -36,8 +36,8 @@ from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
 from ..runtime.pipeline import EditPipeline
 from . import kv_cache
 from .dataset import CalibrationSet
+from .evaluate import Agreement, TextSource, run_edit
 from .graph_files import copy_files, graph_entry
-from .evaluate import Agreement, TextSource, reference_runs, teacher_forced
 from .groups import LayerGroup
 from .statistics import Statistic, record_statistics
 from .streaming import GraphWeights, as_stubs, insert_qdq, write_quantized
@@ -194,10 +194,18 @@ class StreamedQuantization:
         scales = self.report_scales
         self.progress(f"[3/3] agreement with the {self.manifest.precision} source on {len(self.calib.held_out)} held-out "
                       f"edits{f', the first {scales} scales' if scales else ''} (teacher-forced)")
+        t0, total = time.perf_counter(), len(self.calib.held_out)
+        refs, agreement = [], Agreement()
         with OnnxRuntimeBackend(self.manifest, session_config=SESSION_CONFIG, memory_arena=False) as source:
-            refs = reference_runs(EditPipeline(self.manifest, source), self.text, self.calib.held_out, scales)
+            pipe = EditPipeline(self.manifest, source)
+            for seed, pair in enumerate(self.calib.held_out):
+                refs.append(run_edit(pipe, self.text, pair, seed, scales=scales))
+                self.progress(f"  source edit {seed + 1}/{total} [{time.perf_counter() - t0:.0f} s]")
         with OnnxRuntimeBackend(result, session_config=SESSION_CONFIG, memory_arena=False) as tested:
-            agreement = teacher_forced(EditPipeline(result, tested), self.text, refs, reuse_inputs=False, scales=scales)
+            pipe = EditPipeline(result, tested)
+            for i, ref in enumerate(refs, 1):
+                agreement.add(ref, run_edit(pipe, self.text, ref.pair, ref.seed, teacher=ref, decode=False, scales=scales))
+                self.progress(f"  quantised edit {i}/{total}, teacher-forced [{time.perf_counter() - t0:.0f} s]")
         rep["agreement"] = _agreement_record(agreement, len(refs))
         return rep
 
