@@ -8,7 +8,8 @@ precision, `plan --artifacts` beside the estimate, verification times (quick: st
 every sha256), and `EditPipeline.from_artifacts` in another fresh process (load time, peak RSS,
 what of it is file-backed). `--edit` also times one edit (minutes on two cores at 2B).
 Writes benchmarks/results/release_size-<model>-<precision>.json and .md; deletes the artifact
-unless --keep. Needs free disk of about the weights' size and RAM of about 1.2x.
+unless --keep. Needs free disk of about the weights' size and RAM of about 1.2x (`--no-load`: the
+export alone, for models larger than the machine's RAM).
 """
 
 from __future__ import annotations
@@ -102,6 +103,8 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp"), help="where the artifact is written")
     ap.add_argument("--keep", action="store_true", help="keep the artifact")
     ap.add_argument("--edit", action="store_true", help="also time one edit on ONNX Runtime")
+    ap.add_argument("--no-load", action="store_true", help="export and measure the artifact only (8B in fp32 holds "
+                                                          "more weights than a 24 GiB machine can load)")
     args = ap.parse_args()
 
     from varedit_deploy.artifact import read_manifest
@@ -133,7 +136,7 @@ def main() -> None:
     estimate = plan(from_name(args.model), args.precision, 1.0, 77).t5_on_cpu
     measured = data["runs"][0]["total_t5_on_cpu_gib"]
     loaded = mapped = None
-    if args.precision != "bf16":  # ONNX Runtime's CPU provider has no bf16 kernels
+    if args.precision != "bf16" and not args.no_load:  # ONNX Runtime's CPU provider has no bf16 kernels
         log("loading the pipeline (ONNX Runtime)")
         loaded = run_child(CHILD_LOAD, [str(art), "edit" if args.edit else "load"], log)
         log("loading it again without weight prepacking (weights stay memory-mapped)")

@@ -7,7 +7,7 @@ import pytest
 import tensorrt_rtx as trt  # the [rtx] extra; its builds need no GPU
 from onnx import TensorProto, helper
 
-from varedit_deploy.builder.engines import BuildOptions, _configure, _parse
+from varedit_deploy.builder.engines import BuildOptions, _configure, parse_file
 from varedit_deploy.builder.network_report import (MAX_HOPS, Layer, attention_chains, mark_attentions_decomposable,
                                                  network_record)
 from varedit_deploy.export.precision import to_half
@@ -58,7 +58,7 @@ def parse(builder, model: onnx.ModelProto, tmp_path, name: str = "graph"):
     b, logger = builder
     path = tmp_path / f"{name}.onnx"
     onnx.save_model(model, str(path))
-    network, parser = _parse(trt, b, logger, path, "fp32", name)
+    network, parser = parse_file(trt, b, logger, path, name)
     return network, parser
 
 

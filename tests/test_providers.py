@@ -124,11 +124,14 @@ def test_openvino_parity_in_its_exact_mode(fixture_name, tmp_path):
     """OpenVINO fp32 replays the golden fixtures (an artifact with decomposed attention: OpenVINO's ONNX
     reader has no Attention). Runs where OpenVINO offers a CPU device: an Intel machine with the plugin,
     or the all-in-one onnxruntime-openvino build. Every bit and every tensor agrees on both fixtures, and
-    tiny-8b passes whole. On tiny-2b one scale's logits are 1.3x the tolerance (2.5e-4, measured with
-    onnxruntime-openvino 1.24.1): OpenVINO's fp32 kernels differ from ONNX Runtime's in the last bits
-    (1.5e-7 after the first LayerNormalization), and the official bf16 rounding of the cross-attention
+    tiny-8b passes whole. On tiny-2b one scale's logits were 1.3x the tolerance (2.5e-4, measured with
+    onnxruntime-openvino 1.24.1), which this test reports as an expected failure, not a pass: OpenVINO's
+    fp32 kernels differ from ONNX Runtime's in the last bits (1.5e-7 after the first LayerNormalization),
+    and the official bf16 rounding of the cross-attention
     (model/attention.py, round_bf16) turns such a difference into a whole bf16 step where a value sits on a
-    rounding boundary; benchmarks/RESULTS.md has the numbers."""
+    rounding boundary; benchmarks/RESULTS.md has the numbers. tests/test_fast_path.py takes such flips
+    back one rounding at a time for the torch fast path; an ONNX graph's roundings are Cast nodes inside
+    the provider, out of this test's reach."""
     from conftest import fixture_dir
 
     from varedit_deploy.cli import main
@@ -139,7 +142,10 @@ def test_openvino_parity_in_its_exact_mode(fixture_name, tmp_path):
                  "--out", str(art)]) == 0
     report = check_fixture(fixture_dir(fixture_name), "onnxruntime", art, providers=["openvino:mode=exact"])
     assert all(r.bits_differ == 0 for r in report.scales) and all(t.ok for t in report.tensors), report.table()
-    assert report.ok or (fixture_name == "tiny-2b" and max(r.rel for r in report.scales) < 2 * LOGIT_TOL), report.table()
+    if not report.ok and fixture_name == "tiny-2b":  # reported as a known failure, never as a pass
+        pytest.xfail(f"logits {max(r.rel for r in report.scales):.2e} of the largest (tolerance {LOGIT_TOL:.0e}): "
+                     "a bf16 rounding boundary flipped by OpenVINO's last fp32 bits; see the docstring")
+    assert report.ok, report.table()
 
 
 def test_graphs_option_splits_the_work(tiny_artifact):
@@ -212,10 +218,10 @@ def test_a_graph_the_provider_cannot_capture_runs_without_cuda_graphs(tiny_artif
     monkeypatch.setattr(pv.Resolved, "cuda_graphs", property(lambda self: True))
     real = backend._session
 
-    def session(name, path, providers, cuda_graphs):
+    def session(name, path, providers, cuda_graphs, weights_folder=None):
         if cuda_graphs:  # what ONNX Runtime says when nodes of the graph are not on the GPU
             raise ob._CudaGraphRefused()
-        return real(name, path, providers, cuda_graphs)
+        return real(name, path, providers, cuda_graphs, weights_folder)
 
     monkeypatch.setattr(backend, "_session", session)
     runner = backend.graph("vae_decoder")
@@ -231,12 +237,12 @@ def test_a_graph_a_cpu_side_provider_cannot_run_falls_back_to_the_cpu(tiny_artif
     backend.providers = pv.Resolved(pv.parse_providers(["openvino:graphs=vae_decoder+step"]), False, {})
     real = backend._session
 
-    def session(name, path, providers, cuda_graphs):
+    def session(name, path, providers, cuda_graphs, weights_folder=None):
         if name == "step" and providers.specs[0].name == "openvino":
             raise ob._LoadFailed("OpenVINO does not support the following ONNX operations: Attention")
         if providers.specs[0].name == "openvino":
-            return real(name, path, pv.resolve(pv.parse_providers(["cpu"])), False)
-        return real(name, path, providers, cuda_graphs)
+            return real(name, path, pv.resolve(pv.parse_providers(["cpu"])), False, weights_folder)
+        return real(name, path, providers, cuda_graphs, weights_folder)
 
     monkeypatch.setattr(backend, "_session", session)
     step = backend.graph("step")

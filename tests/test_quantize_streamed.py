@@ -199,3 +199,28 @@ def test_a_truncated_weights_file_is_one_error_and_no_artifact(external_artifact
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "step.onnx.data" in err and err.count("\n") == 1, err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+
+
+def test_plan_of_the_artifact_counts_the_weights_as_stored(int4, external_artifact):
+    """`plan --artifacts` reads each graph's weight bytes from the manifest: a quantised graph's are what
+    its files hold now, not the source's (the 16 GiB target is measured this way)."""
+    from varedit_deploy.memory_plan import artifact_data
+
+    def transformer(folder):
+        return next(p["artifact_gib"] for p in artifact_data(read_manifest(folder), [])["parts"]
+                    if p["part"] == "transformer")
+
+    manifest = read_manifest(int4)
+    stored = sum(f["bytes"] for g in ("step", "text_cond") for f in manifest.graphs[g]["files"])
+    assert transformer(int4) < 0.6 * transformer(external_artifact)  # fp32 -> int4 + fp16; unchanged said 1.0
+    assert 0 < manifest.graphs["step"]["weights"]["bytes"] + manifest.graphs["text_cond"]["weights"]["bytes"] <= stored
+
+
+def test_plan_shows_an_artifacts_weights_with_an_8_bit_cache(int4, capsys):
+    from varedit_deploy.memory_plan import artifact_data
+
+    runs = artifact_data(read_manifest(int4), [], kv8=True)["runs"]
+    assert [r["kv_cache_dtype"] for r in runs] == ["float16", "int8"]
+    assert runs[1]["kv_cache_gib"] == pytest.approx(runs[0]["kv_cache_gib"] / 2)
+    assert main(["plan", "--artifacts", str(int4), "--kv-cache", "int8"]) == 0
+    assert "its weights with an 8-bit KV cache: KV cache" in capsys.readouterr().out

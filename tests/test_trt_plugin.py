@@ -54,7 +54,7 @@ def test_export_writes_plugin_nodes_for_the_self_attentions_only(plugin_artifact
 def test_onnx_runtime_refuses_a_plugin_artifact_in_one_line(plugin_artifact, capsys):
     from varedit_deploy.runtime.pipeline import EditPipeline
 
-    with pytest.raises(ArtifactError, match="export it again without --attention plugin") as e:
+    with pytest.raises(ArtifactError, match="export the artifact again without --attention plugin") as e:
         EditPipeline.from_artifacts(plugin_artifact, backend="onnxruntime")
     assert "\n" not in str(e.value)
 

@@ -342,7 +342,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         missing = [str(e) for e in engines if not (e / "engines.json").is_file()]
         if missing:
             raise InputError(f"no engines.json in {', '.join(missing)} (build engines with `varedit-deploy build`)")
-        data = artifact_data(manifest, engines, args.workspace, args.text_len)
+        data = artifact_data(manifest, engines, args.workspace, args.text_len, kv8=args.kv_cache == "int8")
         print(json.dumps(data, indent=1) if args.json else artifact_table(data))
         return 0
     if (args.device is None) == (args.memory_gib is None):
@@ -559,6 +559,8 @@ def _add_plan(sub) -> None:
     p.add_argument("--artifacts", type=Path, help="an exported artifact: what it and its engines really hold, "
                                                   "beside the estimate")
     p.add_argument("--engines", type=Path, nargs="+", help="engine folders to report (default: ARTIFACTS/engines/*)")
+    p.add_argument("--kv-cache", choices=["int8"], help="with --artifacts: also its weights with an 8-bit KV cache "
+                                                        "(what `quantize --kv-cache int8` would run with)")
     p.add_argument("--json", action="store_true", help="print the table as JSON (`rows`: one object per precision)")
     p.set_defaults(func=_cmd_plan)
 

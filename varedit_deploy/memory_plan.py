@@ -248,9 +248,11 @@ def plan_table(data: dict) -> str:
     return "\n".join(lines)
 
 
-def artifact_data(manifest, engine_dirs: list, workspace_gib: float = 1.0, text_len: int = 77) -> dict:
+def artifact_data(manifest, engine_dirs: list, workspace_gib: float = 1.0, text_len: int = 77,
+                  kv8: bool = False) -> dict:
     """What an artifact (and engine sets) hold, by model part and by graph, beside the estimate; the
-    run-time buffers in the types its graphs (or each engine set) take them in. GiB throughout."""
+    run-time buffers in the types its graphs (or each engine set) take them in. GiB throughout. `kv8`:
+    also the same weights with an 8-bit KV cache (what `quantize --kv-cache int8` of it would run with)."""
     config, precision = manifest.config, manifest.precision
     act = 4 if precision == "fp32" else 2
     stored: dict[str, int] = {}
@@ -276,6 +278,9 @@ def artifact_data(manifest, engine_dirs: list, workspace_gib: float = 1.0, text_
                            step_types[io.text_k], workspace_gib, text_len)],
         "engines": [],
     }
+    if kv8 and step_types[io.past(0)[0]] != "int8":
+        data["runs"].append(_run_peak("its weights with an 8-bit KV cache", config, precision, stored, "int8",
+                                      step_types[io.text_k], workspace_gib, text_len))
     for folder in engine_dirs:
         engines = read_engine_manifest(folder)
         try:

@@ -251,10 +251,11 @@ def run_exported(fixture: FixtureData, backend: str, artifacts: str | Path | Non
     return FixtureRun(None, run.source_prefix, run.guided_logits, run.bits, run.summed, run.decoded)
 
 
-def run_fast_path(fixture: FixtureData, scales: int | None = None) -> FixtureRun:
+def run_fast_path(fixture: FixtureData, scales: int | None = None, cuda_graphs: bool | None = None) -> FixtureRun:
     """The torch fast path (preallocated caches, fused Triton kernels) in fp32 under teacher forcing:
     compiled on a GPU (TF32 off: the fixtures are fp32), in Triton's CPU interpreter elsewhere.
-    `scales` runs only the first scales (summed codes and image are then not produced)."""
+    `scales` runs only the first scales (summed codes and image are then not produced); `cuda_graphs`
+    False runs each graph's Python once, in order (a capture runs it twice: warm-up, then capture)."""
     import contextlib
     import os
 
@@ -270,7 +271,7 @@ def run_fast_path(fixture: FixtureData, scales: int | None = None) -> FixtureRun
 
     cfg = fixture.config
     pipe = EditPipeline.from_model(VAREditModel.from_fixture(fixture.folder), device="cuda" if cuda else "cpu",
-                                   dtype=torch.float32)
+                                   dtype=torch.float32, cuda_graphs=cuda_graphs)
     exact = torch.backends.cudnn.flags(enabled=True, allow_tf32=False) if cuda else contextlib.nullcontext()
     try:
         with exact:

@@ -96,14 +96,19 @@ def _parse(trt, builder, logger, manifest: Manifest, name: str, lower_to: str, r
     lowered as a 16-bit artifact holds it (`lower_graph`: matrix work and the cache I/O; in fp16 the
     nodes its range record puts beyond fp16's safe range stay fp32), tensor by tensor."""
     path = manifest.graph_path(name)
+    with tempfile.TemporaryDirectory() as tmp:
+        if lower_to != "fp32" and name in LOWERED_GRAPHS:
+            lowered = Path(tmp) / path.name
+            lower_graph(path, name, lower_to, manifest.step_io, lowered, ranges)
+            return parse_file(trt, builder, logger, lowered, name)
+    return parse_file(trt, builder, logger, path, name)
+
+
+def parse_file(trt, builder, logger, path: Path, name: str):
+    """(strongly typed network, parser) of the ONNX file `path`; one error naming `name` if the parser refuses it."""
     network = strongly_typed_network(trt, builder)
     parser = trt.OnnxParser(network, logger)
-    with tempfile.TemporaryDirectory() as tmp:
-        source = path
-        if lower_to != "fp32" and name in LOWERED_GRAPHS:
-            source = Path(tmp) / path.name
-            lower_graph(path, name, lower_to, manifest.step_io, source, ranges)
-        ok = parser.parse_from_file(str(source))
+    ok = parser.parse_from_file(str(path))
     errors = [parser.get_error(i).desc() for i in range(parser.num_errors)]
     if not ok or errors:
         raise VareditError(f"TensorRT's ONNX parser rejected {name}: " + "; ".join(errors or ["unknown error"]))

@@ -29,15 +29,23 @@ def save_graph(model, path: Path) -> list[Path]:
 
 
 def graph_entry(folder: Path, files: list[Path], old: dict[str, Any], model, precision: str,
-           quantized: dict[str, Any] | None) -> dict[str, Any]:
-    """The manifest entry of a rewritten graph: files, I/O types, opset and operators of what was written."""
+                quantized: dict[str, Any] | None) -> dict[str, Any]:
+    """The manifest entry of a rewritten graph: files, I/O types, opset and operators of what was written,
+    and its weights' bytes as stored (`plan --artifacts` reads them): the old entry's, scaled as the files
+    shrank (weights and constants alike; at release size the constants, RoPE tables and the like, are a
+    few MB of GBs, so the figure is the weights' own)."""
     import onnx
 
     types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.input, *model.graph.output)}
     io = {k: [{**spec, "dtype": np.dtype(onnx.helper.tensor_dtype_to_np_dtype(types[spec["name"]])).name}
               for spec in old[k]] for k in ("inputs", "outputs")}
     ops = Counter(n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx"))
-    entry = {**old, **io, "files": [file_record(folder, p) for p in files], "precision": precision,
+    records = [file_record(folder, p) for p in files]
+    weights = old["weights"]
+    ratio = sum(r["bytes"] for r in records) / max(sum(f["bytes"] for f in old["files"]), 1)
+    weights = {**weights, "bytes": round(weights["bytes"] * ratio),
+               "by_module": {k: round(v * ratio) for k, v in weights["by_module"].items()}}
+    entry = {**old, **io, "files": records, "precision": precision, "weights": weights,
              "opset": graph_opset(model),
              "ops": dict(sorted(ops.items())), **tensorrt_support(ops)}
     entry.pop("max_abs_error_vs_torch", None)  # measured on the fp32 graph, not this one
