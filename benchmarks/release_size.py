@@ -200,8 +200,9 @@ def markdown(r: dict) -> str:
             f"{u['step_scale0_seconds']:.2f} s / {u['after_step_rss_kB']['VmRSS'] * 1024 / gb:.2f} GB "
             f"({u['after_step_rss_kB']['RssFile'] * 1024 / gb:.2f} GB) |"]
     else:
-        lines.append("| pipeline load | not measured: ONNX Runtime's CPU provider has no bf16 kernels (TensorRT loads "
-                     "bf16 artifacts on a GPU) |")
+        why = ("`--no-load` (an fp32 model larger than this machine's RAM)" if r["precision"] != "bf16" else
+               "ONNX Runtime's CPU provider has no bf16 kernels (TensorRT loads bf16 artifacts on a GPU)")
+        lines.append(f"| pipeline load | not measured: {why} |")
     if "edit_seconds" in r:
         lines.append(f"| one edit (ONNX Runtime) / peak RSS | {r['edit_seconds']:.0f} s / "
                      f"{r['edit_peak_rss_gb']:.2f} GB |")

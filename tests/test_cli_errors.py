@@ -301,3 +301,30 @@ def test_sigterm_mid_export_leaves_nothing_half_written(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143 and "terminated" in err and "Traceback" not in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_inside_a_c_extensions_import_is_a_termination_not_a_missing_package(monkeypatch, capsys):
+    """A SIGTERM landing while a C extension initialises comes back as ImportError ("initialization
+    failed", caused by the interrupt: pybind11's way), which `require` words as a missing package; the
+    command must still end as terminated (143), as it did under load mid-quantize in the suite."""
+    import argparse
+    import importlib
+
+    from varedit_deploy import cli
+    from varedit_deploy.errors import require
+
+    def interrupted_import(name, package=None):
+        try:
+            raise cli.Terminated()
+        except cli.Terminated as signal_raised:
+            raise ImportError("initialization failed") from signal_raised
+
+    command = argparse.ArgumentParser()  # a command whose first act is importing ONNX Runtime
+    command.set_defaults(func=lambda args: require("onnxruntime", "ort"))
+    monkeypatch.setattr(cli, "build_parser", lambda: command)
+    monkeypatch.setattr(importlib, "import_module", interrupted_import)
+    assert cli.main([]) == 143
+    assert "terminated (SIGTERM)" in capsys.readouterr().err
+    monkeypatch.setattr(importlib, "import_module", lambda name, package=None: (_ for _ in ()).throw(ImportError()))
+    assert cli.main([]) == 1  # a package really missing is still that
+    assert "which is not installed" in capsys.readouterr().err

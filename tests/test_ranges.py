@@ -31,14 +31,12 @@ from varedit_deploy.sampling import NumpyNoise
 SCALE = 3e6  # on weights of order 0.01-0.1: outputs of order 1e5-1e6, past fp16's 65,504
 
 
-@pytest.fixture(scope="module")
-def wide_artifact(tiny_text_dir, tmp_path_factory):
+def export_wide_artifact(t5_source, folder):
     """tiny-2b with trained-like ranges in T5's FFN output, the VAE decoder and the step's residual
-    stream, exported in fp32 with its range record (one edit)."""
+    stream, exported in fp32 into `folder` with its range record (one edit)."""
     from transformers import T5EncoderModel
 
-    folder = tmp_path_factory.mktemp("wide")
-    shutil.copytree(tiny_text_dir, folder / "t5")
+    shutil.copytree(t5_source, folder / "t5")
     t5 = T5EncoderModel.from_pretrained(str(folder / "t5"))
     model = VAREditModel.random(from_name("tiny-2b"), seed=0)
     with torch.no_grad():
@@ -51,6 +49,25 @@ def wide_artifact(tiny_text_dir, tmp_path_factory):
     art = export_artifacts(model, folder / "art", validate=False, progress=lambda _: None)
     record_ranges(art, edits=1, progress=lambda _: None)
     return art
+
+
+def record_calls(art):
+    """What the step (its last scale) and the VAE decoder read in an fp32 edit of `art`."""
+    from varedit_deploy.calibration.backends import Recording, RecordingBackend
+
+    m = read_manifest(art)
+    recording = Recording(per_shape=1)
+    with OnnxRuntimeBackend(m) as inner:
+        photo = np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8)
+        EditPipeline(m, RecordingBackend(inner, recording)).generate("make the sky purple", photo, noise=NumpyNoise(1))
+    last = max((s for s in recording.samples["step"] if s["x"].shape[1] < m.schedule["source_tokens"]),
+               key=lambda s: s["x"].shape[1])
+    return {"step": last, "vae_decoder": recording.samples["vae_decoder"][0]}
+
+
+@pytest.fixture(scope="module")
+def wide_artifact(tiny_text_dir, tmp_path_factory):
+    return export_wide_artifact(tiny_text_dir, tmp_path_factory.mktemp("wide"))
 
 
 def _run(graph_path, feeds):
@@ -132,17 +149,7 @@ def test_the_range_record_lists_every_lowered_graph_and_travels_with_the_artifac
 
 @pytest.fixture(scope="module")
 def recorded_calls(wide_artifact):
-    """What the step (its last scale) and the VAE decoder read in an fp32 edit of the wide model."""
-    from varedit_deploy.calibration.backends import Recording, RecordingBackend
-
-    m = read_manifest(wide_artifact)
-    recording = Recording(per_shape=1)
-    with OnnxRuntimeBackend(m) as inner:
-        photo = np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8)
-        EditPipeline(m, RecordingBackend(inner, recording)).generate("make the sky purple", photo, noise=NumpyNoise(1))
-    last = max((s for s in recording.samples["step"] if s["x"].shape[1] < m.schedule["source_tokens"]),
-               key=lambda s: s["x"].shape[1])
-    return {"step": last, "vae_decoder": recording.samples["vae_decoder"][0]}
+    return record_calls(wide_artifact)
 
 
 @pytest.mark.parametrize("graph", ["step", "vae_decoder"])

@@ -638,6 +638,20 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated()
 
 
+def _interruption(error: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C or SIGTERM behind an error, if any. One that lands inside a C extension's import comes
+    back as an ImportError (pybind11's "initialization failed", caused by it), which `require` then words
+    as a missing package; the interrupt is what happened."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
 def _os_error(e: OSError) -> str:
     """One line for a refusal of the file system; a full disk says what to do (every write is atomic, so
     what the command had written so far is gone again)."""
@@ -653,9 +667,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
-        args = build_parser().parse_args(argv)
-        args.argv = argv
-        return int(args.func(args))
+        try:
+            args = build_parser().parse_args(argv)
+            args.argv = argv
+            return int(args.func(args))
+        except (VareditError, OSError, MemoryError) as e:
+            interrupt = _interruption(e)
+            if interrupt is None:
+                raise
+            raise interrupt from None
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -31,6 +31,9 @@ from .dataset import EditPair
 from .evaluate import TextSource
 
 SUFFIX = "::max_abs"
+# Release-size graphs run with their weights memory-mapped, and without ONNX Runtime's arena (use with
+# memory_arena=False): prepacking would copy every weight (2B-512's range record ran out of 24 GiB).
+SESSION_CONFIG = {"session.disable_prepacking": "1"}
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from .dataset import CalibrationSet
 from .evaluate import Agreement, TextSource, run_edit
 from .graph_files import copy_files, graph_entry
 from .groups import LayerGroup
-from .statistics import Statistic, record_statistics
+from .statistics import SESSION_CONFIG, Statistic, record_statistics
 from .streaming import GraphWeights, as_stubs, insert_qdq, write_quantized
 
 IN_MEMORY_LIMIT = 2**31 - 2**20  # a graph this large cannot be one protobuf message (what ModelOpt loads)
@@ -49,8 +49,6 @@ CALIBRATION_EDITS, HELD_OUT = 4, 2
 METHOD = {"int4": "rtn_dq", "int8": "max", "fp8": "max"}
 REPORT = "quantization_report.json"
 FILES = (REPORT, "quantization_report.md")
-# Release-size graphs run with their weights memory-mapped: prepacking would copy every weight.
-SESSION_CONFIG = {"session.disable_prepacking": "1"}
 
 
 def streaming_reason(manifest: Manifest) -> str | None:
