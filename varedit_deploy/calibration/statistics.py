@@ -32,7 +32,7 @@ from .evaluate import TextSource
 
 SUFFIX = "::max_abs"
 # Release-size graphs run with their weights memory-mapped, and without ONNX Runtime's arena (use with
-# memory_arena=False): prepacking would copy every weight (2B-512's range record ran out of 24 GiB).
+# memory_arena=False): prepacking would copy every weight.
 SESSION_CONFIG = {"session.disable_prepacking": "1"}
 
 
@@ -84,7 +84,6 @@ def instrumented(path: Path, folder: Path, stats: Sequence[Statistic]) -> Path:
         return name
 
     rows_axis = constant("max_abs::axis0", np.array([0], np.int64))
-    measuring: dict[str, list] = {}  # per tensor, the nodes that measure it
     for i, stat in enumerate(stats):
         t = types[stat.tensor]
         dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
@@ -97,7 +96,7 @@ def instrumented(path: Path, folder: Path, stats: Sequence[Statistic]) -> Path:
         reduce = (helper.make_node("ReduceMax", [padded, rows_axis], [reduced], keepdims=0, name=f"/max_abs/{i}/ReduceMax")
                   if axes_as_input else
                   helper.make_node("ReduceMax", [padded], [reduced], axes=[0], keepdims=0, name=f"/max_abs/{i}/ReduceMax"))
-        measuring.setdefault(stat.tensor, []).extend([
+        model.graph.node.extend([
             helper.make_node("Abs", [stat.tensor], [abs_], name=f"/max_abs/{i}/Abs"),
             helper.make_node("Sub", [abs_, abs_], [diff], name=f"/max_abs/{i}/Sub"),  # inf - inf and nan: nan
             helper.make_node("Equal", [diff, zero], [finite], name=f"/max_abs/{i}/Equal"),
@@ -108,14 +107,6 @@ def instrumented(path: Path, folder: Path, stats: Sequence[Statistic]) -> Path:
             helper.make_node("Cast", [reduced], [stat.tensor + SUFFIX], to=TensorProto.FLOAT, name=f"/max_abs/{i}/Cast"),
         ])
         model.graph.output.append(helper.make_tensor_value_info(stat.tensor + SUFFIX, TensorProto.FLOAT, [width]))
-    # Each measurement right after what it measures: ONNX Runtime runs nodes in about the order listed,
-    # and measurements appended at the end would keep every measured activation alive until then (a
-    # release-size source pass: far more than the machine's memory).
-    nodes = [node for value in model.graph.input for node in measuring.pop(value.name, [])]
-    for node in model.graph.node:
-        nodes += [node, *(measuring_node for out in node.output for measuring_node in measuring.pop(out, []))]
-    model.graph.ClearField("node")
-    model.graph.node.extend(nodes)
     model.graph.initializer.extend(constants.values())
     copy = folder / path.name
     onnx.save_model(model, str(copy))
