@@ -187,3 +187,32 @@ def test_build_says_what_the_record_keeps_fp32_and_strict_fp16_refuses(wide_arti
         build_engines(wide_artifact, BuildOptions(precision="fp16", target="sm75"), graphs=["vae_decoder"],
                       progress=lambda line: (lines.append(line), (_ for _ in ()).throw(VareditError("stop")))[1])
     assert lines[0].startswith("range record: vae_decoder keeps") and "nodes fp32" in lines[0]
+
+
+def test_each_measurement_runs_right_after_what_it_measures(tiny_artifact, tmp_path):
+    """Each measurement is listed right after the node that makes its tensor, so that, run about as listed
+    (`measuring_backend`), no measured activation outlives its last use by the graph itself."""
+    from varedit_deploy.calibration.statistics import float_tensors, instrumented
+
+    path = read_manifest(tiny_artifact).graph_path("step")
+    stats = float_tensors(path)
+    nodes = list(onnx.load(str(instrumented(path, tmp_path, stats)), load_external_data=False).graph.node)
+    assert sum(n.name.endswith("/Abs") and n.name.startswith("/max_abs/") for n in nodes) == len(stats)
+    made_by = {out: i for i, n in enumerate(nodes) for out in n.output}
+    for i, node in enumerate(nodes):
+        if node.name.startswith("/max_abs/") and node.op_type == "Abs":
+            producer = made_by.get(node.input[0], -1)  # a graph input: -1, measured first
+            between = nodes[producer + 1:i]
+            assert all(n.name.startswith("/max_abs/") for n in between), (node.input[0], [n.name for n in between][:3])
+
+
+def test_measuring_runs_in_priority_order_without_weight_copies(tiny_artifact):
+    """ONNX Runtime's default order runs side branches last: measured tensors would all stay alive."""
+    import onnxruntime
+
+    from varedit_deploy.calibration.statistics import measuring_backend
+
+    with measuring_backend(read_manifest(tiny_artifact)) as backend:
+        options = backend._session_options()
+    assert options.execution_order == onnxruntime.ExecutionOrder.PRIORITY_BASED
+    assert not options.enable_cpu_mem_arena and options.get_session_config_entry("session.disable_prepacking") == "1"

@@ -21,10 +21,9 @@ from ..artifact import Manifest, file_record, read_manifest, write_manifest
 from ..errors import ArtifactError
 from ..export.precision import FP16_SAFE_MAX, HALF_GRAPHS
 from ..fileio import write_text
-from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
 from .dataset import load_set
 from .evaluate import text_source
-from .statistics import SESSION_CONFIG, float_tensors, record_statistics
+from .statistics import float_tensors, measuring_backend, record_statistics
 
 RANGES_FILE = "ranges.json"
 DEFAULT_EDITS = 4
@@ -43,7 +42,7 @@ def record_ranges(artifacts: str | Path, calibration: Path | None = None, edits:
     text = text_source(manifest, fixture)
     wanted = {name: float_tensors(manifest.graph_path(name)) for name in HALF_GRAPHS if manifest.has_graph(name)}
     progress(f"ranges of {', '.join(wanted)} on {len(pairs)} fp32 edits ({', '.join(p.instruction for p in pairs)})")
-    with OnnxRuntimeBackend(manifest, session_config=SESSION_CONFIG, memory_arena=False) as inner:
+    with measuring_backend(manifest) as inner:
         found = record_statistics(manifest, inner, wanted, pairs, text, progress=progress)
     maxima = {name: {tensor: float(v[0]) for tensor, v in values.items()} for name, values in found.items()}
     record = {"graphs": {name: {"values": values, "scopes": scope_maxima(values)} for name, values in maxima.items()},

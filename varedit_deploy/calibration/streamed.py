@@ -32,14 +32,13 @@ from ..artifact import MANIFEST, SCHEMA_VERSION, Manifest, file_record, sha256_f
 from ..errors import InputError
 from ..export.precision import LOWERED_GRAPHS, graph_precision, lower
 from ..fileio import write_text
-from ..runtime.onnxruntime_backend import OnnxRuntimeBackend
 from ..runtime.pipeline import EditPipeline
 from . import kv_cache
 from .dataset import CalibrationSet
 from .evaluate import Agreement, TextSource, run_edit
 from .graph_files import copy_files, graph_entry
 from .groups import LayerGroup
-from .statistics import SESSION_CONFIG, Statistic, record_statistics
+from .statistics import Statistic, measuring_backend, record_statistics
 from .streaming import GraphWeights, as_stubs, insert_qdq, write_quantized
 
 IN_MEMORY_LIMIT = 2**31 - 2**20  # a graph this large cannot be one protobuf message (what ModelOpt loads)
@@ -109,7 +108,7 @@ class StreamedQuantization:
         scales = f", the first {self.calibration_scales} scales of each" if self.calibration_scales else ""
         self.progress(f"[1/3] statistics of {sum(map(len, wanted.values()))} tensors in {', '.join(wanted)} on "
                       f"{len(self.calib.calibration)} calibration edits{scales} (ONNX Runtime, weights memory-mapped)")
-        with OnnxRuntimeBackend(self.manifest, session_config=SESSION_CONFIG, memory_arena=False) as inner:
+        with measuring_backend(self.manifest) as inner:
             found = record_statistics(self.manifest, inner, wanted, self.calib.calibration, self.text,
                                       self.calibration_scales, progress=self.progress)
         amax = {g: {node: float(found[g][t][0]) for node, t in nodes.items()} for g, nodes in activation_of.items()}
@@ -194,12 +193,12 @@ class StreamedQuantization:
                       f"edits{f', the first {scales} scales' if scales else ''} (teacher-forced)")
         t0, total = time.perf_counter(), len(self.calib.held_out)
         refs, agreement = [], Agreement()
-        with OnnxRuntimeBackend(self.manifest, session_config=SESSION_CONFIG, memory_arena=False) as source:
+        with measuring_backend(self.manifest) as source:
             pipe = EditPipeline(self.manifest, source)
             for seed, pair in enumerate(self.calib.held_out):
                 refs.append(run_edit(pipe, self.text, pair, seed, scales=scales))
                 self.progress(f"  source edit {seed + 1}/{total} [{time.perf_counter() - t0:.0f} s]")
-        with OnnxRuntimeBackend(result, session_config=SESSION_CONFIG, memory_arena=False) as tested:
+        with measuring_backend(result) as tested:
             pipe = EditPipeline(result, tested)
             for i, ref in enumerate(refs, 1):
                 agreement.add(ref, run_edit(pipe, self.text, ref.pair, ref.seed, teacher=ref, decode=False, scales=scales))

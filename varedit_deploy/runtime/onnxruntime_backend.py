@@ -125,7 +125,7 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(self, manifest: Manifest, providers: Sequence[str | ProviderSpec | tuple] | None = None,
                  threads: int = 0, session_config: Mapping[str, str] | None = None,
-                 device_buffers: bool | None = None, memory_arena: bool = True):
+                 device_buffers: bool | None = None, memory_arena: bool = True, priority_order: bool = False):
         """`providers`: execution providers in order of preference (runtime/providers.py), default the
         CPU provider; `session_config`: ONNX Runtime session config entries, e.g.
         {"session.disable_prepacking": "1"} (weights stay memory-mapped from the artifact instead of
@@ -133,13 +133,16 @@ class OnnxRuntimeBackend(Backend):
         benchmarks/RESULTS.md); `device_buffers`: hold the loop's buffers as ONNX Runtime allocations
         (default: with the CUDA providers, on their GPU; True with the CPU-side ones: on the CPU);
         `memory_arena=False`: every activation returned to the system after each run (a few runs of
-        large graphs, as export's checks: the arena keeps its largest size, and grows from run to run)."""
+        large graphs, as export's checks: the arena keeps its largest size, and grows from run to run);
+        `priority_order`: nodes run in ONNX Runtime's priority-based order, about as listed, instead of its
+        default depth-first one, which runs a graph's side branches (measurements of its tensors) last
+        and so keeps every tensor they read alive until the end."""
         super().__init__(manifest)
         ort = _ort()
         specs = parse_providers(providers)
         check_graphs(specs, manifest)
         self.providers: Resolved = resolve(specs)
-        self.threads, self.memory_arena = threads, memory_arena
+        self.threads, self.memory_arena, self.priority_order = threads, memory_arena, priority_order
         # One session per graph: idle pools must not spin, or they steal the cores of the one running.
         self.session_config = {"session.intra_op.allow_spinning": "0", **(session_config or {})}
         self.memory = None
@@ -229,6 +232,8 @@ class OnnxRuntimeBackend(Backend):
         options = _ort().SessionOptions()
         options.intra_op_num_threads = self.threads
         options.enable_cpu_mem_arena = self.memory_arena
+        if self.priority_order:
+            options.execution_order = _ort().ExecutionOrder.PRIORITY_BASED
         options.log_severity_level = 3
         for key, value in self.session_config.items():
             options.add_session_config_entry(key, value)
