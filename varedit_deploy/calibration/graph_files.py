@@ -41,10 +41,9 @@ def graph_entry(folder: Path, files: list[Path], old: dict[str, Any], model, pre
               for spec in old[k]] for k in ("inputs", "outputs")}
     ops = Counter(n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx"))
     records = [file_record(folder, p) for p in files]
-    weights = old["weights"]
     ratio = sum(r["bytes"] for r in records) / max(sum(f["bytes"] for f in old["files"]), 1)
-    weights = {**weights, "bytes": round(weights["bytes"] * ratio),
-               "by_module": {k: round(v * ratio) for k, v in weights["by_module"].items()}}
+    weights = {**old["weights"], "bytes": round(old["weights"]["bytes"] * ratio),
+               "by_module": {k: round(v * ratio) for k, v in old["weights"]["by_module"].items()}}
     entry = {**old, **io, "files": records, "precision": precision, "weights": weights,
              "opset": graph_opset(model),
              "ops": dict(sorted(ops.items())), **tensorrt_support(ops)}
