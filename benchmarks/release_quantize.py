@@ -62,9 +62,9 @@ def main() -> None:
         "machine": machine(), "command": "varedit-deploy " + " ".join(argv), "model": source.config.name,
         "source_precision": source.precision, "mode": args.mode, "kv_cache": args.kv_cache,
         "quantize_s": seconds, "peak_rss_gb": peak["VmHWM_kB"] / 1e6,
-        "graph_bytes": {g: {"source": _bytes(source, g), "quantized": _bytes(result, g)} for g in source.graphs},
-        "artifact_bytes": sum(_bytes(result, g) for g in result.graphs),
-        "weights_bf16_bytes": bf16, "transformer_bytes": _bytes(result, "step") + _bytes(result, "text_cond"),
+        "graph_bytes": {g: {"source": source.graph_bytes(g), "quantized": result.graph_bytes(g)} for g in source.graphs},
+        "artifact_bytes": sum(map(result.graph_bytes, result.graphs)),
+        "weights_bf16_bytes": bf16, "transformer_bytes": result.graph_bytes("step") + result.graph_bytes("text_cond"),
         "report": {k: report.get(k) for k in ("agreement", "not_measured", "calibration_set", "weights_made_on")},
         "plan": artifact_data(result, []), "plan_text": plan,
     }
@@ -74,10 +74,6 @@ def main() -> None:
     print(markdown(record))
     if not args.keep:
         shutil.rmtree(out)
-
-
-def _bytes(manifest, graph: str) -> int:
-    return sum(f["bytes"] for f in manifest.graphs[graph]["files"])
 
 
 def markdown(r: dict) -> str:

@@ -262,3 +262,12 @@ def test_parity_replays_a_given_export_of_the_fixture(tmp_path, capsys):
     assert main(["parity", "--fixture", str(fixture_dir("tiny-2b")), "--backend", "onnxruntime",
                  "--artifacts", str(art)]) == 1
     assert "is not an export of fixture" in capsys.readouterr().err
+
+
+def test_inspect_names_the_cache_type_the_step_takes(int8, fp8):
+    """16-bit artifacts take 16-bit caches since the release-size work; inspect used to print float32."""
+    from varedit_deploy.inspection import inspect_artifact
+
+    assert "KV cache int8:" in "\n".join(inspect_artifact(int8)[0])
+    assert read_manifest(fp8).kv_cache_dtype == "float16"
+    assert "KV cache float16:" in "\n".join(inspect_artifact(fp8)[0])

@@ -144,16 +144,21 @@ class Manifest:
     def has_graph(self, name: str) -> bool:
         return name in self.graphs
 
+    def graph_bytes(self, name: str) -> int:
+        """A graph's bytes on disk: its ONNX file and external data."""
+        return sum(f["bytes"] for f in self.graphs[name]["files"])
+
     @property
     def quantization(self) -> dict[str, Any] | None:
         """What `varedit-deploy quantize` recorded (mode, method, exclusions, ...); None for exported artifacts."""
         return self.data.get("quantization")
 
     @property
-    def kv_cache_dtype(self) -> str | None:
-        """Element type the graphs fix for the KV caches (int8 for an 8-bit-cache artifact); None
-        where they take the backend's compute dtype."""
-        return self.data.get("kv_cache", {}).get("dtype")
+    def kv_cache_dtype(self) -> str:
+        """Element type of the KV caches as the step graph takes them: float32, the 16-bit type of a 16-bit
+        artifact, or int8 (`quantize --kv-cache int8`)."""
+        past = self.step_io.past(0)[0]
+        return next(v["dtype"] for v in self.graphs["step"]["inputs"] if v["name"] == past)
 
     @property
     def tokenizer_file(self) -> Path | None:

@@ -31,11 +31,11 @@ def inspect_artifact(folder: str | Path) -> tuple[list[str], bool]:
     if quant is not None:
         groups = len(quant["quantized_groups"]) + len(quant["kept_in_high_precision"]) + len(quant["excluded_groups"])
         lines.append(f"  quantised {quant['mode']} ({quant['method']}), {quant['high_precision']} elsewhere, KV cache "
-                     f"{manifest.kv_cache_dtype or 'float32'}: {len(quant['quantized_groups'])} of {groups} layer "
+                     f"{manifest.kv_cache_dtype}: {len(quant['quantized_groups'])} of {groups} layer "
                      f"groups; accuracy report {quant['report']}")
     lines.append(f"  {'graph':<14} {'MB':>9} {'ops':>5}  TensorRT-unsupported")
     for name, g in manifest.graphs.items():
-        mb = sum(f["bytes"] for f in g["files"]) / 1e6
+        mb = manifest.graph_bytes(name) / 1e6
         needs = [f"{op} (TensorRT >= {v})" for op, v in g.get("tensorrt_needs", {}).items()]
         unsupported = ", ".join([*g["tensorrt_unsupported_ops"], *needs]) or "-"
         lines.append(f"  {name:<14} {mb:>9.2f} {sum(g['ops'].values()):>5}  {unsupported}")

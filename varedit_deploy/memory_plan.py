@@ -271,14 +271,14 @@ def artifact_data(manifest, engine_dirs: list, workspace_gib: float = 1.0, text_
         "parts": [{"part": part, "estimate_gib": est / GIB, "artifact_gib": stored.get(part, 0) / GIB}
                   for part, est in estimates.items()],
         "constants_gib": (on_disk - sum(stored.values())) / GIB,
-        "graphs": [{"graph": name, "mb_on_disk": sum(f["bytes"] for f in g["files"]) / 1e6,
+        "graphs": [{"graph": name, "mb_on_disk": manifest.graph_bytes(name) / 1e6,
                     "weights_mb": g["weights"]["bytes"] / 1e6, "precision": g["precision"]}
                    for name, g in manifest.graphs.items()],
-        "runs": [_run_peak("artifact (ONNX Runtime)", config, precision, stored, step_types[io.past(0)[0]],
+        "runs": [_run_peak("artifact (ONNX Runtime)", config, precision, stored, manifest.kv_cache_dtype,
                            step_types[io.text_k], workspace_gib, text_len)],
         "engines": [],
     }
-    if kv8 and step_types[io.past(0)[0]] != "int8":
+    if kv8 and manifest.kv_cache_dtype != "int8":
         data["runs"].append(_run_peak("its weights with an 8-bit KV cache", config, precision, stored, "int8",
                                       step_types[io.text_k], workspace_gib, text_len))
     for folder in engine_dirs:

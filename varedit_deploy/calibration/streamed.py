@@ -52,8 +52,8 @@ FILES = (REPORT, "quantization_report.md")
 
 def streaming_reason(manifest: Manifest) -> str | None:
     """Why `manifest` must be quantised by streaming (its largest graph, its 16-bit weights), or None."""
-    largest = max(manifest.graphs, key=lambda n: sum(f["bytes"] for f in manifest.graphs[n]["files"]))
-    size = sum(f["bytes"] for f in manifest.graphs[largest]["files"])
+    largest = max(manifest.graphs, key=manifest.graph_bytes)
+    size = manifest.graph_bytes(largest)
     if size >= IN_MEMORY_LIMIT:
         return f"graph {largest} holds {size / 2**30:.1f} GiB, more than one protobuf can"
     if manifest.precision != "fp32":
@@ -170,7 +170,7 @@ class StreamedQuantization:
         """Teacher-forced agreement of `result` with the source on the held-out edits, where both run here."""
         from .report import weights_made_on
 
-        weights = {name: {"source": _graph_bytes(self.manifest, name), "artifact": _graph_bytes(result, name),
+        weights = {name: {"source": self.manifest.graph_bytes(name), "artifact": result.graph_bytes(name),
                           "quantized": "quantized" in result.graphs[name]} for name in self.manifest.graphs}
         rep: dict[str, Any] = {
             "mode": self.mode, "method": METHOD[self.mode], "streamed": True,
@@ -211,10 +211,6 @@ def _agreement_record(agreement: Agreement, edits: int) -> dict[str, Any]:
     return {"held_out_edits": edits, "per_scale_bit_agreement": agreement.per_scale,
             "bit_agreement": agreement.overall, "per_scale_logit_kl": agreement.per_scale_kl,
             "bits_compared": sum(agreement.bits)}
-
-
-def _graph_bytes(manifest: Manifest, name: str) -> int:
-    return sum(f["bytes"] for f in manifest.graphs[name]["files"])
 
 
 def _has_cache_io(entry: dict[str, Any], views: kv_cache.CacheViews) -> bool:
