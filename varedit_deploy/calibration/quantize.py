@@ -167,10 +167,10 @@ def _check(manifest: Manifest, out: Path, opts: QuantizeOptions) -> None:
     if opts.kv_cache is not None and opts.kv_cache not in KV_CACHE_MODES:
         raise InputError(f"--kv-cache {opts.kv_cache!r} is not available; choose {', '.join(KV_CACHE_MODES)} "
                          "(an fp8 cache needs fp8 buffers, which the numpy-based runtimes do not have)")
-    for name, value in (("--samples-per-scale", opts.samples_per_scale), ("--calibration-scales", opts.calibration_scales),
-                        ("--report-scales", opts.report_scales)):
-        if value is not None and value < (0 if name == "--report-scales" else 1):
-            raise InputError(f"{name} must be at least {0 if name == '--report-scales' else 1}, got {value}")
+    for name, value, least in (("--samples-per-scale", opts.samples_per_scale, 1),
+                               ("--calibration-scales", opts.calibration_scales, 1), ("--report-scales", opts.report_scales, 0)):
+        if value is not None and value < least:
+            raise InputError(f"{name} must be at least {least}, got {value}")
     scales = manifest.config.schedule.num_scales
     for name, value in (("--calibration-scales", opts.calibration_scales), ("--report-scales", opts.report_scales)):
         if value is not None and value > scales:
